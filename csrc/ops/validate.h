@@ -1,0 +1,56 @@
+// Input checks shared by every binding. Each message names the op and the argument, and says what
+// was expected and what was received.
+#pragma once
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "tkpy/types.h"
+
+#if defined(TKPY_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+namespace tkpy::ops {
+
+inline DType to_dtype(at::ScalarType t) {
+    switch (t) {
+        case at::kBFloat16: return DType::bf16;
+        case at::kHalf: return DType::fp16;
+        case at::kFloat: return DType::fp32;
+        default: TORCH_CHECK(false, "tkpy: no kernel for dtype ", t);
+    }
+}
+
+inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
+    const auto s = t.scalar_type();
+    TORCH_CHECK(s == at::kBFloat16 || s == at::kHalf || s == at::kFloat, op, ": expected ", name,
+                " to be bfloat16, float16 or float32, got ", s);
+}
+
+inline void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
+    TORCH_CHECK(t.dim() >= 1 && (t.stride(-1) == 1 || t.size(-1) <= 1), op, ": expected ", name,
+                " to have a contiguous last dim (stride 1), got strides ", t.strides(),
+                "; call .contiguous() first");
+}
+
+// An in-place op on an expanded (broadcast) view would write one element several times.
+inline void check_no_internal_overlap(const char* op, const char* name, const at::Tensor& t) {
+    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
+                " has elements that share memory (an expanded view?); pass a tensor that owns each element, "
+                "e.g. .clone()");
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
+    TORCH_CHECK(t.device() == q.device(), op, ": expected ", name, " on q's device ", q.device(), ", got ",
+                t.device());
+}
+
+#if defined(TKPY_WITH_CUDA)
+inline void check_launch(const char* op, cudaError_t err) {
+    TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+#endif
+
+}  // namespace tkpy::ops

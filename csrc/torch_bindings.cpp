@@ -1,0 +1,61 @@
+// The one place tkpy's ops are declared (schemas) and their CPU and CUDA kernels registered.
+// The Python module tkpy._C has no functions: importing it runs these registrations, and it
+// carries the build's facts (CUDA on or off, compiled architectures, where ptxas's report is) for
+// `python -m tkpy info` and the static checks.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops/ops.h"
+
+#ifndef TKPY_CUDA_ARCHS
+#define TKPY_CUDA_ARCHS ""
+#endif
+#ifndef TKPY_CUDA_VERSION
+#define TKPY_CUDA_VERSION ""
+#endif
+#ifndef TKPY_PTXAS_REPORT
+#define TKPY_PTXAS_REPORT ""
+#endif
+
+TORCH_LIBRARY(tkpy, m) {
+    m.def("apply_rope_(Tensor(a!) q, Tensor(b!)? k, Tensor cos, Tensor sin, Tensor? positions=None, "
+          "bool interleaved=False) -> ()");
+    m.def("apply_rope_3d_(Tensor(a!) q, Tensor(b!)? k, int[] grid_thw, Tensor freqs_t, Tensor freqs_h, "
+          "Tensor freqs_w) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(tkpy, CPU, m) {
+    m.impl("apply_rope_", &tkpy::ops::apply_rope_cpu);
+    m.impl("apply_rope_3d_", &tkpy::ops::apply_rope_3d_cpu);
+}
+
+#if defined(TKPY_WITH_CUDA)
+TORCH_LIBRARY_IMPL(tkpy, CUDA, m) {
+    m.impl("apply_rope_", &tkpy::ops::apply_rope_cuda);
+    m.impl("apply_rope_3d_", &tkpy::ops::apply_rope_3d_cuda);
+}
+#endif
+
+namespace {
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "tkpy's compiled ops (torch.ops.tkpy)", -1, nullptr};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() {
+    PyObject* module = PyModule_Create(&module_def);
+    if (module == nullptr) return nullptr;
+#if defined(TKPY_WITH_CUDA)
+    const long cuda_enabled = 1;
+#else
+    const long cuda_enabled = 0;
+#endif
+    if (PyModule_AddIntConstant(module, "cuda_enabled", cuda_enabled) < 0 ||
+        PyModule_AddStringConstant(module, "cuda_archs", TKPY_CUDA_ARCHS) < 0 ||
+        PyModule_AddStringConstant(module, "cuda_version", TKPY_CUDA_VERSION) < 0 ||
+        PyModule_AddStringConstant(module, "ptxas_report", TKPY_PTXAS_REPORT) < 0) {
+        Py_DECREF(module);
+        return nullptr;
+    }
+    return module;
+}

@@ -1,0 +1,21 @@
+"""Command line: `python -m tkpy {info,bench}`."""
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    commands = {"info": "what this build contains and runs on", "bench": "time each op against its torch peer"}
+    if not argv or argv[0] not in commands:
+        print("usage: python -m tkpy {info,bench} [options]")
+        for name, what in commands.items():
+            print(f"  {name:<6} {what}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] == "info":
+        from .info import main as run
+    else:
+        from .bench import main as run
+    return run(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,41 @@
+"""Loads the compiled ops (``torch.ops.tkpy.*``) and registers their fake implementations.
+
+Fake (meta) implementations let ``torch.compile(fullgraph=True)`` trace through every op. The
+in-place RoPE ops return nothing, so their fakes only check what can be checked without data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (static initialisers register torch.ops.tkpy)
+except ImportError as exc:  # pragma: no cover - only hit on a broken install
+    raise ImportError(
+        "tkpy's compiled extension tkpy._C failed to load. Build it with "
+        "`pip install --no-build-isolation -e .` (or `make test`), against the torch you import. "
+        f"Original error: {exc}"
+    ) from exc
+
+
+def cuda_compiled() -> bool:
+    """True when this build of tkpy contains CUDA kernels."""
+    return bool(_C.cuda_enabled)
+
+
+def _check_same_device(op: str, q: torch.Tensor, **others) -> None:
+    # The compiled kernels check this too; the fakes repeat it so that a traced graph (and a call
+    # on meta tensors) fails the same way instead of passing silently.
+    for name, t in others.items():
+        if t is not None and t.device != q.device:
+            raise RuntimeError(f"{op}: expected {name} on q's device {q.device}, got {t.device}")
+
+
+@torch.library.register_fake("tkpy::apply_rope_")
+def _apply_rope_fake(q, k, cos, sin, positions=None, interleaved=False):
+    _check_same_device("apply_rope_", q, k=k, cos=cos, sin=sin, positions=positions)
+
+
+@torch.library.register_fake("tkpy::apply_rope_3d_")
+def _apply_rope_3d_fake(q, k, grid_thw, freqs_t, freqs_h, freqs_w):
+    _check_same_device("apply_rope_3d_", q, k=k, freqs_t=freqs_t, freqs_h=freqs_h, freqs_w=freqs_w)

@@ -1,0 +1,70 @@
+"""`python -m tkpy info`: what this build of tkpy contains and what it runs on."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import _C, __version__
+
+
+def registered_ops() -> list[str]:
+    """Names of every ``torch.ops.tkpy`` op, without the namespace."""
+    names = {s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("tkpy::")}
+    return sorted(name.split("::", 1)[1] for name in names)
+
+
+def op_backends(name: str) -> dict[str, bool]:
+    """Whether ``tkpy::name`` has a CPU kernel, a CUDA kernel and a fake (Meta) implementation."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return {key: has(f"tkpy::{name}", key) for key in ("CPU", "CUDA", "Meta")}
+
+
+def gpu_lines() -> list[str]:
+    """Name, memory and clocks of each GPU through NVML, or why there are none."""
+    try:
+        import pynvml
+    except ImportError:
+        return ["nvidia-ml-py is not installed: no GPU details"]
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return [f"no NVIDIA GPU visible to NVML ({exc})"]
+    try:
+        lines = [f"driver {pynvml.nvmlSystemGetDriverVersion()}"]
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            sm_clock = pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)
+            sm_max = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM)
+            mem_max = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)
+            lines.append(
+                f"GPU {i}: {pynvml.nvmlDeviceGetName(h)}, {mem.total / 2**30:.1f} GiB "
+                f"({mem.used / 2**30:.1f} GiB used), SM clock {sm_clock}/{sm_max} MHz, memory clock max {mem_max} MHz"
+            )
+        return lines
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def report() -> str:
+    cuda_built = bool(_C.cuda_enabled)
+    lines = [
+        f"tkpy {__version__}",
+        f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        "build: " + (f"CUDA {_C.cuda_version}, architectures sm_{', sm_'.join(_C.cuda_archs.split(';'))}" if cuda_built else "CPU only (no CUDA kernels compiled)"),
+        f"torch sees a CUDA device: {torch.cuda.is_available()}",
+        "",
+        f"{'op':<28}{'CPU':<6}{'CUDA':<6}fake",
+    ]
+    for name in registered_ops():
+        b = op_backends(name)
+        lines.append(f"{name:<28}{'yes' if b['CPU'] else 'no':<6}{'yes' if b['CUDA'] else 'no':<6}{'yes' if b['Meta'] else 'no'}")
+    lines += ["", *gpu_lines()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    print(report())
+    return 0

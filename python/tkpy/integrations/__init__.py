@@ -1,0 +1,1 @@
+"""Adapters that plug tkpy into other libraries (diffusers)."""

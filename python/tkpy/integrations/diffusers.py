@@ -1,0 +1,227 @@
+"""RIFLEx for the video transformers of diffusers: HunyuanVideo, Wan and CogVideoX.
+
+:func:`apply_riflex` gives a pipeline (or its transformer) RIFLEx's temporal frequency for a
+requested clip length. The model's own code still builds its rotary embedding; the patch then
+overwrites the one temporal component that RIFLEx changes. So every other value stays exactly as
+diffusers computed it (Wan builds its tables in float64, for instance), the output keeps the
+model's format, dtype and device, and when RIFLEx is inactive the model is left as diffusers made it.
+
+How each model is patched:
+
+- HunyuanVideo and Wan build their RoPE in the transformer's ``rope`` submodule, which is replaced
+  by a wrapper around it (both ``transformer`` and ``transformer_2`` of a Wan 2.2 pipeline).
+- CogVideoX's transformer receives its RoPE as an argument from the pipeline, so the pipeline's
+  ``_prepare_rotary_positional_embeddings`` is overridden on that pipeline instance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import diffusers
+import torch
+from torch import nn
+
+from tkpy.riflex import axis_split, get_1d_rotary_pos_embed_riflex, latent_frames, riflex_frequency_index
+
+__all__ = ["apply_riflex"]
+
+_COGVIDEOX_METHOD = "_prepare_rotary_positional_embeddings"
+_SUPPORTED = (
+    "a HunyuanVideoTransformer3DModel, a WanTransformer3DModel, or a diffusers pipeline whose transformer "
+    "is one of those or a CogVideoXTransformer3DModel"
+)
+
+
+def _isinstance(obj, class_name: str) -> bool:
+    """isinstance against a diffusers class; False when the installed diffusers lacks that class."""
+    cls = getattr(diffusers, class_name, None)
+    return cls is not None and isinstance(obj, cls)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TemporalRiflex:
+    """RIFLEx's value for component ``k`` of a temporal RoPE axis of ``t_dim`` dims and base ``theta``."""
+
+    t_dim: int
+    theta: float
+    k: int
+    L_test: int
+
+    def __call__(self, cos: torch.Tensor, sin: torch.Tensor, num_t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Overwrite component ``k`` in a diffusers ``(cos, sin)`` pair.
+
+        The tables hold one row per token in (t, h, w) order, with the temporal dims first in the
+        last axis; any leading or trailing size-1 axes (Wan's ``[1, S, 1, D]``) are kept.
+        """
+        pos = torch.arange(num_t, device=cos.device, dtype=torch.float32)
+        new_cos, new_sin = get_1d_rotary_pos_embed_riflex(
+            self.t_dim, pos, self.theta, use_real=True, k=self.k, L_test=self.L_test
+        )
+        # Real tables repeat each component on two adjacent dims.
+        pair = slice(2 * self.k - 2, 2 * self.k)
+        return _overwrite(cos, new_cos[:, pair], pair), _overwrite(sin, new_sin[:, pair], pair)
+
+
+def _overwrite(table: torch.Tensor, values: torch.Tensor, dims: slice) -> torch.Tensor:
+    """A copy of ``table`` with ``dims`` of every token of frame t set to ``values[t]``."""
+    # A copy, because the model's table may be a cached buffer or shared with other callers.
+    out = table.clone(memory_format=torch.contiguous_format)
+    out.view(values.shape[0], -1, out.shape[-1])[..., dims] = values[:, None].to(out.dtype)
+    return out
+
+
+class _RiflexRope(nn.Module):
+    """A HunyuanVideo or Wan ``rope`` module whose temporal component ``k`` follows RIFLEx."""
+
+    def __init__(self, rope: nn.Module, patch_size_t: int, riflex: _TemporalRiflex):
+        super().__init__()
+        self.rope = rope
+        self.patch_size_t = patch_size_t
+        self.riflex = riflex
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rope(hidden_states)
+        return self.riflex(cos, sin, hidden_states.shape[2] // self.patch_size_t)
+
+    def extra_repr(self) -> str:
+        return f"k={self.riflex.k}, L_test={self.riflex.L_test}"
+
+
+def _temporal_riflex(
+    model: str,
+    head_dim: int,
+    patch_size_t: int,
+    num_frames: int,
+    temporal_compression: int,
+    mode: str,
+    k: Optional[int],
+) -> Optional[_TemporalRiflex]:
+    """The temporal change RIFLEx makes for this model and clip, or None when RoPE stays unchanged."""
+    split = axis_split(model, head_dim)
+    if k is not None:
+        if not 1 <= k <= split.t // 2:
+            raise ValueError(f"apply_riflex: k must be in [1, {split.t // 2}] for {model}'s temporal axis, got {k}")
+        split = dataclasses.replace(split, riflex_k=k)
+    # RoPE positions count patched latent frames, so L_test is measured in them too.
+    L_test = -(-latent_frames(num_frames, temporal_compression) // patch_size_t)
+    k_used, L = riflex_frequency_index(split, L_test, mode)
+    return None if k_used is None else _TemporalRiflex(split.t, split.theta, k_used, L)
+
+
+def _rope_module_model(transformer) -> Optional[tuple[str, int]]:
+    """(tkpy model name, temporal patch size) of a transformer with a ``rope`` submodule, or None."""
+    if _isinstance(transformer, "HunyuanVideoTransformer3DModel"):
+        config = transformer.config
+        split = axis_split("hunyuanvideo", config.attention_head_dim)
+        if tuple(config.rope_axes_dim) != (split.t, split.h, split.w) or config.rope_theta != split.theta:
+            raise ValueError(
+                f"apply_riflex: HunyuanVideo with rope_axes_dim={tuple(config.rope_axes_dim)} and "
+                f"rope_theta={config.rope_theta} is not supported; RIFLEx's k is known for "
+                f"({split.t}, {split.h}, {split.w}) and theta {split.theta}"
+            )
+        return "hunyuanvideo", config.patch_size_t
+    if _isinstance(transformer, "WanTransformer3DModel"):
+        return "wan", transformer.config.patch_size[0]
+    return None
+
+
+def _patch_rope_module(transformer, patch_size_t: int, riflex: Optional[_TemporalRiflex]) -> None:
+    rope = transformer.rope
+    if isinstance(rope, _RiflexRope):  # applied before: start again from diffusers' own module
+        rope = rope.rope
+    transformer.rope = rope if riflex is None else _RiflexRope(rope, patch_size_t, riflex)
+
+
+def _patch_cogvideox(pipe, riflex: Optional[_TemporalRiflex]) -> None:
+    pipe.__dict__.pop(_COGVIDEOX_METHOD, None)  # applied before: back to the class's method
+    if riflex is None:
+        return
+    original = getattr(pipe, _COGVIDEOX_METHOD)
+    # CogVideoX 1.5 patches 2 latent frames into one RoPE position; 1.0 has patch_size_t None.
+    patch_size_t = pipe.transformer.config.patch_size_t or 1
+
+    def prepare_rotary_positional_embeddings(height, width, num_frames, device):
+        cos, sin = original(height, width, num_frames, device)
+        return riflex(cos, sin, -(-num_frames // patch_size_t))
+
+    setattr(pipe, _COGVIDEOX_METHOD, prepare_rotary_positional_embeddings)
+
+
+def apply_riflex(target, num_frames: int, mode: str = "training_free", k: Optional[int] = None):
+    """Give a diffusers video model RIFLEx's temporal RoPE frequency for ``num_frames`` frames.
+
+    Parameters
+    ----------
+    target : diffusers pipeline or transformer
+        A HunyuanVideo or Wan pipeline, or its ``HunyuanVideoTransformer3DModel`` /
+        ``WanTransformer3DModel``; or a CogVideoX pipeline (``CogVideoXPipeline`` and its
+        image-to-video, video-to-video and Fun-control variants). A bare
+        ``CogVideoXTransformer3DModel`` is refused because its pipeline builds its RoPE.
+    num_frames : int
+        Frames of the clip to generate. ``L_test`` is its number of latent frames (temporal
+        compression 4, or the pipeline's ``vae_scale_factor_temporal``) divided, rounding up, by
+        the transformer's temporal patch size.
+    mode : {"training_free", "fine_tuned", "off"}
+        ``"training_free"``: set component ``k`` to ``0.9 · 2π / L_test`` when ``L_test > N_k``,
+        else keep RoPE unchanged. ``"fine_tuned"``: set it for ``L = N_k``, as the RIFLEx
+        fine-tuned checkpoints expect. ``"off"``: keep RoPE unchanged.
+    k : int, optional
+        1-based index of the temporal intrinsic frequency; defaults to the model's
+        (HunyuanVideo 4, CogVideoX 2, Wan 6, see :func:`tkpy.riflex.axis_split`).
+
+    Returns
+    -------
+    target
+        The same object, patched. Calling again replaces an earlier patch; when RoPE is to stay
+        unchanged, diffusers' own rotary embedding is restored.
+
+    Raises
+    ------
+    ValueError
+        For an unsupported target, a CogVideoX model without rotary embeddings, or a bad
+        ``num_frames``, ``mode`` or ``k``.
+    """
+    is_pipeline = _isinstance(target, "DiffusionPipeline")
+    transformer = getattr(target, "transformer", None) if is_pipeline else target
+    temporal_compression = getattr(target, "vae_scale_factor_temporal", 4) if is_pipeline else 4
+
+    if _isinstance(transformer, "CogVideoXTransformer3DModel"):
+        config = transformer.config
+        if not is_pipeline:
+            raise ValueError(
+                "apply_riflex: a CogVideoXTransformer3DModel receives its rotary embedding from its pipeline; "
+                "pass the CogVideoX pipeline instead"
+            )
+        if not hasattr(type(target), _COGVIDEOX_METHOD):
+            raise ValueError(f"apply_riflex: unsupported target {type(target).__name__}; it has no {_COGVIDEOX_METHOD}")
+        if not config.use_rotary_positional_embeddings:
+            raise ValueError("apply_riflex: this CogVideoX model uses no rotary embedding, so RIFLEx does not apply")
+        riflex = _temporal_riflex(
+            "cogvideox", config.attention_head_dim, config.patch_size_t or 1, num_frames, temporal_compression, mode, k
+        )
+        _patch_cogvideox(target, riflex)
+        return target
+
+    # A Wan 2.2 pipeline denoises with two experts; both need the same RoPE.
+    transformers = [transformer]
+    if is_pipeline and getattr(target, "transformer_2", None) is not None:
+        transformers.append(target.transformer_2)
+    # Work out every change before making any, so a bad argument leaves the target untouched.
+    changes = []
+    for t in transformers:
+        found = _rope_module_model(t)
+        if found is None:
+            received = type(target).__name__
+            if is_pipeline:
+                received += f" with transformer {type(t).__name__}"
+            raise ValueError(f"apply_riflex: unsupported target {received}; expected {_SUPPORTED}")
+        model, patch_size_t = found
+        riflex = _temporal_riflex(
+            model, t.config.attention_head_dim, patch_size_t, num_frames, temporal_compression, mode, k
+        )
+        changes.append((t, patch_size_t, riflex))
+    for t, patch_size_t, riflex in changes:
+        _patch_rope_module(t, patch_size_t, riflex)
+    return target

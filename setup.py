@@ -1,0 +1,102 @@
+"""Builds tkpy._C with CMake + Ninja (the CMakeExtension/build_ext pattern of vLLM).
+
+CUDA is compiled when torch is a CUDA build and nvcc is found, unless TKPY_DISABLE_CUDA=1.
+Environment knobs: TKPY_DISABLE_CUDA, TKPY_CUDA_ARCHS (default "90a"), MAX_JOBS, CUDA_HOME.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def find_nvcc():
+    import torch.utils.cpp_extension as cpp_ext
+
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda", cpp_ext.CUDA_HOME):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return Path(home) / "bin" / "nvcc"
+    found = shutil.which("nvcc")
+    return Path(found) if found else None
+
+
+def build_tool(name):
+    """A tool from this Python's environment (pip's cmake and ninja) before one on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def nvcc_major(nvcc):
+    out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"release (\d+)\.", out).group(1))
+
+
+def cuda_build_nvcc():
+    """The nvcc to build CUDA with, or None for a CPU-only build (and why)."""
+    import torch
+
+    if os.environ.get("TKPY_DISABLE_CUDA", "0") not in ("", "0"):
+        return None, "TKPY_DISABLE_CUDA is set"
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is a CPU-only build"
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return None, "nvcc was not found (set CUDA_HOME)"
+    torch_major = int(torch.version.cuda.split(".")[0])
+    if nvcc_major(nvcc) != torch_major:
+        raise RuntimeError(
+            f"tkpy: nvcc at {nvcc} is CUDA {nvcc_major(nvcc)} but torch is built for CUDA {torch.version.cuda}; "
+            "point CUDA_HOME at a matching toolkit, or set TKPY_DISABLE_CUDA=1 for a CPU-only build"
+        )
+    return nvcc, None
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import torch
+
+        extdir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        nvcc, why_not = cuda_build_nvcc()
+        flavour = "cuda" if nvcc else "cpu"
+        # One build folder per (flavour, torch, python): switching any of them never reuses a stale
+        # CMake cache, and rebuilding the same one is incremental. The ptxas report lives here.
+        build_dir = ROOT / "build" / f"{flavour}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+
+        args = [
+            "-G", "Ninja",
+            f"-DCMAKE_MAKE_PROGRAM={build_tool('ninja')}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}",
+            f"-DTKPY_ENABLE_CUDA={'ON' if nvcc else 'OFF'}",
+        ]
+        if nvcc:
+            archs = os.environ.get("TKPY_CUDA_ARCHS", "90a")
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DTKPY_CUDA_ARCHS={archs}"]
+            print(f"tkpy: building CUDA kernels for sm_{archs} with {nvcc}", flush=True)
+        else:
+            print(f"tkpy: CPU-only build ({why_not})", flush=True)
+
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        start = time.perf_counter()
+        cmake = build_tool("cmake")
+        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
+        subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
+        print(f"tkpy: build took {time.perf_counter() - start:.1f} s ({jobs} jobs) in {build_dir}", flush=True)
+
+
+setup(ext_modules=[CMakeExtension("tkpy._C")], cmdclass={"build_ext": CMakeBuild})

@@ -1,0 +1,54 @@
+"""Every torch.ops.tkpy op traces and runs inside torch.compile(fullgraph=True) on the CPU."""
+
+import pytest
+import torch
+
+from tkpy import riflex
+from tkpy.info import registered_ops
+from tkpy.rope import apply_rope_, apply_rope_3d_
+
+from helpers import randn
+
+
+def rope_case(gen):
+    q = randn((2, 9, 4, 64), torch.bfloat16, gen)
+    k = randn((2, 9, 2, 64), torch.bfloat16, gen)
+    angles = randn((16, 32), torch.float32, gen)
+    positions = torch.randint(0, 16, (2, 9), generator=gen)
+
+    def fn(q, k):
+        q = q * 1.5  # an op before and after, so the custom op sits inside a real graph
+        apply_rope_(q, k, angles.cos(), angles.sin(), positions, interleaved=True)
+        return q + 1, k
+
+    return fn, (q, k)
+
+
+def rope_3d_case(gen):
+    grid = (3, 2, 5)
+    freqs = [torch.view_as_real(f) for f in riflex.rope_3d_freqs(riflex.axis_split("wan", 128), grid, L_test=60)]
+    q = randn((1, 30, 2, 128), torch.float16, gen)
+    k = randn((1, 30, 2, 128), torch.float16, gen)
+
+    def fn(q, k):
+        apply_rope_3d_(q, k, grid, *freqs)
+        return q.float().sum(-1), k
+
+    return fn, (q, k)
+
+
+CASES = {"apply_rope_": rope_case, "apply_rope_3d_": rope_3d_case}
+
+
+def test_every_op_has_a_compile_case():
+    assert sorted(CASES) == registered_ops()
+
+
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_op_compiles_fullgraph_and_matches_eager(op, rng):
+    torch._dynamo.reset()
+    fn, inputs = CASES[op](rng)
+    eager = fn(*(x.clone() for x in inputs))
+    compiled = torch.compile(fn, fullgraph=True)(*(x.clone() for x in inputs))
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)

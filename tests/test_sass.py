@@ -1,0 +1,111 @@
+"""Static checks of the compiled kernels (DESIGN.md §3), from SASS and ptxas's report; no GPU needed.
+
+Each kernel family declares a pattern for its (demangled) kernel names, the SASS instructions it
+must contain and the ones it must not. Every family must match at least one kernel, every kernel
+must belong to a family, and ptxas must report 0 spill bytes for every kernel.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import tkpy
+from tkpy import _C
+
+pytestmark = pytest.mark.skipif(not tkpy.cuda_compiled(), reason="this build of tkpy has no CUDA kernels (CPU-only build)")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    kernels: str  # regex on the demangled kernel name
+    must: tuple[str, ...] = ()  # regexes, each must match some SASS instruction
+    must_not: tuple[str, ...] = ()
+
+
+LOCAL_MEMORY = (r"\bLDL\b", r"\bSTL\b")
+FAMILIES = [
+    # The 16-byte path: template args are <T, pairs per access, vectorized=true, ...>.
+    Family("rope, 16-byte accesses", r"tkpy::rope::rope_kernel<[^,]+, \d+, true,", ("LDG.E.128", "STG.E.128"), LOCAL_MEMORY),
+    # The element-wise path for odd strides and rotary dims.
+    Family("rope, element-wise", r"tkpy::rope::rope_kernel<[^,]+, 1, false,", (), LOCAL_MEMORY),
+]
+
+
+def tool(name):
+    """A CUDA binary tool from the nvidia-cuda-* PyPI packages, else from PATH."""
+    import nvidia
+
+    for root in nvidia.__path__:
+        for found in Path(root).glob(f"*/bin/{name}"):
+            return str(found)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
+    return found
+
+
+def demangle(names):
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    return dict(zip(names, out.splitlines()))
+
+
+@pytest.fixture(scope="module")
+def sass():
+    """{demangled kernel name: SASS text} for every kernel in tkpy._C."""
+    cuobjdump = tool("cuobjdump")
+    env = dict(os.environ, PATH=f"{Path(tool('nvdisasm')).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    dump = subprocess.run([cuobjdump, "-sass", _C.__file__], capture_output=True, text=True, env=env, check=True).stdout
+    blocks = re.split(r"^\s*Function : (\S+)\s*$", dump, flags=re.M)
+    kernels = dict(zip(blocks[1::2], blocks[2::2]))
+    assert kernels, f"cuobjdump found no kernels in {_C.__file__}"
+    names = demangle(list(kernels))
+    return {names[m]: text for m, text in kernels.items()}
+
+
+@pytest.fixture(scope="module")
+def ptxas_spills():
+    """{demangled kernel name: (spill store bytes, spill load bytes)} from ptxas's report."""
+    report = Path(_C.ptxas_report)
+    assert report.is_file(), f"ptxas report {report} is missing: rebuild tkpy (pip install --no-build-isolation -e .)"
+    found = re.findall(
+        r"Function properties for (\S+)\n\s*\d+ bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+        report.read_text(),
+    )
+    names = demangle([m for m, _, _ in found])
+    return {names[m]: (int(st), int(ld)) for m, st, ld in found}
+
+
+def test_sm90a_code_is_present():
+    assert "90a" in _C.cuda_archs.split(";")
+    listing = subprocess.run([tool("cuobjdump"), "--list-elf", _C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "sm_90a" in listing, listing
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_family_sass(family, sass):
+    members = {name: text for name, text in sass.items() if re.search(family.kernels, name)}
+    assert members, f"no kernel matches family {family.name!r} ({family.kernels}); was a kernel renamed?"
+    for name, text in members.items():
+        for pattern in family.must:
+            assert re.search(pattern, text), f"{name}: SASS lacks {pattern}"
+        for pattern in family.must_not:
+            assert not re.search(pattern, text), f"{name}: SASS has {pattern}"
+
+
+def test_every_kernel_belongs_to_a_family(sass):
+    orphans = [name for name in sass if not any(re.search(f.kernels, name) for f in FAMILIES)]
+    assert not orphans, f"kernels without declared SASS checks: {orphans}"
+
+
+def test_no_spills(sass, ptxas_spills):
+    missing = set(sass) - set(ptxas_spills)
+    assert not missing, f"kernels missing from the ptxas report: {sorted(missing)[:5]}"
+    spilling = {name: s for name, s in ptxas_spills.items() if s != (0, 0)}
+    assert not spilling, f"ptxas reports spills (store, load bytes): {spilling}"
