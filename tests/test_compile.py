@@ -32,7 +32,7 @@ def rope_3d_case(gen):
 
     def fn(q, k):
         apply_rope_3d_(q, k, grid, *freqs)
-        return q.float().sum(-1), k
+        return q * 2, k
 
     return fn, (q, k)
 

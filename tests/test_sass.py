@@ -45,7 +45,7 @@ def tool(name):
     for root in nvidia.__path__:
         for found in Path(root).glob(f"*/bin/{name}"):
             return str(found)
-    found = shutil.which(name)
+    found = shutil.which(name) or shutil.which(name, path=str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin"))
     if found is None:
         pytest.fail(f"{name} not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
     return found

@@ -1,0 +1,894 @@
+"""Times tkpy's ops against eager-PyTorch peers: the engine behind ``python -m tkpy bench``.
+
+The pieces are public so that the pytest-benchmark suites in ``benchmarks/`` measure the same
+cases the same way:
+
+- :func:`rope_cases` lists the shapes, :func:`prepare_case` allocates their inputs,
+  :func:`measure` checks tkpy against the peer and times both;
+- :func:`time_cuda_or_cpu` is the timer, :func:`rope_bytes` the byte count;
+- :func:`torch_rope_reference` and :func:`torch_rope_3d_reference` are the eager peers.
+
+How the figures are counted (DESIGN §6):
+
+- Timing: CUDA events on the GPU, ``time.perf_counter`` on the CPU; warm-up runs first, then the
+  median of many runs. Each run takes the next of several copies of random inputs, so that the
+  working set overflows the last-level cache and caches do not flatter the result.
+- Bandwidth: an in-place RoPE reads and writes q and k once, so both implementations are credited
+  with ``2 · (bytes(q) + bytes(k))`` per call, whatever they actually move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from . import __version__, cuda_compiled, riflex, rope
+
+__all__ = [
+    "BYTES_CONVENTION",
+    "BenchCase",
+    "PEER",
+    "CaseResult",
+    "PreparedCase",
+    "Rope3dCase",
+    "RopeCase",
+    "Timing",
+    "buffer_copies",
+    "check_case",
+    "environment_info",
+    "format_report",
+    "gbps",
+    "main",
+    "measure",
+    "measure_copy_bandwidth",
+    "nvml_gpu_info",
+    "prepare_case",
+    "rope_3d_freqs_cis",
+    "rope_bytes",
+    "rope_cases",
+    "rope_cos_sin",
+    "rotating_setup",
+    "synchronized",
+    "time_cuda_or_cpu",
+    "torch_rope_3d_reference",
+    "torch_rope_reference",
+]
+
+PEER = "torch eager"
+BYTES_CONVENTION = (
+    "q and k each read once and written once: 2*(bytes(q)+bytes(k)); cos/sin tables and positions not counted"
+)
+
+# The working set of the rotating input copies should be this many times the last-level cache.
+_CACHE_OVERFLOW = 4
+# There is no portable way to ask for a CPU's last-level cache; this is a typical server L3.
+_CPU_LLC_BYTES = 32 << 20
+_FALLBACK_L2_BYTES = 50 << 20  # H100
+_COPY_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
+_DEFAULT_RUNS = {"cuda": (10, 100), "cpu": (3, 20)}  # (warm-up, timed)
+# Largest accepted ‖tkpy − peer‖ / ‖peer‖: the peers round in the storage dtype (DESIGN §7).
+_TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-5}
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call times of one implementation.
+
+    Attributes
+    ----------
+    samples_s : tuple of float
+        One duration per timed call, in seconds.
+    method : str
+        ``"cuda-events"`` or ``"perf_counter"``.
+    """
+
+    samples_s: tuple[float, ...]
+    method: str
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.samples_s)
+
+
+def time_cuda_or_cpu(
+    fn: Callable[..., Any],
+    arg_sets: Sequence[tuple],
+    device: Union[str, torch.device],
+    *,
+    warmup: int,
+    reps: int,
+) -> Timing:
+    """Time ``fn(*args)``, taking ``args`` from ``arg_sets`` round robin.
+
+    Parameters
+    ----------
+    fn : callable
+        The call to time. Its result is discarded.
+    arg_sets : sequence of tuple
+        Argument tuples, typically copies of the same inputs in different buffers.
+    device : str or torch.device
+        CUDA: each call is bracketed by CUDA events on the current stream. CPU: by
+        ``time.perf_counter``.
+    warmup, reps : int
+        Untimed calls first, then timed calls.
+
+    Returns
+    -------
+    Timing
+    """
+    if not arg_sets:
+        raise ValueError("time_cuda_or_cpu: arg_sets is empty")
+    if reps < 1:
+        raise ValueError(f"time_cuda_or_cpu: reps must be >= 1, got {reps}")
+    device = torch.device(device)
+    rotation = itertools.cycle(arg_sets)
+    for _ in range(warmup):
+        fn(*next(rotation))
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return _time_cuda(fn, rotation, reps)
+    return _time_cpu(fn, rotation, reps)
+
+
+def _time_cuda(fn: Callable[..., Any], rotation: Iterator[tuple], reps: int) -> Timing:
+    # Events are read only after the last call, so timing never adds a host sync between calls.
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        args = next(rotation)
+        start.record()
+        fn(*args)
+        end.record()
+    torch.cuda.synchronize()
+    return Timing(tuple(start.elapsed_time(end) * 1e-3 for start, end in events), "cuda-events")
+
+
+def _time_cpu(fn: Callable[..., Any], rotation: Iterator[tuple], reps: int) -> Timing:
+    samples = []
+    for _ in range(reps):
+        args = next(rotation)
+        start = time.perf_counter()
+        fn(*args)
+        samples.append(time.perf_counter() - start)
+    return Timing(tuple(samples), "perf_counter")
+
+
+def synchronized(fn: Callable[..., Any], device: Union[str, torch.device]) -> Callable[..., None]:
+    """``fn`` followed by a device synchronize, so that a wall-clock timer sees the whole call.
+
+    pytest-benchmark times with the host clock; without the sync it would time the launch only.
+    On the CPU ``fn`` is returned unchanged.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return fn
+
+    def run(*args: Any) -> None:
+        fn(*args)
+        torch.cuda.synchronize(device)
+
+    return run
+
+
+def rotating_setup(arg_sets: Sequence[tuple]) -> Callable[[], tuple[tuple, dict]]:
+    """A ``setup`` for ``benchmark.pedantic`` that hands out ``arg_sets`` round robin."""
+    rotation = itertools.cycle(arg_sets)
+    return lambda: (next(rotation), {})
+
+
+def buffer_copies(nbytes_per_copy: int, device: Union[str, torch.device], *, max_copies: int = 16) -> int:
+    """How many copies of the inputs to rotate through so that they overflow the last-level cache.
+
+    At least 2, so that no call finds the previous call's output in the cache.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        cache = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or _FALLBACK_L2_BYTES
+    else:
+        cache = _CPU_LLC_BYTES
+    wanted = math.ceil(_CACHE_OVERFLOW * cache / max(nbytes_per_copy, 1))
+    return max(2, min(max_copies, wanted))
+
+
+# --------------------------------------------------------------------------------------------
+# Byte counting
+# --------------------------------------------------------------------------------------------
+
+
+def rope_bytes(q_shape: Sequence[int], k_shape: Optional[Sequence[int]], dtype: torch.dtype) -> int:
+    """Bytes an in-place RoPE is credited with: q and k read once and written once.
+
+    Whole heads count even with partial rotary dims; the cos/sin tables and positions are
+    small next to q and k and are not counted (see :data:`BYTES_CONVENTION`).
+    """
+    elements = math.prod(q_shape) + (math.prod(k_shape) if k_shape is not None else 0)
+    return 2 * dtype.itemsize * elements
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    """Bandwidth in GB/s (1e9 bytes per second)."""
+    return nbytes / seconds / 1e9
+
+
+# --------------------------------------------------------------------------------------------
+# Eager-PyTorch peers
+# --------------------------------------------------------------------------------------------
+
+
+def torch_rope_reference(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: Optional[torch.Tensor] = None,
+    interleaved: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Eager-PyTorch peer of :func:`tkpy.rope.apply_rope_`, out of place.
+
+    Written the way eager model code does it (Hugging Face transformers, vLLM's native path):
+    gather the cos/sin rows, cast them to q's dtype and rotate in that dtype. This is the
+    benchmark's baseline, not the test oracle (that is ``tkpy.reference``, in float64).
+
+    Parameters
+    ----------
+    q, k, cos, sin, positions, interleaved
+        As for :func:`tkpy.rope.apply_rope_`.
+
+    Returns
+    -------
+    (q_rot, k_rot) : new tensors; ``k_rot`` is None when ``k`` is.
+    """
+    rows = positions if positions is not None else slice(0, q.shape[-3])
+    # [..., S, 1, R/2]: broadcasts over the heads.
+    c = cos[rows].to(q.dtype).unsqueeze(-2)
+    s = sin[rows].to(q.dtype).unsqueeze(-2)
+    k_rot = None if k is None else _rotate_pairs(k, c, s, interleaved)
+    return _rotate_pairs(q, c, s, interleaved), k_rot
+
+
+def _rotate_pairs(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    rotary = 2 * c.shape[-1]
+    if interleaved:
+        a, b = x[..., 0:rotary:2], x[..., 1:rotary:2]
+        rotated = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
+    else:
+        a, b = x[..., : rotary // 2], x[..., rotary // 2 : rotary]
+        rotated = torch.cat((a * c - b * s, b * c + a * s), dim=-1)
+    if rotary == x.shape[-1]:
+        return rotated
+    return torch.cat((rotated, x[..., rotary:]), dim=-1)
+
+
+def rope_3d_freqs_cis(
+    grid_thw: Sequence[int], freqs_t: torch.Tensor, freqs_h: torch.Tensor, freqs_w: torch.Tensor
+) -> torch.Tensor:
+    """The complex ``[T·H·W, R/2]`` table that eager video DiTs build from the per-axis tables.
+
+    Tokens are in (t, h, w) order; each token's row is its t, h and w rows side by side.
+    """
+    t, h, w = (int(x) for x in grid_thw)
+    per_axis = (
+        freqs_t[:t, None, None, :].expand(t, h, w, -1),
+        freqs_h[None, :h, None, :].expand(t, h, w, -1),
+        freqs_w[None, None, :w, :].expand(t, h, w, -1),
+    )
+    return torch.cat(per_axis, dim=-1).reshape(t * h * w, -1)
+
+
+def torch_rope_3d_reference(
+    q: torch.Tensor, k: Optional[torch.Tensor], freqs_cis: torch.Tensor
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Eager-PyTorch peer of :func:`tkpy.rope.apply_rope_3d_`, out of place.
+
+    Written the way HunyuanVideo and Wan do it: view the interleaved dim pairs as complex
+    float32, multiply by the precomputed table, cast back. The table (from
+    :func:`rope_3d_freqs_cis`) is built once per forward in those models, so it is an input
+    here rather than part of the timed call.
+
+    Parameters
+    ----------
+    q, k : Tensor ``[B, S, H, D]``
+    freqs_cis : complex Tensor ``[S, R/2]``, ``R <= D``
+
+    Returns
+    -------
+    (q_rot, k_rot) : new tensors; ``k_rot`` is None when ``k`` is.
+    """
+    f = freqs_cis.unsqueeze(-2)  # [S, 1, R/2]: broadcasts over the batch and the heads
+    k_rot = None if k is None else _rotate_complex(k, f)
+    return _rotate_complex(q, f), k_rot
+
+
+def _rotate_complex(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    rotary = 2 * f.shape[-1]
+    pairs = x[..., :rotary].float().reshape(*x.shape[:-1], rotary // 2, 2)
+    rotated = torch.view_as_real(torch.view_as_complex(pairs) * f).flatten(-2).to(x.dtype)
+    if rotary == x.shape[-1]:
+        return rotated
+    return torch.cat((rotated, x[..., rotary:]), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------
+
+
+def rope_cos_sin(
+    max_positions: int, rotary_dim: int, device: Union[str, torch.device], theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``cos``, ``sin`` tables ``[max_positions, rotary_dim/2]`` of standard RoPE."""
+    inv_freq = theta ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64, device=device), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+class _RopeTables(NamedTuple):
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: Optional[torch.Tensor]
+
+
+class _Rope3dTables(NamedTuple):
+    freqs_t: torch.Tensor
+    freqs_h: torch.Tensor
+    freqs_w: torch.Tensor
+    freqs_cis: torch.Tensor  # the peer's materialised table
+
+
+class _QKCase:
+    """What both case kinds share: random q/k allocation and the byte count.
+
+    Subclasses define ``q_shape``, ``k_shape`` and ``dtype``.
+    """
+
+    def nbytes(self) -> int:
+        """Bytes credited per call (:func:`rope_bytes`)."""
+        return rope_bytes(self.q_shape, self.k_shape, self.dtype)
+
+    def input_bytes(self) -> int:
+        """Size of one copy of q and k: the working set of one call."""
+        return self.dtype.itemsize * (math.prod(self.q_shape) + math.prod(self.k_shape))
+
+    def random_qk(self, device: torch.device, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        def randn(shape):
+            return torch.randn(shape, generator=generator, device=device, dtype=self.dtype)
+
+        return randn(self.q_shape), randn(self.k_shape)
+
+
+@dataclass(frozen=True)
+class RopeCase(_QKCase):
+    """A :func:`tkpy.rope.apply_rope_` shape: q ``[B, S, Hq, D]``, k ``[B, S, Hk, D]``."""
+
+    op: ClassVar[str] = "apply_rope_"
+
+    name: str
+    batch: int
+    seqlen: int
+    heads_q: int
+    heads_k: int
+    head_dim: int = 128
+    rotary_dim: int = 128
+    interleaved: bool = False
+    random_positions: bool = False  # a random row of cos/sin per token, as in batched decode
+    max_positions: int = 8192
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-B{self.batch}-S{self.seqlen}"
+
+    @property
+    def shape(self) -> str:
+        text = f"B{self.batch} S{self.seqlen} Hq{self.heads_q} Hk{self.heads_k} D{self.head_dim}"
+        if self.rotary_dim != self.head_dim:
+            text += f" R{self.rotary_dim}"
+        if self.random_positions:
+            text += " pos"
+        return text + (" gptj" if self.interleaved else " neox")
+
+    @property
+    def q_shape(self) -> tuple[int, ...]:
+        return (self.batch, self.seqlen, self.heads_q, self.head_dim)
+
+    @property
+    def k_shape(self) -> tuple[int, ...]:
+        return (self.batch, self.seqlen, self.heads_k, self.head_dim)
+
+    def tables(self, device: torch.device, generator: torch.Generator) -> _RopeTables:
+        cos, sin = rope_cos_sin(max(self.max_positions, self.seqlen), self.rotary_dim, device)
+        positions = None
+        if self.random_positions:
+            positions = torch.randint(
+                0, cos.shape[0], (self.batch, self.seqlen), generator=generator, device=device
+            )
+        return _RopeTables(cos, sin, positions)
+
+    def run_tkpy(self, q: torch.Tensor, k: torch.Tensor, tables: _RopeTables) -> None:
+        rope.apply_rope_(q, k, tables.cos, tables.sin, tables.positions, self.interleaved)
+
+    def run_peer(self, q: torch.Tensor, k: torch.Tensor, tables: _RopeTables) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch_rope_reference(q, k, tables.cos, tables.sin, tables.positions, self.interleaved)
+
+
+@dataclass(frozen=True)
+class Rope3dCase(_QKCase):
+    """A :func:`tkpy.rope.apply_rope_3d_` shape: q and k ``[B, T·H·W, heads, D]``.
+
+    ``model`` names the axis split and base (:func:`tkpy.riflex.axis_split`).
+    """
+
+    op: ClassVar[str] = "apply_rope_3d_"
+
+    model: str
+    grid: tuple[int, int, int]
+    heads: int
+    head_dim: int = 128
+    batch: int = 1
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-{'x'.join(map(str, self.grid))}"
+
+    @property
+    def shape(self) -> str:
+        thw = "x".join(map(str, self.grid))
+        return f"B{self.batch} THW {thw} (S{self.tokens}) H{self.heads} D{self.head_dim}"
+
+    @property
+    def q_shape(self) -> tuple[int, ...]:
+        return (self.batch, self.tokens, self.heads, self.head_dim)
+
+    @property
+    def k_shape(self) -> tuple[int, ...]:
+        return self.q_shape
+
+    def tables(self, device: torch.device, generator: torch.Generator) -> _Rope3dTables:
+        """Per-axis tables for tkpy and the materialised table for the peer (``generator`` is unused)."""
+        split = riflex.axis_split(self.model, self.head_dim)
+        freqs = riflex.rope_3d_freqs(split, self.grid, device=device)
+        return _Rope3dTables(*freqs, rope_3d_freqs_cis(self.grid, *freqs))
+
+    def run_tkpy(self, q: torch.Tensor, k: torch.Tensor, tables: _Rope3dTables) -> None:
+        rope.apply_rope_3d_(q, k, self.grid, tables.freqs_t, tables.freqs_h, tables.freqs_w)
+
+    def run_peer(self, q: torch.Tensor, k: torch.Tensor, tables: _Rope3dTables) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch_rope_3d_reference(q, k, tables.freqs_cis)
+
+
+BenchCase = Union[RopeCase, Rope3dCase]
+
+_LLAMA = dict(heads_q=32, heads_k=8)  # Llama-3-8B attention heads, D=128
+_CUDA_CASES: tuple[BenchCase, ...] = (
+    *(RopeCase("llama-neox", batch, 4096, **_LLAMA) for batch in (1, 2, 4, 8)),
+    RopeCase("gptj-interleaved", 4, 4096, **_LLAMA, interleaved=True),
+    RopeCase("partial-rot64", 4, 4096, **_LLAMA, rotary_dim=64),
+    RopeCase("decode", 64, 1, **_LLAMA, random_positions=True, max_positions=32768),
+    Rope3dCase("hunyuanvideo", (33, 45, 80), heads=24),  # 129 frames at 720p
+    Rope3dCase("wan", (21, 30, 52), heads=12),  # Wan2.1-1.3B, 81 frames at 480p
+    Rope3dCase("cogvideox", (13, 30, 45), heads=48, head_dim=64),  # CogVideoX-5B, 49 frames
+)
+# The same kinds of case, small enough that the whole CPU bench stays well under a minute.
+_CPU_CASES: tuple[BenchCase, ...] = (
+    *(RopeCase("llama-neox", batch, 256, heads_q=8, heads_k=2) for batch in (1, 2)),
+    RopeCase("gptj-interleaved", 1, 256, heads_q=8, heads_k=2, interleaved=True),
+    RopeCase("partial-rot64", 1, 256, heads_q=8, heads_k=2, rotary_dim=64),
+    RopeCase("decode", 8, 1, heads_q=8, heads_k=2, random_positions=True, max_positions=4096),
+    Rope3dCase("hunyuanvideo", (5, 6, 10), heads=4),
+    Rope3dCase("wan", (3, 6, 8), heads=2),
+    Rope3dCase("cogvideox", (3, 6, 8), heads=4, head_dim=64),
+)
+
+
+def rope_cases(device: Union[str, torch.device]) -> list[BenchCase]:
+    """The RoPE benchmark cases for ``device``.
+
+    CUDA: Llama-like prefill (B=1..8, S=4096, Hq=32, Hk=8, D=128, bf16), GPT-J style, partial
+    rotary, batched decode with positions, and the HunyuanVideo, Wan and CogVideoX grids for 3D
+    RoPE. CPU: the same kinds, small. Listing allocates nothing, so it works without a GPU.
+    """
+    return list(_CUDA_CASES if torch.device(device).type == "cuda" else _CPU_CASES)
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring one case
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreparedCase:
+    """A case's inputs on a device.
+
+    ``arg_sets`` holds one ``(q, k, tables)`` per input copy; the copies hold different random
+    data in different buffers and share the (small) tables. Both ``case.run_tkpy`` and
+    ``case.run_peer`` take such a tuple.
+    """
+
+    case: BenchCase
+    device: torch.device
+    arg_sets: list[tuple]
+
+
+def prepare_case(
+    case: BenchCase, device: Union[str, torch.device], *, seed: int = 0, copies: Optional[int] = None
+) -> PreparedCase:
+    """Allocate ``copies`` (default: :func:`buffer_copies`) sets of random normal inputs for ``case``."""
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    tables = case.tables(device, generator)
+    count = copies or buffer_copies(case.input_bytes(), device)
+    arg_sets = [(*case.random_qk(device, generator), tables) for _ in range(count)]
+    return PreparedCase(case, device, arg_sets)
+
+
+def check_case(prepared: PreparedCase) -> float:
+    """``‖tkpy − peer‖ / ‖peer‖`` over q and k together, on the first input copy.
+
+    tkpy rotates clones, so the inputs stay as they were. NaN or inf in tkpy's output makes the
+    result NaN or inf, which fails every tolerance.
+    """
+    q, k, tables = prepared.arg_sets[0]
+    q_tkpy, k_tkpy = q.clone(), k.clone()
+    prepared.case.run_tkpy(q_tkpy, k_tkpy, tables)
+    q_peer, k_peer = prepared.case.run_peer(q, k, tables)
+    diff = sum(torch.linalg.vector_norm(a.float() - b.float()) ** 2 for a, b in ((q_tkpy, q_peer), (k_tkpy, k_peer)))
+    norm = sum(torch.linalg.vector_norm(b.float()) ** 2 for b in (q_peer, k_peer))
+    return math.sqrt(float(diff) / float(norm))
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """tkpy and its peer on one case."""
+
+    case: BenchCase
+    device: str
+    nbytes: int
+    tkpy: Timing
+    peer: Timing
+    rel_err: float
+
+    @property
+    def tolerance(self) -> float:
+        return _TOLERANCE[self.case.dtype]
+
+    @property
+    def passed(self) -> bool:
+        return self.rel_err <= self.tolerance  # False for NaN
+
+    @property
+    def tkpy_gbps(self) -> float:
+        return gbps(self.nbytes, self.tkpy.median_s)
+
+    @property
+    def peer_gbps(self) -> float:
+        return gbps(self.nbytes, self.peer.median_s)
+
+    @property
+    def speedup(self) -> float:
+        """Peer time over tkpy time (equal to the GB/s ratio)."""
+        return self.peer.median_s / self.tkpy.median_s
+
+    def as_extra_info(self) -> dict[str, Any]:
+        """A JSON-ready summary, in the ``extra_info`` layout that ``scripts/summarize_gpu_run.py`` reads."""
+        return {
+            "op": self.case.op,
+            "case": self.case.id,
+            "shape": self.case.shape,
+            "dtype": str(self.case.dtype).removeprefix("torch."),
+            "device": self.device,
+            "peer": PEER,
+            "metric": "GB/s",
+            "bytes": self.nbytes,
+            "bytes_convention": BYTES_CONVENTION,
+            "timer": self.tkpy.method,
+            "tkpy_median_us": self.tkpy.median_s * 1e6,
+            "peer_median_us": self.peer.median_s * 1e6,
+            "tkpy_gbps": self.tkpy_gbps,
+            "peer_gbps": self.peer_gbps,
+            "ratio": self.speedup,
+            "rel_err": self.rel_err,
+            "check_passed": self.passed,
+        }
+
+
+def measure(prepared: PreparedCase, *, warmup: int, reps: int) -> CaseResult:
+    """Check tkpy against the peer on ``prepared``, then time both with :func:`time_cuda_or_cpu`."""
+    case, device = prepared.case, prepared.device
+    rel_err = check_case(prepared)
+    tkpy_timing = time_cuda_or_cpu(case.run_tkpy, prepared.arg_sets, device, warmup=warmup, reps=reps)
+    peer_timing = time_cuda_or_cpu(case.run_peer, prepared.arg_sets, device, warmup=warmup, reps=reps)
+    return CaseResult(case, device.type, case.nbytes(), tkpy_timing, peer_timing, rel_err)
+
+
+def measure_copy_bandwidth(device: Union[str, torch.device], *, warmup: int, reps: int) -> float:
+    """Read + write GB/s of ``Tensor.copy_`` on a buffer far larger than the caches.
+
+    It is the practical ceiling of a memory-bound op on this device, the yardstick for the
+    "≥ 85% of HBM bandwidth" target.
+    """
+    device = torch.device(device)
+    elements = _COPY_BYTES[device.type] // 2
+    src = torch.randn(elements, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    timing = time_cuda_or_cpu(torch.Tensor.copy_, [(dst, src)], device, warmup=warmup, reps=reps)
+    return gbps(2 * src.nbytes, timing.median_s)
+
+
+# --------------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------------
+
+
+def nvml_gpu_info(uuid: Optional[str] = None, index: int = 0) -> dict[str, Any]:
+    """Name, clocks, power and memory of a GPU from NVML, or ``{}`` when NVML is unavailable.
+
+    Parameters
+    ----------
+    uuid : str, optional
+        The device's UUID (``torch.cuda.get_device_properties(i).uuid``); it identifies the
+        device even when ``CUDA_VISIBLE_DEVICES`` renumbers devices.
+    index : int
+        NVML index, used when ``uuid`` is missing or unknown to NVML.
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return {}
+    try:
+        handle = _nvml_handle(pynvml, uuid, index)
+
+        def query(fn: Callable[..., Any], *args: Any, scale: float = 1.0) -> Any:
+            # Each query may be unsupported on its own (e.g. power on some boards): skip just that one.
+            try:
+                value = fn(*args)
+            except pynvml.NVMLError:
+                return None
+            if isinstance(value, bytes):
+                return value.decode()
+            return value * scale if scale != 1.0 else value
+
+        memory = query(pynvml.nvmlDeviceGetMemoryInfo, handle)
+        return {
+            "name": query(pynvml.nvmlDeviceGetName, handle),
+            "driver": query(pynvml.nvmlSystemGetDriverVersion),
+            "memory_total_gib": None if memory is None else memory.total / 2**30,
+            "sm_clock_mhz": query(pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_SM),
+            "sm_clock_max_mhz": query(pynvml.nvmlDeviceGetMaxClockInfo, handle, pynvml.NVML_CLOCK_SM),
+            "mem_clock_mhz": query(pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_MEM),
+            "mem_clock_max_mhz": query(pynvml.nvmlDeviceGetMaxClockInfo, handle, pynvml.NVML_CLOCK_MEM),
+            "power_draw_w": query(pynvml.nvmlDeviceGetPowerUsage, handle, scale=1e-3),
+            "power_limit_w": query(pynvml.nvmlDeviceGetEnforcedPowerLimit, handle, scale=1e-3),
+        }
+    except pynvml.NVMLError:  # no handle for the device
+        return {}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _nvml_handle(pynvml: Any, uuid: Optional[str], index: int) -> Any:
+    if uuid:
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+        except pynvml.NVMLError:
+            pass  # an unexpected UUID format; the index is right on single-GPU machines
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+def environment_info(device: Union[str, torch.device]) -> dict[str, Any]:
+    """Versions and the device: what a benchmark result must be read against.
+
+    On CUDA the ``gpu`` entry has torch's device properties, the theoretical HBM bandwidth
+    and NVML's clocks and power at the time of the call.
+    """
+    device = torch.device(device)
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "tkpy": __version__,
+        "tkpy_cuda_kernels": cuda_compiled(),
+        "python": platform.python_version(),
+        "device": device.type,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        mem_khz = getattr(props, "memory_clock_rate", 0)
+        bus_bits = getattr(props, "memory_bus_width", 0)
+        info["gpu"] = {
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "sms": props.multi_processor_count,
+            # Double data rate: two transfers per memory clock.
+            "hbm_peak_gbps": 2 * mem_khz * 1e3 * bus_bits / 8 / 1e9 if mem_khz and bus_bits else None,
+            **nvml_gpu_info(str(getattr(props, "uuid", "")) or None, device.index or 0),
+        }
+    else:
+        info["cpu"] = {
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "threads": torch.get_num_threads(),
+        }
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Optional[float], spec: str, unit: str = "") -> str:
+    return "?" if value is None else f"{value:{spec}}{unit}"
+
+
+def _device_lines(env: dict[str, Any]) -> list[str]:
+    lines = [
+        f"torch {env['torch']} (CUDA runtime {env['torch_cuda']}), tkpy {env['tkpy']} "
+        f"(CUDA kernels compiled: {'yes' if env['tkpy_cuda_kernels'] else 'no'}), Python {env['python']}"
+    ]
+    gpu = env.get("gpu")
+    if gpu:
+        lines.append(
+            f"GPU: {gpu.get('name')} (sm_{gpu['capability'].replace('.', '')}, {gpu['sms']} SMs, "
+            f"{_fmt(gpu.get('memory_total_gib'), '.0f', ' GiB')}), driver {gpu.get('driver', '?')}"
+        )
+        lines.append(
+            f"clocks after the run: SM {_fmt(gpu.get('sm_clock_mhz'), 'd')}/{_fmt(gpu.get('sm_clock_max_mhz'), 'd')}"
+            f" MHz, memory {_fmt(gpu.get('mem_clock_mhz'), 'd')}/{_fmt(gpu.get('mem_clock_max_mhz'), 'd')} MHz; "
+            f"power {_fmt(gpu.get('power_draw_w'), '.0f')}/{_fmt(gpu.get('power_limit_w'), '.0f')} W; "
+            f"theoretical HBM {_fmt(gpu.get('hbm_peak_gbps'), '.0f', ' GB/s')}"
+        )
+    else:
+        cpu = env["cpu"]
+        lines.append(f"CPU: {cpu['processor'] or cpu['machine']}, {cpu['threads']} torch threads")
+    return lines
+
+
+def format_report(results: Sequence[CaseResult], env: dict[str, Any], copy_gbps: float, warmup: int, reps: int) -> str:
+    """The header lines and a markdown table of ``results``."""
+    timer = results[0].tkpy.method if results else "?"
+    lines = _device_lines(env) + [
+        f"timing: {timer}, median of {reps} runs after {warmup} warm-up runs, rotating random-normal input copies",
+        f"GB/s convention (both columns): {BYTES_CONVENTION}",
+        f"copy bandwidth (Tensor.copy_, read + write): {copy_gbps:.1f} GB/s; '% copy' = tkpy GB/s / that",
+        f"peer: {PEER} (out of place); check: ||tkpy - peer|| / ||peer|| within the dtype's tolerance",
+        "",
+        "| op | case | shape | dtype | tkpy us | tkpy GB/s | torch us | torch GB/s | speedup | % copy | check |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for r in results:
+        check = "ok" if r.passed else f"MISMATCH {r.rel_err:.1e}"
+        lines.append(
+            f"| {r.case.op} | {r.case.id} | {r.case.shape} | {str(r.case.dtype).removeprefix('torch.')} "
+            f"| {r.tkpy.median_s * 1e6:,.1f} | {r.tkpy_gbps:,.1f} | {r.peer.median_s * 1e6:,.1f} | {r.peer_gbps:,.1f} "
+            f"| {r.speedup:.2f}x | {100 * r.tkpy_gbps / copy_gbps:.0f}% | {check} |"
+        )
+    return "\n".join(lines)
+
+
+def _progress(cases: Sequence[BenchCase], enabled: bool) -> Iterable[BenchCase]:
+    """Yield ``cases`` with progress on stderr: a tqdm bar on a terminal, else one line per case.
+
+    Plain lines keep logs readable where a bar's carriage returns would not.
+    """
+    if not enabled:
+        yield from cases
+        return
+    tqdm = None
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            pass
+    if tqdm is not None:
+        with tqdm(cases, desc="tkpy bench", unit="case", file=sys.stderr) as bar:
+            for case in bar:
+                bar.set_postfix_str(f"{case.op} {case.id}")
+                yield case
+        return
+    for number, case in enumerate(cases, 1):
+        print(f"[{number}/{len(cases)}] {case.op} {case.id}", file=sys.stderr, flush=True)
+        yield case
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tkpy bench",
+        description="Time tkpy's ops against eager PyTorch and print a table (stdout); progress goes to stderr.",
+    )
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto: CUDA when a GPU and tkpy's CUDA kernels are both present (default)")
+    parser.add_argument("--ops", nargs="+", choices=(RopeCase.op, Rope3dCase.op), default=[RopeCase.op, Rope3dCase.op],
+                        help="which ops to time (default: all)")
+    parser.add_argument("--warmup", type=int, help="warm-up runs per implementation (default: 10 CUDA, 3 CPU)")
+    parser.add_argument("--reps", type=int, help="timed runs per implementation (default: 100 CUDA, 20 CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
+    return parser.parse_args(argv)
+
+
+def _pick_device(requested: str) -> tuple[Optional[torch.device], str]:
+    """The device to time on and a note for the top of the report (an error when device is None)."""
+    gpu, kernels = torch.cuda.is_available(), cuda_compiled()
+    if requested == "cuda" and not (gpu and kernels):
+        reason = "torch sees no CUDA device" if not gpu else "this tkpy build has no CUDA kernels"
+        return None, f"tkpy bench: --device cuda asked for, but {reason}"
+    if requested == "cuda" or (requested == "auto" and gpu and kernels):
+        return torch.device("cuda", torch.cuda.current_device()), "device: CUDA"
+    if not gpu:
+        note = "NO GPU PRESENT: torch sees no CUDA device. These are CPU-path timings"
+    elif not kernels:
+        note = "A GPU is present but this tkpy build has no CUDA kernels. These are CPU-path timings"
+    else:
+        note = "CPU requested. These are CPU-path timings"
+    note += " (tkpy's CPU implementation vs torch eager, small shapes); they say nothing about GPU speed."
+    return torch.device("cpu"), note
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark and print the report.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments after ``bench`` (``--help`` lists them); default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        0 when every case matched its peer, 1 when one did not, 2 on a usage error.
+    """
+    args = _parse_args(argv)
+    device, note = _pick_device(args.device)
+    if device is None:
+        print(note, file=sys.stderr)
+        return 2
+    default_warmup, default_reps = _DEFAULT_RUNS[device.type]
+    warmup = default_warmup if args.warmup is None else args.warmup
+    reps = default_reps if args.reps is None else args.reps
+    print(f"tkpy bench: RoPE ops vs {PEER}\n{note}", flush=True)
+
+    cases = [case for case in rope_cases(device) if case.op in args.ops]
+    copy_gbps = measure_copy_bandwidth(device, warmup=warmup, reps=reps)
+    results = [
+        measure(prepare_case(case, device, seed=args.seed), warmup=warmup, reps=reps)
+        for case in _progress(cases, enabled=not args.no_progress)
+    ]
+    # Queried after the run, so that the clocks shown are the ones the timed kernels ran at.
+    env = environment_info(device)
+    print(format_report(results, env, copy_gbps, warmup, reps))
+    mismatches = [r.case.id for r in results if not r.passed]
+    if mismatches:
+        print(f"tkpy bench: tkpy disagrees with {PEER} on: {', '.join(mismatches)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
