@@ -22,17 +22,43 @@ TORCH_LIBRARY(tkpy, m) {
           "bool interleaved=False) -> ()");
     m.def("apply_rope_3d_(Tensor(a!) q, Tensor(b!)? k, int[] grid_thw, Tensor freqs_t, Tensor freqs_h, "
           "Tensor freqs_w) -> ()");
+    m.def("gemm(Tensor a, Tensor b, bool trans_b=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tkpy, CPU, m) {
     m.impl("apply_rope_", &tkpy::ops::apply_rope_cpu);
     m.impl("apply_rope_3d_", &tkpy::ops::apply_rope_3d_cpu);
+    m.impl("gemm", &tkpy::ops::gemm_cpu);
 }
 
 #if defined(TKPY_WITH_CUDA)
 TORCH_LIBRARY_IMPL(tkpy, CUDA, m) {
     m.impl("apply_rope_", &tkpy::ops::apply_rope_cuda);
     m.impl("apply_rope_3d_", &tkpy::ops::apply_rope_3d_cuda);
+    m.impl("gemm", &tkpy::ops::gemm_cuda);
+}
+#endif
+
+// Test instruments for tests/test_tk.py: the tile library's index math on the host and one
+// self-test kernel per class of primitives. Kept out of the tkpy namespace (and `tkpy info`).
+TORCH_LIBRARY(tkpy_selftest, m) {
+    m.def("tk_tile_offsets(int rows, int cols, int elem_bytes, int swizzle) -> Tensor");
+    m.def("gemm_tile_order(int tiles_m, int tiles_n, int group_m) -> Tensor");
+    m.def("tk_tma_roundtrip(Tensor x, Tensor(a!) y, Tensor(b!) z, int swizzle, int row, int col) -> ()");
+    m.def("tk_register_ops(Tensor x) -> Tensor[]");
+    m.def("tk_wgmma(Tensor a, Tensor b, int variant) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tkpy_selftest, CompositeExplicitAutograd, m) {
+    m.impl("tk_tile_offsets", &tkpy::ops::tk_tile_offsets);
+    m.impl("gemm_tile_order", &tkpy::ops::gemm_tile_order);
+}
+
+#if defined(TKPY_WITH_CUDA)
+TORCH_LIBRARY_IMPL(tkpy_selftest, CUDA, m) {
+    m.impl("tk_tma_roundtrip", &tkpy::ops::tk_tma_roundtrip);
+    m.impl("tk_register_ops", &tkpy::ops::tk_register_ops);
+    m.impl("tk_wgmma", &tkpy::ops::tk_wgmma);
 }
 #endif
 

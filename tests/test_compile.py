@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import tkpy
 from tkpy import riflex
 from tkpy.info import registered_ops
 from tkpy.rope import apply_rope_, apply_rope_3d_
@@ -37,7 +38,17 @@ def rope_3d_case(gen):
     return fn, (q, k)
 
 
-CASES = {"apply_rope_": rope_case, "apply_rope_3d_": rope_3d_case}
+def gemm_case(gen):
+    a = randn((24, 40), torch.bfloat16, gen)
+    b = randn((48, 40), torch.bfloat16, gen)
+
+    def fn(a, b):
+        return tkpy.gemm(a * 2, b, trans_b=True).relu()
+
+    return fn, (a, b)
+
+
+CASES = {"apply_rope_": rope_case, "apply_rope_3d_": rope_3d_case, "gemm": gemm_case}
 
 
 def test_every_op_has_a_compile_case():

@@ -30,7 +30,14 @@ class Family:
 
 
 LOCAL_MEMORY = (r"\bLDL\b", r"\bSTL\b")
+WARP_SPECIALIZED = ("HGMMA", "UTMALDG", "UTMASTG", "USETMAXREG", "SYNCS")
 FAMILIES = [
+    # The warp-specialised wgmma GEMM on tk's pipeline template.
+    Family("gemm", r"tk::pipeline::lcf_kernel<tkpy::gemm::GemmLayout<", WARP_SPECIALIZED, LOCAL_MEMORY),
+    # The tile library's self-test kernels (tests/test_tk.py).
+    Family("tk selftest: TMA", r"tk_selftest::.*tma_roundtrip_kernel<", ("UTMALDG", "UTMASTG", "UTMAREDG", "SYNCS"), LOCAL_MEMORY),
+    Family("tk selftest: wgmma", r"tk_selftest::.*wgmma_kernel<", ("HGMMA", "UTMALDG", "SYNCS"), LOCAL_MEMORY),
+    Family("tk selftest: register ops", r"tk_selftest::.*register_ops_kernel", (), LOCAL_MEMORY),
     # The 16-byte path: template args are <T, pairs per access, vectorized=true, ...>.
     Family("rope, 16-byte accesses", r"tkpy::rope::rope_kernel<[^,]+, \d+, true,", ("LDG.E.128", "STG.E.128"), LOCAL_MEMORY),
     # The element-wise path for odd strides and rotary dims.

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 namespace tkpy::ops {
 
@@ -12,7 +13,18 @@ void apply_rope_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, con
 void apply_rope_3d_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, at::IntArrayRef grid_thw,
                        const at::Tensor& freqs_t, const at::Tensor& freqs_h, const at::Tensor& freqs_w);
 
+at::Tensor gemm_cpu(const at::Tensor& a, const at::Tensor& b, bool trans_b);
+
+// torch.ops.tkpy_selftest: the tile library's host index math and self-test kernels.
+at::Tensor tk_tile_offsets(int64_t rows, int64_t cols, int64_t elem_bytes, int64_t swizzle);
+at::Tensor gemm_tile_order(int64_t tiles_m, int64_t tiles_n, int64_t group_m);
+
 #if defined(TKPY_WITH_CUDA)
+void tk_tma_roundtrip(const at::Tensor& x, const at::Tensor& y, const at::Tensor& z, int64_t swizzle, int64_t row,
+                      int64_t col);
+std::vector<at::Tensor> tk_register_ops(const at::Tensor& x);
+at::Tensor tk_wgmma(const at::Tensor& a, const at::Tensor& b, int64_t variant);
+at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, bool trans_b);
 void apply_rope_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                      const at::Tensor& sin, const std::optional<at::Tensor>& positions, bool interleaved);
 void apply_rope_3d_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, at::IntArrayRef grid_thw,

@@ -2,7 +2,8 @@
 
 from . import _ops, riflex, rope
 from ._ops import cuda_compiled
+from .matmul import gemm
 
 __version__ = "0.1.0"
 
-__all__ = ["riflex", "rope", "cuda_compiled", "__version__"]
+__all__ = ["gemm", "riflex", "rope", "cuda_compiled", "__version__"]

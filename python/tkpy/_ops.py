@@ -1,7 +1,8 @@
 """Loads the compiled ops (``torch.ops.tkpy.*``) and registers their fake implementations.
 
 Fake (meta) implementations let ``torch.compile(fullgraph=True)`` trace through every op. The
-in-place RoPE ops return nothing, so their fakes only check what can be checked without data.
+in-place RoPE ops return nothing, so their fakes only check what can be checked without data;
+the others also give their outputs' shapes.
 """
 
 from __future__ import annotations
@@ -39,3 +40,11 @@ def _apply_rope_fake(q, k, cos, sin, positions=None, interleaved=False):
 @torch.library.register_fake("tkpy::apply_rope_3d_")
 def _apply_rope_3d_fake(q, k, grid_thw, freqs_t, freqs_h, freqs_w):
     _check_same_device("apply_rope_3d_", q, k=k, freqs_t=freqs_t, freqs_h=freqs_h, freqs_w=freqs_w)
+
+
+@torch.library.register_fake("tkpy::gemm")
+def _gemm_fake(a, b, trans_b=False):
+    _check_same_device("gemm", a, b=b)
+    if a.dim() != 2 or b.dim() != 2:
+        raise RuntimeError(f"gemm: expected 2-D a and b, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return a.new_empty((a.shape[0], b.shape[0] if trans_b else b.shape[1]))

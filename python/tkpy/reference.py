@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["rope_frequencies", "rope", "rope_3d_table", "rope_3d"]
+__all__ = ["rope_frequencies", "rope", "rope_3d_table", "rope_3d", "matmul"]
 
 
 def rope_frequencies(dim: int, theta: float, k: Optional[int] = None, L_test: Optional[float] = None) -> torch.Tensor:
@@ -75,3 +75,9 @@ def rope_3d(x: torch.Tensor, grid_thw: Sequence[int], freqs_t: torch.Tensor, fre
     pairs = torch.view_as_complex(x[..., :rotary].reshape(*x.shape[:-1], rotary // 2, 2).contiguous())
     out[..., :rotary] = torch.view_as_real(pairs * table[None, :, None, :]).reshape(*x.shape[:-1], rotary)
     return out
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, trans_b: bool = False) -> torch.Tensor:
+    """``a @ b`` (``a @ b.T`` with ``trans_b``) in float64."""
+    b = b.double()
+    return a.double() @ (b.T if trans_b else b)

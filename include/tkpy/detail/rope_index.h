@@ -5,11 +5,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define TKPY_HD __host__ __device__ __forceinline__
-#else
-#define TKPY_HD inline
-#endif
+#include "tkpy/detail/hd.h"
 
 namespace tkpy::detail {
 

@@ -1,0 +1,130 @@
+// Bindings of torch.ops.tkpy_selftest: the tile library's self-test kernels (CUDA) and its host
+// index math (CPU), for tests/test_tk.py. Test instruments, not product API.
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include "ops/ops.h"
+#include "ops/validate.h"
+#include "tk/types/shared/layout.h"
+#include "tkpy/detail/gemm_index.h"
+#include "tkpy/tk_selftest.h"
+
+#if defined(TKPY_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace tkpy::ops {
+
+at::Tensor tk_tile_offsets(int64_t rows, int64_t cols, int64_t elem_bytes, int64_t swizzle) {
+    TORCH_CHECK(tk::layout::valid_swizzle(int(swizzle)), "tk_tile_offsets: swizzle must be 32, 64 or 128, got ", swizzle);
+    TORCH_CHECK(elem_bytes == 2 || elem_bytes == 4, "tk_tile_offsets: elem_bytes must be 2 or 4, got ", elem_bytes);
+    TORCH_CHECK(rows > 0 && rows % 8 == 0 && cols > 0 && (cols * elem_bytes) % swizzle == 0,
+                "tk_tile_offsets: rows must be a multiple of 8 and a row a whole number of swizzle widths");
+    at::Tensor out = at::empty({rows, cols}, at::kLong);
+    auto o = out.accessor<int64_t, 2>();
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c)
+            o[r][c] = tk::layout::tile_offset(int(r), int(c), int(rows), int(elem_bytes), int(swizzle));
+    return out;
+}
+
+at::Tensor gemm_tile_order(int64_t tiles_m, int64_t tiles_n, int64_t group_m) {
+    TORCH_CHECK(tiles_m > 0 && tiles_n > 0 && group_m > 0, "gemm_tile_order: expected positive sizes");
+    at::Tensor out = at::empty({tiles_m * tiles_n, 2}, at::kLong);
+    auto o = out.accessor<int64_t, 2>();
+    for (int64_t t = 0; t < tiles_m * tiles_n; ++t) {
+        const detail::TileCoord c = detail::gemm_tile_coord(int(t), int(tiles_m), int(tiles_n), int(group_m));
+        o[t][0] = c.m;
+        o[t][1] = c.n;
+    }
+    return out;
+}
+
+#if defined(TKPY_WITH_CUDA)
+namespace {
+
+void check_cuda_input(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t dims) {
+    TORCH_CHECK(t.is_cuda() && t.scalar_type() == dtype && t.dim() == dims && t.is_contiguous(), op, ": expected ",
+                name, " to be a contiguous ", dims, "-D CUDA ", dtype, " tensor, got ", t.scalar_type(), " ",
+                t.sizes(), " on ", t.device());
+}
+
+}  // namespace
+
+void tk_tma_roundtrip(const at::Tensor& x, const at::Tensor& y, const at::Tensor& z, int64_t swizzle, int64_t row,
+                      int64_t col) {
+    constexpr const char* op = "tk_tma_roundtrip";
+    for (const auto& [name, t] : {std::pair{"x", &x}, std::pair{"y", &y}, std::pair{"z", &z}}) {
+        check_cuda_input(op, name, *t, at::kBFloat16, 2);
+        TORCH_CHECK(t->sizes() == x.sizes(), op, ": x, y and z must have one shape");
+    }
+    const c10::cuda::CUDAGuard guard(x.device());
+    tk_selftest::TmaRoundtripParams p;
+    p.x = x.data_ptr();
+    p.y = y.data_ptr();
+    p.z = z.data_ptr();
+    p.rows = x.size(0);
+    p.cols = x.size(1);
+    p.row = int(row);
+    p.col = int(col);
+    p.swizzle = int(swizzle);
+    check_launch(op, tk_selftest::launch_tma_roundtrip(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+std::vector<at::Tensor> tk_register_ops(const at::Tensor& x) {
+    constexpr const char* op = "tk_register_ops";
+    check_cuda_input(op, "x", x, at::kFloat, 2);
+    TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 32 && x.size(1) >= 2 && x.size(1) <= 64 && x.size(1) % 2 == 0, op,
+                ": x must be [1..32, 2..64 (even)], got ", x.sizes());
+    const c10::cuda::CUDAGuard guard(x.device());
+    const auto f32 = x.options();
+    std::vector<at::Tensor> out = {at::empty({32}, f32), at::empty({32}, f32), at::empty({64}, f32),
+                                   at::empty({64}, f32), at::empty(x.sizes(), f32.dtype(at::kBFloat16)),
+                                   at::empty(x.sizes(), f32)};
+    tk_selftest::RegisterOpsParams p;
+    p.x = x.data_ptr<float>();
+    p.rows = x.size(0);
+    p.cols = x.size(1);
+    p.row_max = out[0].data_ptr<float>();
+    p.row_sum = out[1].data_ptr<float>();
+    p.col_max = out[2].data_ptr<float>();
+    p.col_sum = out[3].data_ptr<float>();
+    p.y = out[4].data_ptr();
+    p.z = out[5].data_ptr<float>();
+    check_launch(op, tk_selftest::launch_register_ops(p, c10::cuda::getCurrentCUDAStream()));
+    return out;
+}
+
+at::Tensor tk_wgmma(const at::Tensor& a, const at::Tensor& b, int64_t variant) {
+    constexpr const char* op = "tk_wgmma";
+    TORCH_CHECK(variant >= 0 && variant <= 5, op, ": variant must be 0..5, got ", variant);
+    const auto v = static_cast<tk_selftest::WgmmaVariant>(variant);
+    const bool a_t = v == tk_selftest::WgmmaVariant::AtB || v == tk_selftest::WgmmaVariant::AtBt;
+    const bool b_t = v == tk_selftest::WgmmaVariant::ABt || v == tk_selftest::WgmmaVariant::AtBt ||
+                     v == tk_selftest::WgmmaVariant::reg_ABt;
+    check_cuda_input(op, "a", a, a.scalar_type(), 2);
+    check_cuda_input(op, "b", b, a.scalar_type(), 2);
+    const int64_t k = a_t ? a.size(0) : a.size(1);
+    const int64_t n = b_t ? b.size(0) : b.size(1);
+    TORCH_CHECK((a_t ? a.size(1) : a.size(0)) == 64 && (b_t ? b.size(1) : b.size(0)) == k, op,
+                ": shapes do not fit variant ", variant, ": a ", a.sizes(), ", b ", b.sizes());
+    const DType dtype = to_dtype(a.scalar_type());
+    TORCH_CHECK(tk_selftest::wgmma_supported(dtype, int(n), int(k), v), op, ": no kernel for ", a.scalar_type(),
+                " n=", n, " k=", k, " variant ", variant);
+    const c10::cuda::CUDAGuard guard(a.device());
+    at::Tensor d = at::empty({64, n}, a.options().dtype(at::kFloat));
+    tk_selftest::WgmmaParams p;
+    p.a = a.data_ptr();
+    p.b = b.data_ptr();
+    p.d = d.data_ptr<float>();
+    p.n = int(n);
+    p.k = int(k);
+    p.variant = v;
+    p.dtype = dtype;
+    check_launch(op, tk_selftest::launch_wgmma(p, c10::cuda::getCurrentCUDAStream()));
+    return d;
+}
+#endif
+
+}  // namespace tkpy::ops

@@ -1,0 +1,93 @@
+// Warp-scope moves between register tiles and global or shared memory. Global accesses are masked
+// at the matrix edge: loads read 0 there, stores skip it, so tails need no padding.
+#pragma once
+
+#include "../../types/global/gl.cuh"
+#include "../../types/register/rt.cuh"
+#include "../../types/shared/st.cuh"
+
+namespace tk::warp {
+
+// dst = src[row0 .., col0 ..], converted to dst's element type.
+template <tile_element T, int R, int C, tile_element U>
+__device__ inline void load(rt<T, R, C>& dst, const gl<U>& src, int64_t row0, int64_t col0) {
+#pragma unroll
+    for (int i = 0; i < dst.height; ++i)
+#pragma unroll
+        for (int j = 0; j < dst.width; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int64_t r = row0 + 16 * i + base_row(k);
+                const int64_t c = col0 + 16 * j + base_col(k);
+                const bool row_in = r < src.rows;
+                const float x = row_in && c < src.cols ? to_float(*src.ptr(r, c)) : 0.f;
+                const float y = row_in && c + 1 < src.cols ? to_float(*src.ptr(r, c + 1)) : 0.f;
+                dst.tiles[i][j].data[k] = from_float2<T>(make_float2(x, y));
+            }
+}
+
+template <tile_element U, tile_element T, int R, int C>
+__device__ inline void store(const gl<U>& dst, const rt<T, R, C>& src, int64_t row0, int64_t col0) {
+#pragma unroll
+    for (int i = 0; i < src.height; ++i)
+#pragma unroll
+        for (int j = 0; j < src.width; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int64_t r = row0 + 16 * i + base_row(k);
+                const int64_t c = col0 + 16 * j + base_col(k);
+                if (r >= dst.rows) continue;
+                const float2 v = to_float2<T>(src.tiles[i][j].data[k]);
+                if (c < dst.cols) *dst.ptr(r, c) = from_float<U>(v.x);
+                if (c + 1 < dst.cols) *dst.ptr(r, c + 1) = from_float<U>(v.y);
+            }
+}
+
+// dst = rows row0 .. row0 + R - 1 of a shared tile, converted to dst's element type.
+template <tile_element T, int R, int C, shared_tile ST>
+__device__ inline void load(rt<T, R, C>& dst, const ST& src, int row0 = 0) {
+    using S = typename ST::dtype;
+    static_assert(C == ST::cols && R <= ST::rows, "warp::load: the register tile must fit the shared tile");
+#pragma unroll
+    for (int i = 0; i < dst.height; ++i)
+#pragma unroll
+        for (int j = 0; j < dst.width; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                // Two adjacent even/odd columns never straddle a 16-byte swizzle unit.
+                const packed_t<S> v =
+                    *reinterpret_cast<const packed_t<S>*>(src.ptr(row0 + 16 * i + base_row(k), 16 * j + base_col(k)));
+                dst.tiles[i][j].data[k] = from_float2<T>(to_float2<S>(v));
+            }
+}
+
+// Rows row0 .. row0 + R - 1 of a shared tile = src, converted to the tile's element type.
+template <shared_tile ST, tile_element T, int R, int C>
+__device__ inline void store(ST& dst, const rt<T, R, C>& src, int row0 = 0) {
+    using S = typename ST::dtype;
+    static_assert(C == ST::cols && R <= ST::rows, "warp::store: the register tile must fit the shared tile");
+#pragma unroll
+    for (int i = 0; i < src.height; ++i)
+#pragma unroll
+        for (int j = 0; j < src.width; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                *reinterpret_cast<packed_t<S>*>(dst.ptr(row0 + 16 * i + base_row(k), 16 * j + base_col(k))) =
+                    from_float2<S>(to_float2<T>(src.tiles[i][j].data[k]));
+            }
+}
+
+// A per-row vector to global memory (one lane per quad writes; rows past `rows` are skipped).
+template <tile_element U, tile_element T, int R>
+__device__ inline void store(U* dst, const rv_rows<T, R>& src, int64_t row0, int64_t rows) {
+    if (laneid() % 4 != 0) return;
+#pragma unroll
+    for (int i = 0; i < R / 16; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int64_t r = row0 + 16 * i + laneid() / 4 + 8 * h;
+            if (r < rows) dst[r] = from_float<U>(to_float(src.data[i][h]));
+        }
+}
+
+}  // namespace tk::warp

@@ -1,0 +1,92 @@
+// Synchronisation: mbarriers with phase tracking, named barriers, proxy fences and setmaxnreg.
+#pragma once
+
+#include "../common/base.cuh"
+
+namespace tk {
+
+// An mbarrier in shared memory. A phase completes when its expected arrivals have arrived and
+// every byte announced by expect_tx has landed; waiting names the phase's parity (0, 1, 0, ...).
+struct alignas(8) barrier {
+    uint64_t state;
+};
+
+__device__ inline void init_barrier(barrier& bar, uint32_t arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(&bar)), "r"(arrivals));
+}
+
+// Makes initialised barriers visible to the async proxy (TMA) and the other threads; follow it
+// with a CTA-wide barrier.
+__device__ inline void fence_barrier_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+
+__device__ inline void arrive(barrier& bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(&bar)) : "memory");
+}
+
+// Announces `bytes` that TMA will deliver to this phase, and arrives.
+__device__ inline void arrive_expect_tx(barrier& bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(&bar)), "r"(bytes)
+                 : "memory");
+}
+
+// Blocks until the phase with this parity has completed. On a fresh barrier, wait(0) blocks and
+// wait(1) passes.
+__device__ inline void wait(barrier& bar, uint32_t parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "wait_loop:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra wait_loop;\n"
+        "}\n" ::"r"(smem_addr(&bar)),
+        "r"(parity)
+        : "memory");
+}
+
+// A ring position: stage index and the parity of the phase it is in, advanced in lockstep by
+// producers and consumers of a multi-stage pipeline.
+template <int Stages>
+struct ring_position {
+    static_assert(Stages >= 1, "a ring needs at least one stage");
+    int stage = 0;
+    uint32_t parity = 0;
+
+    __device__ void advance() {
+        if (++stage == Stages) {
+            stage = 0;
+            parity ^= 1;
+        }
+    }
+};
+
+// Named barrier among `Threads` threads (a multiple of 32). Id 0 is __syncthreads'.
+template <int Threads>
+__device__ inline void named_barrier_sync(int id) {
+    static_assert(Threads % kWarpThreads == 0, "a named barrier counts whole warps");
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(Threads) : "memory");
+}
+
+// Orders this thread's generic-proxy shared-memory writes before later async-proxy reads
+// (TMA stores, wgmma operands). Every writer runs it, then the writers synchronise.
+__device__ inline void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+namespace warpgroup {
+
+// Registers per thread of this warpgroup; needs __launch_bounds__(threads, 1) on the kernel.
+template <int Registers>
+__device__ inline void increase_registers() {
+    static_assert(Registers >= 24 && Registers <= 256 && Registers % 8 == 0, "setmaxnreg takes 24..256 in steps of 8");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Registers));
+}
+
+template <int Registers>
+__device__ inline void decrease_registers() {
+    static_assert(Registers >= 24 && Registers <= 256 && Registers % 8 == 0, "setmaxnreg takes 24..256 in steps of 8");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Registers));
+}
+
+// Synchronises the 4 warps of warpgroup `group` (named barrier 1 + group).
+__device__ inline void sync(int group) { named_barrier_sync<kWarpgroupThreads>(1 + group); }
+
+}  // namespace warpgroup
+}  // namespace tk

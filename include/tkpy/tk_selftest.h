@@ -1,0 +1,75 @@
+// Launchers of the tile library's self-test kernels: tiny kernels that each exercise one class of
+// tk primitives on the GPU, so tests/test_tk.py can check them against a host reference. They are
+// test instruments, registered under torch.ops.tkpy_selftest, not part of the product API.
+#pragma once
+
+#include <cstdint>
+
+#include "tkpy/types.h"
+
+#if defined(TKPY_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+namespace tkpy::tk_selftest {
+
+// TMA-load the bf16 tile [64 rows x 128 cols] at (row, col) of x into a shared tile with the given
+// swizzle (32, 64 or 128 bytes), read it into registers as fp32, double it, write it to a second
+// shared tile, then TMA-store it into y and TMA-add it into z at the same place. All three are
+// row-major [rows, cols] bf16 with row stride `cols`.
+struct TmaRoundtripParams {
+    const void* x = nullptr;
+    void* y = nullptr;
+    void* z = nullptr;
+    int64_t rows = 0;
+    int64_t cols = 0;
+    int row = 0;
+    int col = 0;
+    int swizzle = 128;
+};
+
+// One warp: x is fp32 [rows <= 32, cols <= 64] (row stride cols), read as a 32x64 tile with zeros
+// outside. Writes row_max/row_sum [32], col_max/col_sum [64] and y = exp2(x - row_max) (bf16,
+// [rows, cols]), z = x + col_max (fp32, [rows, cols]).
+struct RegisterOpsParams {
+    const float* x = nullptr;
+    int64_t rows = 0;
+    int64_t cols = 0;
+    float* row_max = nullptr;
+    float* row_sum = nullptr;
+    float* col_max = nullptr;
+    float* col_sum = nullptr;
+    void* y = nullptr;
+    float* z = nullptr;
+};
+
+// One warpgroup: d (fp32 [64, n]) = A * B with A and B in shared memory (TMA-loaded), or A read
+// into registers first. a is [64, k] (or [k, 64] for the A-transposed variants), b is [n, k] for
+// the B-transposed variants and [k, n] otherwise; all row-major.
+enum class WgmmaVariant : int { ABt = 0, AB = 1, AtB = 2, AtBt = 3, reg_ABt = 4, reg_AB = 5 };
+
+struct WgmmaParams {
+    const void* a = nullptr;
+    const void* b = nullptr;
+    float* d = nullptr;
+    int n = 0;
+    int k = 0;
+    WgmmaVariant variant = WgmmaVariant::ABt;
+    DType dtype = DType::bf16;
+};
+
+// Whether launch_wgmma has a kernel for (dtype, n, k, variant): every variant at bf16, k = 64 and
+// n in {16, 64, 128, 256}; plus k = 128 (two swizzle chunks) and fp16 for ABt and AB at n = 64.
+inline bool wgmma_supported(DType dtype, int n, int k, WgmmaVariant variant) {
+    const bool plain_b = variant == WgmmaVariant::ABt || variant == WgmmaVariant::AB;
+    if (dtype == DType::bf16 && k == 64) return n == 16 || n == 64 || n == 128 || n == 256;
+    return n == 64 && plain_b && ((dtype == DType::bf16 && k == 128) || (dtype == DType::fp16 && k == 64));
+}
+
+#if defined(TKPY_WITH_CUDA)
+cudaError_t launch_tma_roundtrip(const TmaRoundtripParams& p, cudaStream_t stream);
+cudaError_t launch_register_ops(const RegisterOpsParams& p, cudaStream_t stream);
+cudaError_t launch_wgmma(const WgmmaParams& p, cudaStream_t stream);
+#endif
+
+}  // namespace tkpy::tk_selftest
