@@ -54,3 +54,20 @@ def test_sass_has_every_wgmma_shape_and_tma(compiled):
     for instruction in ("UTMALDG", "UTMASTG", "UTMAREDG", "SYNCS"):
         assert instruction in sass, f"SASS lacks {instruction}"
     assert not re.search(r"\b(LDL|STL)\b", sass), "the tile library's kernels use local memory"
+
+
+def test_readme_example_compiles(tmp_path):
+    """The example kernel in include/tk/README.md builds as written."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    readme = (ROOT / "include/tk/README.md").read_text()
+    example = re.search(r"```cuda\n(.*?)```", readme, re.S).group(1)
+    source = tmp_path / "example.cu"
+    source.write_text(example)
+    proc = subprocess.run(
+        [nvcc, "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", f"-I{ROOT / 'include'}",
+         "--expt-relaxed-constexpr", "-c", str(source), "-o", str(tmp_path / "example.o")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -124,7 +124,8 @@ cudaError_t launch_typed(const GemmParams& g, cudaStream_t stream) {
 
     constexpr size_t smem = tk::pipeline::smem_bytes<L>;
     auto* kernel = tk::pipeline::lcf_kernel<L>;
-    static const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    // Per call: the attribute belongs to the current device, and setting it is a cheap host call.
+    const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (attr != cudaSuccess) return attr;
     const int tasks = p.tiles_m * p.tiles_n;
     const int sms = sm_count();
