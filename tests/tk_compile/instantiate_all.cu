@@ -1,7 +1,8 @@
 // Compile test of the tk tile library (tests/test_tk_compile.py builds it for sm_90a): every
 // primitive instantiated at least once -- all wgmma shapes N = 16..256 for bf16 and half, in every
 // operand layout, A from shared memory and from registers; all three swizzles; TMA load, store and
-// store-add for 16- and 32-bit tiles; every register op on float, bf16 and half tiles.
+// store-add for 16- and 32-bit tiles; cooperative global<->shared copies; every register op on
+// float, bf16 and half tiles.
 #include <array>
 #include <utility>
 
@@ -66,6 +67,20 @@ __global__ void every_tma(const __grid_constant__ TmaParams<T, Swizzle> p) {
 }
 
 template <typename T>
+__global__ void every_cooperative_copy(const T* in, float* out) {
+    extern __shared__ char raw_smem[];
+    tk::smem_allocator alloc(raw_smem);
+    auto& t = *alloc.allocate<tk::st_widest<T, 32, 48>>();
+    const tk::gl<T> src{const_cast<T*>(in), 40, 40, 40};
+    const tk::gl<float> dst{out, 40, 40, 40};
+    tk::warpgroup::load(t, src, 8, 0);
+    tk::warpgroup::sync(0);
+    tk::warpgroup::store(dst, t, 8, 0);
+    tk::warp::load(t, src, 0, 8);
+    tk::warp::store(dst, t, 0, 8);
+}
+
+template <typename T>
 __global__ void every_register_op(const T* in, T* out, float* vec_out) {
     const tk::gl<T> src{const_cast<T*>(in), 48, 40, 40};
     tk::rt<T, 48, 48> x, y;
@@ -108,6 +123,9 @@ constexpr auto mma_kernels(std::integer_sequence<int, I...>) {
     reinterpret_cast<const void*>(&every_tma<tk::bf16, 128>),
     reinterpret_cast<const void*>(&every_tma<float, 128>),
     reinterpret_cast<const void*>(&every_tma<tk::half, 64>),
+    reinterpret_cast<const void*>(&every_cooperative_copy<float>),
+    reinterpret_cast<const void*>(&every_cooperative_copy<tk::bf16>),
+    reinterpret_cast<const void*>(&every_cooperative_copy<tk::half>),
     reinterpret_cast<const void*>(&every_register_op<float>),
     reinterpret_cast<const void*>(&every_register_op<tk::bf16>),
     reinterpret_cast<const void*>(&every_register_op<tk::half>),

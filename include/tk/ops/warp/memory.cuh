@@ -6,7 +6,46 @@
 #include "../../types/register/rt.cuh"
 #include "../../types/shared/st.cuh"
 
-namespace tk::warp {
+namespace tk {
+namespace detail {
+
+// Threads threads copy a global tile into a shared tile, element by element, converting the type
+// and reading 0 past the matrix edge. For tiles TMA cannot move (unaligned strides) or that are
+// too small to be worth a tensor map.
+template <int Threads, shared_tile ST, tile_element U>
+__device__ inline void cooperative_load(ST& dst, const gl<U>& src, int64_t row0, int64_t col0, int thread) {
+    using T = typename ST::dtype;
+    for (int i = thread; i < ST::rows * ST::cols; i += Threads) {
+        const int r = i / ST::cols;
+        const int c = i % ST::cols;
+        const bool inside = row0 + r < src.rows && col0 + c < src.cols;
+        *dst.ptr(r, c) = from_float<T>(inside ? to_float(*src.ptr(row0 + r, col0 + c)) : 0.f);
+    }
+}
+
+template <int Threads, tile_element U, shared_tile ST>
+__device__ inline void cooperative_store(const gl<U>& dst, const ST& src, int64_t row0, int64_t col0, int thread) {
+    for (int i = thread; i < ST::rows * ST::cols; i += Threads) {
+        const int r = i / ST::cols;
+        const int c = i % ST::cols;
+        if (row0 + r < dst.rows && col0 + c < dst.cols) *dst.ptr(row0 + r, col0 + c) = from_float<U>(to_float(*src.ptr(r, c)));
+    }
+}
+
+}  // namespace detail
+
+namespace warp {
+
+// A shared tile = the global tile at (row0, col0), by this warp's 32 threads (masked at the edge).
+template <shared_tile ST, tile_element U>
+__device__ inline void load(ST& dst, const gl<U>& src, int64_t row0, int64_t col0) {
+    detail::cooperative_load<kWarpThreads>(dst, src, row0, col0, laneid());
+}
+
+template <tile_element U, shared_tile ST>
+__device__ inline void store(const gl<U>& dst, const ST& src, int64_t row0, int64_t col0) {
+    detail::cooperative_store<kWarpThreads>(dst, src, row0, col0, laneid());
+}
 
 // dst = src[row0 .., col0 ..], converted to dst's element type.
 template <tile_element T, int R, int C, tile_element U>
@@ -90,4 +129,5 @@ __device__ inline void store(U* dst, const rv_rows<T, R>& src, int64_t row0, int
         }
 }
 
-}  // namespace tk::warp
+}  // namespace warp
+}  // namespace tk

@@ -18,4 +18,16 @@ __device__ inline void store(ST& dst, const rt<T, R, C>& src) {
     warp::store(dst, src, warpid_in_warpgroup() * R);
 }
 
+// A shared tile = the global tile at (row0, col0), by the warpgroup's 128 threads. Callers sync
+// (warpgroup::sync) before reading it, and fence_async_shared() first if wgmma or TMA reads it.
+template <shared_tile ST, tile_element U>
+__device__ inline void load(ST& dst, const gl<U>& src, int64_t row0, int64_t col0) {
+    detail::cooperative_load<kWarpgroupThreads>(dst, src, row0, col0, threadIdx.x % kWarpgroupThreads);
+}
+
+template <tile_element U, shared_tile ST>
+__device__ inline void store(const gl<U>& dst, const ST& src, int64_t row0, int64_t col0) {
+    detail::cooperative_store<kWarpgroupThreads>(dst, src, row0, col0, threadIdx.x % kWarpgroupThreads);
+}
+
 }  // namespace tk::warpgroup
