@@ -23,12 +23,16 @@ TORCH_LIBRARY(tkpy, m) {
     m.def("apply_rope_3d_(Tensor(a!) q, Tensor(b!)? k, int[] grid_thw, Tensor freqs_t, Tensor freqs_h, "
           "Tensor freqs_w) -> ()");
     m.def("gemm(Tensor a, Tensor b, bool trans_b=False) -> Tensor");
+    m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+          "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, "
+          "float softcap) -> (Tensor out, Tensor lse)");
 }
 
 TORCH_LIBRARY_IMPL(tkpy, CPU, m) {
     m.impl("apply_rope_", &tkpy::ops::apply_rope_cpu);
     m.impl("apply_rope_3d_", &tkpy::ops::apply_rope_3d_cpu);
     m.impl("gemm", &tkpy::ops::gemm_cpu);
+    m.impl("attention_forward", &tkpy::ops::attention_forward_cpu);
 }
 
 #if defined(TKPY_WITH_CUDA)
@@ -36,6 +40,7 @@ TORCH_LIBRARY_IMPL(tkpy, CUDA, m) {
     m.impl("apply_rope_", &tkpy::ops::apply_rope_cuda);
     m.impl("apply_rope_3d_", &tkpy::ops::apply_rope_3d_cuda);
     m.impl("gemm", &tkpy::ops::gemm_cuda);
+    m.impl("attention_forward", &tkpy::ops::attention_forward_cuda);
 }
 #endif
 

@@ -48,7 +48,24 @@ def gemm_case(gen):
     return fn, (a, b)
 
 
-CASES = {"apply_rope_": rope_case, "apply_rope_3d_": rope_3d_case, "gemm": gemm_case}
+def attention_case(gen):
+    q = randn((2, 33, 4, 64), torch.bfloat16, gen)
+    k = randn((2, 40, 2, 64), torch.bfloat16, gen)
+    v = randn((2, 40, 2, 64), torch.bfloat16, gen)
+
+    def fn(q, k, v):
+        out, lse, _ = tkpy.flash_attn_func(q, k, v, causal=True, window_size=(16, -1), return_attn_probs=True)
+        return out * 2, lse
+
+    return fn, (q, k, v)
+
+
+CASES = {
+    "apply_rope_": rope_case,
+    "apply_rope_3d_": rope_3d_case,
+    "gemm": gemm_case,
+    "attention_forward": attention_case,
+}
 
 
 def test_every_op_has_a_compile_case():

@@ -34,6 +34,8 @@ WARP_SPECIALIZED = ("HGMMA", "UTMALDG", "UTMASTG", "USETMAXREG", "SYNCS")
 FAMILIES = [
     # The warp-specialised wgmma GEMM on tk's pipeline template.
     Family("gemm", r"tk::pipeline::lcf_kernel<tkpy::gemm::GemmLayout<", WARP_SPECIALIZED, LOCAL_MEMORY),
+    # Dense attention forward: TMA producer + two wgmma consumer warpgroups.
+    Family("attention forward", r"tkpy::attention::attention_fwd_kernel<", WARP_SPECIALIZED, LOCAL_MEMORY),
     # The tile library's self-test kernels (tests/test_tk.py).
     Family("tk selftest: TMA", r"tk_selftest::.*tma_roundtrip_kernel<", ("UTMALDG", "UTMASTG", "UTMAREDG", "SYNCS"), LOCAL_MEMORY),
     Family("tk selftest: wgmma", r"tk_selftest::.*wgmma_kernel<", ("HGMMA", "UTMALDG", "SYNCS"), LOCAL_MEMORY),

@@ -2,8 +2,9 @@
 
 from . import _ops, riflex, rope
 from ._ops import cuda_compiled
+from .attention import flash_attn_func, flash_attn_varlen_func
 from .matmul import gemm
 
 __version__ = "0.1.0"
 
-__all__ = ["gemm", "riflex", "rope", "cuda_compiled", "__version__"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "gemm", "riflex", "rope", "cuda_compiled", "__version__"]

@@ -48,3 +48,24 @@ def _gemm_fake(a, b, trans_b=False):
     if a.dim() != 2 or b.dim() != 2:
         raise RuntimeError(f"gemm: expected 2-D a and b, got {tuple(a.shape)} and {tuple(b.shape)}")
     return a.new_empty((a.shape[0], b.shape[0] if trans_b else b.shape[1]))
+
+
+@torch.library.register_fake("tkpy::attention_forward")
+def _attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                            window_left, window_right, softcap):
+    _check_same_device("attention_forward", q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if cu_seqlens_q is None:  # q [B, Sq, Hq, D] -> lse [B, Hq, Sq]
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    else:  # q [total_q, Hq, D] -> lse [Hq, total_q]
+        lse_shape = (q.shape[1], q.shape[0])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    raise NotImplementedError(
+        "tkpy attention: backward is not implemented; tkpy.flash_attn_func and flash_attn_varlen_func are "
+        "forward-only (inference). Use flash-attn or torch SDPA for training."
+    )
+
+
+torch.library.register_autograd("tkpy::attention_forward", _attention_backward)

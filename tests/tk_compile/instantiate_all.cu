@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(tk::kWarpgroupThreads) every_mma(float* out) {
     tk::warpgroup::mma_ABt(d, a_regs, b_t);
     tk::warpgroup::mma_AB(d, a_regs, b);
     tk::warpgroup::mma_commit_group();
-    tk::warpgroup::mma_async_wait<0>();
+    tk::warpgroup::mma_async_wait<0>(d);
     tk::warp::store(tk::gl<float>{out, 64, N, N}, d, 16 * tk::warpid_in_warpgroup(), 0);
 }
 

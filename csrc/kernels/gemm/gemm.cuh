@@ -77,7 +77,7 @@ struct GemmLayout {
             tk::warpgroup::mma_AB(st.acc, s.a, s.b, a_row, iter > 0);
         }
         tk::warpgroup::mma_commit_group();
-        tk::warpgroup::mma_async_wait<0>();
+        tk::warpgroup::mma_async_wait<0>(st.acc);
     }
 
     __device__ static void finish(const params& p, consumer_state& st, scratch& sc, int task, int consumer) {

@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(tk::kWarpgroupThreads) wgmma_kernel(
         else tk::warpgroup::mm_AB(d, a, s.b);
     }
     tk::warpgroup::mma_commit_group();
-    tk::warpgroup::mma_async_wait<0>();
+    tk::warpgroup::mma_async_wait<0>(d);
     tk::warp::store(tk::gl<float>{p.d, 64, N, N}, d, 16 * tk::warpid_in_warpgroup(), 0);
 }
 

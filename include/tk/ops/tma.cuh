@@ -52,6 +52,32 @@ __device__ inline void store_add_async(const tma_gl<ST>& dst, const ST& src, int
     }
 }
 
+// Loads the tile at (batch, row, head) of a 4-D tensor: rows row .. row + ST::rows - 1.
+template <shared_tile ST>
+__device__ inline void load_async(ST& dst, const tma_gl4<ST>& src, int batch, int row, int head, barrier& bar) {
+#pragma unroll
+    for (int c = 0; c < ST::chunks; ++c) {
+        asm volatile(
+            "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(
+                smem_addr(reinterpret_cast<char*>(dst.data) + c * ST::chunk_bytes)),
+            "l"(reinterpret_cast<uint64_t>(&src.map)), "r"(c * ST::chunk_cols), "r"(head), "r"(row), "r"(batch),
+            "r"(smem_addr(&bar))
+            : "memory");
+    }
+}
+
+template <shared_tile ST>
+__device__ inline void store_async(const tma_gl4<ST>& dst, const ST& src, int batch, int row, int head) {
+#pragma unroll
+    for (int c = 0; c < ST::chunks; ++c) {
+        asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.tile.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(
+                         reinterpret_cast<uint64_t>(&dst.map)),
+                     "r"(c * ST::chunk_cols), "r"(head), "r"(row), "r"(batch),
+                     "r"(smem_addr(reinterpret_cast<const char*>(src.data) + c * ST::chunk_bytes))
+                     : "memory");
+    }
+}
+
 // Closes the group of stores issued since the last commit.
 __device__ inline void store_commit_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 

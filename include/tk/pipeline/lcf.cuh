@@ -43,10 +43,13 @@ constexpr void check_layout() {
     static_assert(L::consumer_warpgroups >= 1 && L::consumer_warpgroups <= 3, "1 to 3 consumer warpgroups");
     static_assert(L::stages >= 2, "a pipeline ring needs at least 2 stages to overlap loads with compute");
     static_assert(smem_bytes<L> <= 227 * 1024, "shared memory budget exceeded: stages + scratch > 227 KiB");
+    // setmaxnreg moves registers within the CTA's pool: threads x the per-thread count ptxas gives
+    // at launch (65536 / threads, rounded down to a multiple of 8, at most 255).
+    constexpr int per_thread_at_launch = (65536 / threads<L>) / 8 * 8 < 255 ? (65536 / threads<L>) / 8 * 8 : 255;
     static_assert(L::producer_registers * kWarpgroupThreads +
                           L::consumer_warpgroups * L::consumer_registers * kWarpgroupThreads <=
-                      65536,
-                  "register budget exceeded: producer + consumers > 64K registers per CTA");
+                      threads<L> * per_thread_at_launch,
+                  "register budget exceeded: producer + consumer setmaxnreg counts exceed the CTA's register pool");
 }
 
 template <class L>

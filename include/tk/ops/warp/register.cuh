@@ -92,6 +92,33 @@ __device__ inline void mul(rt<T, R, C>& dst, const rt<T, R, C>& a, const rt<T, R
     map(dst, a, b, [](float x, float y) { return x * y; });
 }
 
+// Per-row vectors: every lane holds its rows' values (rows g and g + 8 of each 16-row band).
+template <tile_element T, int R, typename F>
+__device__ inline void map(rv_rows<T, R>& dst, const rv_rows<T, R>& src, F f) {
+#pragma unroll
+    for (int i = 0; i < R / 16; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) dst.data[i][h] = from_float<T>(f(to_float(src.data[i][h])));
+}
+
+template <tile_element T, int R, typename F>
+__device__ inline void map(rv_rows<T, R>& dst, const rv_rows<T, R>& a, const rv_rows<T, R>& b, F f) {
+#pragma unroll
+    for (int i = 0; i < R / 16; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) dst.data[i][h] = from_float<T>(f(to_float(a.data[i][h]), to_float(b.data[i][h])));
+}
+
+template <tile_element T, int R>
+__device__ inline void fill(rv_rows<T, R>& dst, float value) {
+    map(dst, dst, [value](float) { return value; });
+}
+
+template <tile_element T, int R>
+__device__ inline void copy(rv_rows<T, R>& dst, const rv_rows<T, R>& src) {
+    map(dst, src, [](float v) { return v; });
+}
+
 // vec[r] = Op over the columns of row r. Register k of a base tile is in row g + 8 * (k & 1);
 // the 4 lanes of a quad (same g) hold the row's other columns, so a quad shuffle finishes it.
 template <typename Op, tile_element TV, tile_element T, int R, int C>

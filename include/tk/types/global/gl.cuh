@@ -87,4 +87,39 @@ cudaError_t make_tma_gl(tma_gl<ST>& out, const gl<typename ST::dtype>& g) {
     return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// A 4-D global tensor [batch][rows][heads][cols] (cols contiguous), as attention's
+// [B, S, H, D] q/k/v/o are, with the TMA map for tiles of type ST taken from one (batch, head):
+// box = ST::chunk_cols columns x 1 head x ST::rows rows x 1 batch. Rows past the end of a batch
+// load as zeros and are clipped on store, without reaching into the next batch.
+template <tile_element T>
+struct gl4 {
+    T* data;
+    int64_t batch, rows, heads, cols;
+    int64_t batch_stride, row_stride, head_stride;  // elements
+};
+
+template <shared_tile ST>
+struct tma_gl4 {
+    CUtensorMap map;
+};
+
+template <shared_tile ST>
+cudaError_t make_tma_gl4(tma_gl4<ST>& out, const gl4<typename ST::dtype>& g) {
+    using T = typename ST::dtype;
+    const bool aligned = reinterpret_cast<uintptr_t>(g.data) % 16 == 0 && (g.row_stride * sizeof(T)) % 16 == 0 &&
+                         (g.head_stride * sizeof(T)) % 16 == 0 && (g.batch_stride * sizeof(T)) % 16 == 0;
+    if (!aligned || g.batch <= 0 || g.rows <= 0 || g.heads <= 0 || g.cols <= 0) return cudaErrorInvalidValue;
+    const auto encode = detail::encode_tiled_fn();
+    if (encode == nullptr) return cudaErrorNotSupported;
+    const cuuint64_t dims[4] = {cuuint64_t(g.cols), cuuint64_t(g.heads), cuuint64_t(g.rows), cuuint64_t(g.batch)};
+    const cuuint64_t strides[3] = {cuuint64_t(g.head_stride) * sizeof(T), cuuint64_t(g.row_stride) * sizeof(T),
+                                   cuuint64_t(g.batch_stride) * sizeof(T)};
+    const cuuint32_t box[4] = {cuuint32_t(ST::chunk_cols), 1, cuuint32_t(ST::rows), 1};
+    const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+    const CUresult res = encode(&out.map, detail::tma_dtype<T>(), 4, g.data, dims, strides, box, element_strides,
+                                CU_TENSOR_MAP_INTERLEAVE_NONE, detail::tma_swizzle(ST::swizzle),
+                                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 }  // namespace tk

@@ -7,8 +7,8 @@
 // "K-major"), mma_AB takes B as a [K][N] tile (N contiguous, "N-major"). A comes from a shared tile
 // (rows a_row .. a_row + 63 of it) or from registers (rt<T, 16, K> per warp).
 //
-// wgmma is asynchronous: call mma_fence() before the first wgmma that touches D after other code
-// wrote or read it, mma_commit_group() after issuing, and mma_async_wait<N>() before reading D or
+// wgmma is asynchronous: call mma_fence(d) before the first wgmma that touches D after other code
+// wrote or read it, mma_commit_group() after issuing, and mma_async_wait<N>(d) before reading D or
 // reusing the operands' shared memory. Descriptor bits: HOPPER_NOTES.md §2.
 #pragma once
 
@@ -58,6 +58,16 @@ __device__ inline void a_fragment(uint32_t (&out)[4], const rt<T, 16, K>& a, int
     for (int k = 0; k < 4; ++k) out[k] = *reinterpret_cast<const uint32_t*>(&a.tiles[0][j].data[k]);
 }
 
+// Ties the accumulator registers to this point of the program, so the compiler neither reads
+// nor writes them across it (CUTLASS's warpgroup_fence_operand).
+template <int N>
+__device__ inline void pin_accumulator(rt<float, 16, N>& d) {
+#pragma unroll
+    for (int j = 0; j < d.width; ++j)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) asm volatile("" : "+f"(d.tiles[0][j].data[k].x), "+f"(d.tiles[0][j].data[k].y)::"memory");
+}
+
 }  // namespace detail
 
 namespace warpgroup {
@@ -65,20 +75,19 @@ namespace warpgroup {
 // Must precede a wgmma whose accumulator or register A was touched by ordinary code.
 template <int N>
 __device__ inline void mma_fence(rt<float, 16, N>& d) {
-#pragma unroll
-    for (int j = 0; j < d.width; ++j)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) asm volatile("" : "+f"(d.tiles[0][j].data[k].x), "+f"(d.tiles[0][j].data[k].y)::"memory");
+    detail::pin_accumulator(d);
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
 
 __device__ inline void mma_commit_group() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 
-// Waits until at most N committed wgmma groups are still running.
-template <int N = 0>
-__device__ inline void mma_async_wait() {
+// Waits until at most N committed wgmma groups are still running, then pins d so that no read of
+// the accumulator can be scheduled before the wait.
+template <int N = 0, int Cols>
+__device__ inline void mma_async_wait(rt<float, 16, Cols>& d) {
     static_assert(N >= 0 && N <= 7, "wgmma.wait_group takes 0..7");
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+    detail::pin_accumulator(d);
 }
 
 // D op= A * B^T: A [64+ rows][K] K-major (rows a_row..a_row+63), B [N][K] K-major.

@@ -1,0 +1,157 @@
+// Binding of dense attention forward: validation, output allocation, CPU or CUDA dispatch.
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cpu/cpu_ops.h"
+#include "ops/ops.h"
+#include "ops/validate.h"
+#include "tkpy/attention.h"
+
+#if defined(TKPY_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace tkpy::ops {
+namespace {
+
+constexpr const char* kOp = "attention_forward";
+
+void check_qkv_tensor(const char* name, const at::Tensor& t, const at::Tensor& q, int64_t dims) {
+    check_same_device(kOp, name, t, q);
+    TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, kOp, ": expected ", name,
+                " to be bfloat16 or float16, got ", t.scalar_type());
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), kOp, ": expected ", name, " to have q's dtype ", q.scalar_type(),
+                ", got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == dims, kOp, ": expected ", name, " to be ", dims, "-D (",
+                dims == 4 ? "[batch, seqlen, heads, head_dim]" : "[total_tokens, heads, head_dim]", "), got ",
+                t.sizes());
+    check_last_dim_contiguous(kOp, name, t);
+    // TMA moves rows of 16-byte units: every stride must be a whole number of them.
+    for (int d = 0; d < dims - 1; ++d) {
+        TORCH_CHECK(t.stride(d) % 8 == 0 || t.size(d) <= 1, kOp, ": expected ", name,
+                    "'s strides to be multiples of 8 elements, got ", t.strides());
+    }
+}
+
+void check_cu_seqlens(const char* name, const at::Tensor& cu, const at::Tensor& q, int64_t batch) {
+    check_same_device(kOp, name, cu, q);
+    TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.is_contiguous(), kOp, ": expected ", name,
+                " to be a contiguous 1-D int32 tensor, got ", cu.scalar_type(), " ", cu.sizes());
+    TORCH_CHECK(cu.numel() == batch + 1, kOp, ": expected ", name, " of length batch + 1 = ", batch + 1, ", got ",
+                cu.numel());
+}
+
+struct Prepared {
+    attention::AttentionParams params;
+    at::Tensor out;
+    at::Tensor lse;
+};
+
+Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+                 int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, int64_t window_left,
+                 int64_t window_right, double softcap) {
+    const bool varlen = cu_seqlens_q.has_value() || cu_seqlens_k.has_value();
+    TORCH_CHECK(!varlen || (cu_seqlens_q.has_value() && cu_seqlens_k.has_value()), kOp,
+                ": pass both cu_seqlens_q and cu_seqlens_k, or neither");
+    const int64_t dims = varlen ? 3 : 4;
+    check_qkv_tensor("q", q, q, dims);
+    check_qkv_tensor("k", k, q, dims);
+    check_qkv_tensor("v", v, q, dims);
+    TORCH_CHECK(k.sizes() == v.sizes(), kOp, ": expected k and v of one shape, got ", k.sizes(), " and ", v.sizes());
+    const int64_t head_dim = q.size(-1);
+    TORCH_CHECK(head_dim == 64 || head_dim == 128 || head_dim == 256, kOp,
+                ": expected head_dim 64, 128 or 256, got ", head_dim);
+    TORCH_CHECK(k.size(-1) == head_dim, kOp, ": expected k and v with q's head_dim ", head_dim, ", got ", k.size(-1));
+    const int64_t heads_q = q.size(-2);
+    const int64_t heads_kv = k.size(-2);
+    TORCH_CHECK(heads_kv > 0 && heads_q % heads_kv == 0, kOp, ": expected q's heads (", heads_q,
+                ") to be a multiple of k/v's heads (", heads_kv, ") for GQA/MQA");
+    TORCH_CHECK(window_left >= -1 && window_right >= -1, kOp, ": window sizes must be >= -1, got (", window_left,
+                ", ", window_right, ")");
+    TORCH_CHECK(softcap >= 0, kOp, ": softcap must be >= 0, got ", softcap);
+
+    Prepared prep;
+    attention::AttentionParams& p = prep.params;
+    if (varlen) {
+        const int64_t batch = cu_seqlens_q->numel() - 1;
+        check_cu_seqlens("cu_seqlens_q", *cu_seqlens_q, q, batch);
+        check_cu_seqlens("cu_seqlens_k", *cu_seqlens_k, q, batch);
+        TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, kOp, ": max_seqlen_q/k must be >= 0");
+        p.batch = int(batch);
+        p.seqlen_q = int(max_seqlen_q);
+        p.seqlen_k = int(max_seqlen_k);
+        p.cu_seqlens_q = cu_seqlens_q->data_ptr<int32_t>();
+        p.cu_seqlens_k = cu_seqlens_k->data_ptr<int32_t>();
+        p.total_q = q.size(0);
+        p.total_k = k.size(0);
+        prep.out = at::empty(q.sizes(), q.options());
+        prep.lse = at::empty({heads_q, q.size(0)}, q.options().dtype(at::kFloat));
+        p.lse_batch_stride = 0;
+        p.lse_head_stride = q.size(0);
+    } else {
+        TORCH_CHECK(k.size(0) == q.size(0), kOp, ": expected k and v with q's batch ", q.size(0), ", got ", k.size(0));
+        p.batch = int(q.size(0));
+        p.seqlen_q = int(q.size(1));
+        p.seqlen_k = int(k.size(1));
+        prep.out = at::empty(q.sizes(), q.options());
+        prep.lse = at::empty({q.size(0), heads_q, q.size(1)}, q.options().dtype(at::kFloat));
+        p.lse_batch_stride = heads_q * q.size(1);
+        p.lse_head_stride = q.size(1);
+    }
+    const int first = varlen ? 0 : 1;  // index of the token dim
+    const auto strides = [&](const at::Tensor& t, int64_t& batch, int64_t& token, int64_t& head) {
+        batch = varlen ? 0 : t.stride(0);
+        token = t.stride(first);
+        head = t.stride(first + 1);
+    };
+    strides(q, p.q_batch_stride, p.q_token_stride, p.q_head_stride);
+    strides(k, p.k_batch_stride, p.k_token_stride, p.k_head_stride);
+    strides(v, p.v_batch_stride, p.v_token_stride, p.v_head_stride);
+    strides(prep.out, p.o_batch_stride, p.o_token_stride, p.o_head_stride);
+    p.q = q.data_ptr();
+    p.k = k.data_ptr();
+    p.v = v.data_ptr();
+    p.out = prep.out.data_ptr();
+    p.lse = prep.lse.data_ptr<float>();
+    p.heads_q = int(heads_q);
+    p.heads_kv = int(heads_kv);
+    p.head_dim = int(head_dim);
+    p.softmax_scale = float(softmax_scale);
+    p.softcap = float(softcap);
+    p.window_left = int(window_left);
+    p.window_right = int(window_right);
+    p.dtype = to_dtype(q.scalar_type());
+    return prep;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+    int64_t window_left, int64_t window_right, double softcap) {
+    Prepared prep = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                            window_left, window_right, softcap);
+    cpu::attention_forward(prep.params);
+    return {prep.out, prep.lse};
+}
+
+#if defined(TKPY_WITH_CUDA)
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+    int64_t window_left, int64_t window_right, double softcap) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    Prepared prep = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                            window_left, window_right, softcap);
+    check_launch(kOp, attention::launch_attention_forward(prep.params, c10::cuda::getCurrentCUDAStream()));
+    return {prep.out, prep.lse};
+}
+#endif
+
+}  // namespace tkpy::ops

@@ -1,0 +1,53 @@
+// Public, torch-free C++ API of dense attention forward (flash-attn layout and semantics).
+//
+// Batched: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D], out like q, lse fp32 [B, Hq, Sq].
+// Varlen (cu_seqlens_q/k set): q [total_q, Hq, D], k/v [total_k, Hkv, D], lse fp32 [Hq, total_q];
+// sequence b holds tokens cu_seqlens[b] .. cu_seqlens[b + 1] - 1.
+#pragma once
+
+#include <cstdint>
+
+#include "tkpy/types.h"
+
+#if defined(TKPY_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+namespace tkpy::attention {
+
+struct AttentionParams {
+    const void* q = nullptr;
+    const void* k = nullptr;
+    const void* v = nullptr;
+    void* out = nullptr;
+    float* lse = nullptr;
+    // Strides in elements. Batch strides are unused (0) in varlen mode.
+    int64_t q_batch_stride = 0, q_token_stride = 0, q_head_stride = 0;
+    int64_t k_batch_stride = 0, k_token_stride = 0, k_head_stride = 0;
+    int64_t v_batch_stride = 0, v_token_stride = 0, v_head_stride = 0;
+    int64_t o_batch_stride = 0, o_token_stride = 0, o_head_stride = 0;
+    // lse element of (batch b, head h, query token t) is lse[b * lse_batch_stride + h * lse_head_stride + t],
+    // with t the token's index in its sequence (batched) or in the packed tensor (varlen).
+    int64_t lse_batch_stride = 0, lse_head_stride = 0;
+    int batch = 0;
+    int heads_q = 0;
+    int heads_kv = 0;
+    int head_dim = 0;
+    int seqlen_q = 0;  // batched: Sq; varlen: max_seqlen_q
+    int seqlen_k = 0;  // batched: Sk; varlen: max_seqlen_k
+    int64_t total_q = 0;  // varlen: tokens in the packed q (and out); unused when batched
+    int64_t total_k = 0;  // varlen: tokens in the packed k and v
+    const int32_t* cu_seqlens_q = nullptr;  // [batch + 1], device memory for CUDA; null when batched
+    const int32_t* cu_seqlens_k = nullptr;
+    float softmax_scale = 1.f;
+    float softcap = 0.f;   // > 0: scores = softcap * tanh(scores / softcap)
+    int window_left = -1;  // keys visible to query i: [i + Sk - Sq - left, i + Sk - Sq + right];
+    int window_right = -1; // -1 is unbounded; causal is window_right = 0
+    DType dtype = DType::bf16;
+};
+
+#if defined(TKPY_WITH_CUDA)
+cudaError_t launch_attention_forward(const AttentionParams& params, cudaStream_t stream);
+#endif
+
+}  // namespace tkpy::attention
