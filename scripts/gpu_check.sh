@@ -82,6 +82,8 @@ run_step racecheck sanitizer racecheck-tests.xml \
 
 run_step bench-tests tests bench-tests.xml \
     python -m pytest benchmarks -q --benchmark-json="$OUT/bench.json" --junitxml="$OUT/bench-tests.xml"
+run_step attention-plot info - \
+    python scripts/plot_attention_bench.py "$OUT/bench.json" --out "$OUT/attention.png" --device cuda
 # The table alone goes to bench-table.txt; the log also gets the progress lines from stderr.
 run_step bench-table bench - \
     bash -o pipefail -c 'python -m tkpy bench | tee "$1"' _ "$OUT/bench-table.txt"

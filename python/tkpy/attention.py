@@ -37,14 +37,18 @@ def _refuse_unimplemented(fn: str, dropout_p: float, alibi_slopes, block_table=N
         raise NotImplementedError(f"{fn}: a paged KV block_table is not implemented yet")
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int) -> None:
+def _check_cu_seqlens(name: str, cu, q: torch.Tensor, total: int, max_seqlen: int) -> None:
     """Values of cu_seqlens: start at 0, never decrease, end at the packed length, and no
     sequence longer than max_seqlen. Reading them costs a host sync on CUDA, so it is skipped
     while a CUDA graph is being captured and while torch.compile traces."""
+    if cu is None:
+        raise ValueError(f"flash_attn_varlen_func: {name} is required (int32 [batch + 1])")
+    if not isinstance(cu, torch.Tensor) or cu.device != q.device or q.dim() != 3:
+        return  # the op reports type, device and rank errors itself, with their names
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+        return
     if torch.compiler.is_compiling() or (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-        return  # the op reports dtype and shape errors itself
     lengths = cu[1:] - cu[:-1]
     first, last, shortest, longest = torch.stack([cu[0], cu[-1], lengths.min(), lengths.max()]).tolist()
     if first != 0 or last != total or shortest < 0:
@@ -145,8 +149,8 @@ def flash_attn_varlen_func(
     """
     _refuse_unimplemented("flash_attn_varlen_func", dropout_p, alibi_slopes, block_table)
     left, right = _window(causal, window_size)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], int(max_seqlen_q))
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], int(max_seqlen_k))
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q, q.shape[0], int(max_seqlen_q))
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q, k.shape[0], int(max_seqlen_k))
     out, lse = torch.ops.tkpy.attention_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
         _scale(q, softmax_scale), left, right, float(softcap),

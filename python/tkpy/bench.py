@@ -3,11 +3,13 @@
 The pieces are public so that the pytest-benchmark suites in ``benchmarks/`` measure the same
 cases the same way:
 
-- :func:`rope_cases` and :func:`gemm_cases` list the shapes, :func:`prepare_case` allocates their
-  inputs, :func:`measure` checks tkpy against the peer and times both;
+- :func:`rope_cases`, :func:`gemm_cases` and :func:`attention_cases` list the shapes,
+  :func:`prepare_case` allocates their inputs, :func:`measure` checks tkpy against the peer and
+  times both;
 - :func:`time_cuda_or_cpu` is the timer, :func:`rope_bytes` the byte count;
 - :func:`torch_rope_reference` and :func:`torch_rope_3d_reference` are the eager RoPE peers;
-  ``torch.matmul`` (cuBLAS on the GPU) is the GEMM's.
+  ``torch.matmul`` (cuBLAS on the GPU) is the GEMM's; attention's are torch SDPA's backends, each
+  timed on its own.
 
 How the figures are counted (DESIGN §6):
 
@@ -16,7 +18,8 @@ How the figures are counted (DESIGN §6):
   working set overflows the last-level cache and caches do not flatter the result.
 - Bandwidth: an in-place RoPE reads and writes q and k once, so both implementations are credited
   with ``2 · (bytes(q) + bytes(k))`` per call, whatever they actually move.
-- Throughput: a GEMM is credited with ``2·M·N·K`` FLOPs per call, reported in TFLOP/s.
+- Throughput: a GEMM is credited with ``2·M·N·K`` FLOPs per call, attention with
+  ``4·B·Hq·Sq·Sk·D`` (halved for causal), reported in TFLOP/s.
 """
 
 from __future__ import annotations
@@ -27,15 +30,22 @@ import math
 import platform
 import statistics
 import sys
+import re
 import time
-from dataclasses import dataclass
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import __version__, cuda_compiled, gemm, riflex, rope
+from . import __version__, cuda_compiled, flash_attn_func, gemm, riflex, rope
 
 __all__ = [
+    "ATTENTION_FLOPS_CONVENTION",
+    "AttentionCase",
+    "AttentionResult",
     "BYTES_CONVENTION",
     "BenchCase",
     "PEER",
@@ -46,6 +56,7 @@ __all__ = [
     "Rope3dCase",
     "RopeCase",
     "Timing",
+    "attention_cases",
     "buffer_copies",
     "check_case",
     "environment_info",
@@ -54,6 +65,7 @@ __all__ = [
     "gemm_cases",
     "main",
     "measure",
+    "measure_attention",
     "measure_copy_bandwidth",
     "nvml_gpu_info",
     "prepare_case",
@@ -73,6 +85,7 @@ BYTES_CONVENTION = (
     "q and k each read once and written once: 2*(bytes(q)+bytes(k)); cos/sin tables and positions not counted"
 )
 FLOPS_CONVENTION = "2*M*N*K per call: a multiply and an add per multiply-accumulate"
+ATTENTION_FLOPS_CONVENTION = "4*B*Hq*Sq*Sk*D per call (q k^T and P v), halved for causal"
 
 # The working set of the rotating input copies should be this many times the last-level cache.
 _CACHE_OVERFLOW = 4
@@ -566,7 +579,75 @@ class GemmCase:
         return (self.run_tkpy(a, b),), (self.run_peer(a, b),)
 
 
-BenchCase = Union[RopeCase, Rope3dCase, GemmCase]
+# torch SDPA's backends, each a peer of tkpy's attention on its own. "default" is SDPA's own choice.
+_SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "default": None,
+}
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """A :func:`tkpy.flash_attn_func` shape: q, k and v ``[B, S, H, D]``, self-attention.
+
+    The peers are torch SDPA's ``backends``, each timed on its own (:func:`measure_attention`) on
+    the same inputs as ``[B, H, S, D]`` transposed views, made once at allocation. The correctness
+    check compares tkpy with ``run_peer``, SDPA with its own choice of backend.
+    """
+
+    op: ClassVar[str] = "flash_attn_func"
+    metric: ClassVar[str] = "TFLOP/s"
+
+    batch: int
+    seqlen: int
+    heads: int
+    head_dim: int
+    causal: bool
+    backends: tuple[str, ...]
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def peer(self) -> str:
+        return f"torch SDPA ({', '.join(self.backends)})"
+
+    @property
+    def id(self) -> str:
+        return f"{'causal' if self.causal else 'full'}-D{self.head_dim}-S{self.seqlen}"
+
+    @property
+    def shape(self) -> str:
+        return f"B{self.batch} S{self.seqlen} H{self.heads} D{self.head_dim}" + (" causal" if self.causal else "")
+
+    def work(self) -> int:
+        """FLOPs credited per call (:data:`ATTENTION_FLOPS_CONVENTION`)."""
+        flops = 4 * self.batch * self.heads * self.seqlen**2 * self.head_dim
+        return flops // 2 if self.causal else flops
+
+    def input_bytes(self) -> int:
+        """Size of one copy of q, k and v."""
+        return 3 * self.dtype.itemsize * self.batch * self.seqlen * self.heads * self.head_dim
+
+    def arg_sets(self, device: torch.device, generator: torch.Generator, count: int) -> list[tuple]:
+        """``count`` tuples ``(bshd, bhsd)``: random normal q, k, v ``[B, S, H, D]``, and as ``[B, H, S, D]`` views."""
+        shape = (self.batch, self.seqlen, self.heads, self.head_dim)
+        copies = _random_copies((shape,) * 3, self.dtype, device, generator, count)
+        return [(qkv, tuple(t.transpose(1, 2) for t in qkv)) for qkv in copies]
+
+    def run_tkpy(self, bshd: tuple, bhsd: tuple) -> torch.Tensor:
+        return flash_attn_func(*bshd, causal=self.causal)
+
+    def run_peer(self, bshd: tuple, bhsd: tuple) -> torch.Tensor:
+        """SDPA on the ``[B, H, S, D]`` views, with whichever backends are enabled around the call."""
+        return torch.nn.functional.scaled_dot_product_attention(*bhsd, is_causal=self.causal)
+
+    def outputs(self, bshd: tuple, bhsd: tuple) -> tuple[tuple, tuple]:
+        """tkpy's and SDPA's output, both ``[B, S, H, D]``, each as a 1-tuple."""
+        return (self.run_tkpy(bshd, bhsd),), (self.run_peer(bshd, bhsd).transpose(1, 2),)
+
+
+BenchCase = Union[RopeCase, Rope3dCase, GemmCase, AttentionCase]
 
 _LLAMA = dict(heads_q=32, heads_k=8)  # Llama-3-8B attention heads, D=128
 _CUDA_CASES: tuple[BenchCase, ...] = (
@@ -624,6 +705,36 @@ def gemm_cases(device: Union[str, torch.device]) -> list[GemmCase]:
     return list(_CUDA_GEMM_CASES if torch.device(device).type == "cuda" else _CPU_GEMM_CASES)
 
 
+def _attention_grid(
+    tokens: int, hidden: int, seqlens: Sequence[int], backends: tuple[str, ...]
+) -> tuple[AttentionCase, ...]:
+    """D 64, 128 and 256 at ``heads · D = hidden``, full and causal, ``batch · S = tokens`` (batch >= 1)."""
+    return tuple(
+        AttentionCase(max(1, tokens // seqlen), seqlen, hidden // head_dim, head_dim, causal, backends)
+        for head_dim in (64, 128, 256)
+        for causal in (False, True)
+        for seqlen in seqlens
+    )
+
+
+_CUDA_ATTENTION_CASES = _attention_grid(
+    16384, 2048, (1024, 2048, 4096, 8192, 16384, 32768), backends=("flash", "cudnn", "efficient")
+)
+# S=200 leaves a partial 64-row tile.
+_CPU_ATTENTION_CASES = _attention_grid(256, 256, (128, 200), backends=("default",))
+
+
+def attention_cases(device: Union[str, torch.device]) -> list[AttentionCase]:
+    """The :func:`tkpy.flash_attn_func` benchmark cases for ``device``, bf16.
+
+    CUDA: S from 1k to 32k with 16k tokens per call, D 64, 128 and 256 at heads·D = 2048, causal
+    and not; the peers are SDPA's flash, cuDNN and memory-efficient backends. CPU: the same grid
+    at S 128 and 200, 256 tokens, heads·D = 256, against SDPA's default choice. Listing
+    allocates nothing.
+    """
+    return list(_CUDA_ATTENTION_CASES if torch.device(device).type == "cuda" else _CPU_ATTENTION_CASES)
+
+
 # --------------------------------------------------------------------------------------------
 # Measuring one case
 # --------------------------------------------------------------------------------------------
@@ -673,7 +784,7 @@ class CaseResult:
     device: str
     work: int  # bytes or FLOPs credited per call, as the case's metric counts
     tkpy: Timing
-    peer: Timing
+    peer: Optional[Timing]  # None only for an AttentionResult where no backend ran
     rel_err: float
 
     @property
@@ -690,14 +801,14 @@ class CaseResult:
         return self.work / self.tkpy.median_s / _METRICS[self.case.metric].per_unit
 
     @property
-    def peer_rate(self) -> float:
+    def peer_rate(self) -> Optional[float]:
         """The peer's throughput in the case's metric."""
-        return self.work / self.peer.median_s / _METRICS[self.case.metric].per_unit
+        return None if self.peer is None else self.work / self.peer.median_s / _METRICS[self.case.metric].per_unit
 
     @property
-    def speedup(self) -> float:
+    def speedup(self) -> Optional[float]:
         """Peer time over tkpy time (equal to the throughput ratio)."""
-        return self.peer.median_s / self.tkpy.median_s
+        return None if self.peer is None else self.peer.median_s / self.tkpy.median_s
 
     def as_extra_info(self) -> dict[str, Any]:
         """A JSON-ready summary, in the ``extra_info`` layout that ``scripts/summarize_gpu_run.py`` reads."""
@@ -714,7 +825,7 @@ class CaseResult:
             f"{metric.work}_convention": metric.convention,
             "timer": self.tkpy.method,
             "tkpy_median_us": self.tkpy.median_s * 1e6,
-            "peer_median_us": self.peer.median_s * 1e6,
+            "peer_median_us": None if self.peer is None else self.peer.median_s * 1e6,
             f"tkpy_{metric.key}": self.tkpy_rate,
             f"peer_{metric.key}": self.peer_rate,
             "ratio": self.speedup,
@@ -725,11 +836,85 @@ class CaseResult:
 
 def measure(prepared: PreparedCase, *, warmup: int, reps: int) -> CaseResult:
     """Check tkpy against the peer on ``prepared``, then time both with :func:`time_cuda_or_cpu`."""
+    if isinstance(prepared.case, AttentionCase):
+        return measure_attention(prepared, warmup=warmup, reps=reps)
     case, device = prepared.case, prepared.device
     rel_err = check_case(prepared)
     tkpy_timing = time_cuda_or_cpu(case.run_tkpy, prepared.arg_sets, device, warmup=warmup, reps=reps)
     peer_timing = time_cuda_or_cpu(case.run_peer, prepared.arg_sets, device, warmup=warmup, reps=reps)
     return CaseResult(case, device.type, case.work(), tkpy_timing, peer_timing, rel_err)
+
+
+@dataclass(frozen=True)
+class AttentionResult(CaseResult):
+    """tkpy and each SDPA backend on one :class:`AttentionCase`.
+
+    ``backends`` maps each backend to its timing, or to the reason it could not run the case;
+    ``peer`` is the fastest backend's timing (None when none ran), so the ratio is tkpy against
+    the best of them.
+    """
+
+    backends: dict[str, Union[Timing, str]] = field(default_factory=dict)
+
+    @property
+    def best_backend(self) -> Optional[str]:
+        timed = {name: t.median_s for name, t in self.backends.items() if isinstance(t, Timing)}
+        return min(timed, key=timed.get) if timed else None
+
+    def backend_rate(self, name: str) -> Optional[float]:
+        """TFLOP/s of SDPA's ``name`` backend; None when it did not run."""
+        timing = self.backends.get(name)
+        return self.work / timing.median_s / 1e12 if isinstance(timing, Timing) else None
+
+    def as_extra_info(self) -> dict[str, Any]:
+        """:meth:`CaseResult.as_extra_info`, the peer being the best backend, plus the case's
+        dimensions and ``backends``: per backend ``{"tflops", "median_us"}`` or ``{"error"}``."""
+        case, best = self.case, self.best_backend
+        backends = {
+            name: {"tflops": self.backend_rate(name), "median_us": t.median_s * 1e6}
+            if isinstance(t, Timing) else {"error": t}
+            for name, t in self.backends.items()
+        }
+        return {
+            **super().as_extra_info(),
+            "peer": f"torch SDPA {best}" if best else case.peer,
+            "flops_convention": ATTENTION_FLOPS_CONVENTION,
+            "batch": case.batch, "seqlen": case.seqlen, "heads": case.heads, "head_dim": case.head_dim,
+            "causal": case.causal,
+            "best_backend": best,
+            "backends": backends,
+        }
+
+
+def measure_attention(prepared: PreparedCase, *, warmup: int, reps: int) -> AttentionResult:
+    """Check tkpy against SDPA on an :class:`AttentionCase`, then time tkpy and each backend."""
+    case, device = prepared.case, prepared.device
+    rel_err = check_case(prepared)
+    tkpy_timing = time_cuda_or_cpu(case.run_tkpy, prepared.arg_sets, device, warmup=warmup, reps=reps)
+    backends = {name: _time_sdpa_backend(prepared, name, warmup, reps) for name in case.backends}
+    timed = [t for t in backends.values() if isinstance(t, Timing)]
+    best = min(timed, key=lambda t: t.median_s, default=None)
+    return AttentionResult(case, device.type, case.work(), tkpy_timing, best, rel_err, backends)
+
+
+# SDPA explains a refusal in warnings: a header per backend, then the reasons; the backends
+# switched off by ``sdpa_kernel`` say only that.
+_SDPA_NOISE = re.compile(r"not used because:$|has been runtime disabled")
+_TORCH_WARNING_ORIGIN = re.compile(r"\s*\(Triggered internally at .*\)\s*$", re.DOTALL)
+
+
+def _time_sdpa_backend(prepared: PreparedCase, backend: str, warmup: int, reps: int) -> Union[Timing, str]:
+    """Time ``run_peer`` with only SDPA's ``backend`` enabled, or say why that backend cannot run the case."""
+    case, selected = prepared.case, _SDPA_BACKENDS[backend]
+    only_backend = nullcontext() if selected is None else sdpa_kernel(selected)
+    with only_backend, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return time_cuda_or_cpu(case.run_peer, prepared.arg_sets, prepared.device, warmup=warmup, reps=reps)
+        except RuntimeError as exc:
+            reasons = [_TORCH_WARNING_ORIGIN.sub("", str(w.message)).strip() for w in caught]
+            reasons = [r for r in dict.fromkeys(reasons) if r and not _SDPA_NOISE.search(r)]
+            return "; ".join(reasons) or str(exc).splitlines()[0]
 
 
 def measure_copy_bandwidth(device: Union[str, torch.device], *, warmup: int, reps: int) -> float:
@@ -881,7 +1066,8 @@ def _device_lines(env: dict[str, Any]) -> list[str]:
 def format_report(
     results: Sequence[CaseResult], env: dict[str, Any], copy_gbps: Optional[float], warmup: int, reps: int
 ) -> str:
-    """The header lines and one markdown table per metric: GB/s (RoPE), then TFLOP/s (GEMM).
+    """The header lines and one markdown table per metric: GB/s (RoPE), then TFLOP/s (GEMM), then
+    attention's table of TFLOP/s against each SDPA backend.
 
     ``copy_gbps`` may be None when no GB/s case ran.
     """
@@ -891,9 +1077,12 @@ def format_report(
         "check: ||tkpy - peer|| / ||peer|| within the dtype's tolerance",
     ]
     for name, metric in _METRICS.items():
-        rows = [r for r in results if r.case.metric == name]
+        rows = [r for r in results if r.case.metric == name and not isinstance(r, AttentionResult)]
         if rows:
             lines += ["", *_metric_table(name, metric, rows, copy_gbps)]
+    attention = [r for r in results if isinstance(r, AttentionResult)]
+    if attention:
+        lines += ["", *_attention_table(attention)]
     return "\n".join(lines)
 
 
@@ -918,6 +1107,37 @@ def _metric_table(name: str, metric: _Metric, rows: Sequence[CaseResult], copy_g
             f"| {r.tkpy.median_s * 1e6:,.1f} | {r.tkpy_rate:{metric.spec}} | {r.peer.median_s * 1e6:,.1f} "
             f"| {r.peer_rate:{metric.spec}} | {r.speedup:.2f}x |{copy_cell} {check} |"
         )
+    return lines
+
+
+def _attention_table(rows: Sequence[AttentionResult]) -> list[str]:
+    """One row per case: tkpy, each backend ("n/a" with the reason below the table) and tkpy / best."""
+    backends = list(dict.fromkeys(name for r in rows for name in r.case.backends))
+    lines = [
+        f"attention TFLOP/s convention (every column): {ATTENTION_FLOPS_CONVENTION}",
+        "peers: torch SDPA, each backend timed on its own (sdpa_kernel); 'vs best' = tkpy / the fastest backend",
+        "",
+        "| op | case | shape | dtype | tkpy us | tkpy TFLOP/s | "
+        + " | ".join(f"{name} TFLOP/s" for name in backends) + " | best | vs best | check |",
+        "|---|---|---|---|--:|--:|" + "--:|" * len(backends) + "---|--:|---|",
+    ]
+    unavailable: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        cells = []
+        for name in backends:
+            rate = r.backend_rate(name)
+            cells.append("n/a" if rate is None else f"{rate:,.4f}")
+            if rate is None:
+                unavailable.setdefault((name, r.backends.get(name, "not run")), []).append(r.case.id)
+        check = "ok" if r.passed else f"MISMATCH {r.rel_err:.1e}"
+        ratio = "n/a" if r.speedup is None else f"{r.speedup:.2f}x"
+        lines.append(
+            f"| {r.case.op} | {r.case.id} | {r.case.shape} | {str(r.case.dtype).removeprefix('torch.')} "
+            f"| {r.tkpy.median_s * 1e6:,.1f} | {r.tkpy_rate:,.4f} | {' | '.join(cells)} "
+            f"| {r.best_backend or 'none'} | {ratio} | {check} |"
+        )
+    if unavailable:
+        lines += ["", "n/a:", *(f"- {name} on {', '.join(ids)}: {why}" for (name, why), ids in unavailable.items())]
     return lines
 
 
@@ -951,7 +1171,7 @@ def _progress(cases: Sequence[BenchCase], enabled: bool) -> Iterable[BenchCase]:
 # --------------------------------------------------------------------------------------------
 
 
-_OPS = (RopeCase.op, Rope3dCase.op, GemmCase.op)
+_OPS = (RopeCase.op, Rope3dCase.op, GemmCase.op, AttentionCase.op)
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -1010,7 +1230,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     reps = default_reps if args.reps is None else args.reps
     print(f"tkpy bench: {', '.join(args.ops)} vs their torch peers\n{note}", flush=True)
 
-    cases = [case for case in (*rope_cases(device), *gemm_cases(device)) if case.op in args.ops]
+    all_cases = (*rope_cases(device), *gemm_cases(device), *attention_cases(device))
+    cases = [case for case in all_cases if case.op in args.ops]
     copy_gbps = None
     if any(case.metric == "GB/s" for case in cases):
         copy_gbps = measure_copy_bandwidth(device, warmup=warmup, reps=reps)

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["rope_frequencies", "rope", "rope_3d_table", "rope_3d", "matmul"]
+__all__ = ["rope_frequencies", "rope", "rope_3d_table", "rope_3d", "matmul", "attention"]
 
 
 def rope_frequencies(dim: int, theta: float, k: Optional[int] = None, L_test: Optional[float] = None) -> torch.Tensor:
@@ -81,3 +81,78 @@ def matmul(a: torch.Tensor, b: torch.Tensor, trans_b: bool = False) -> torch.Ten
     """``a @ b`` (``a @ b.T`` with ``trans_b``) in float64."""
     b = b.double()
     return a.double() @ (b.T if trans_b else b)
+
+
+def _attention_one_sequence(q, k, v, causal, window_size, softcap, softmax_scale):
+    """One sequence: q ``[Sq, Hq, D]``, k/v ``[Sk, Hkv, D]`` -> out ``[Sq, Hq, D]``, lse ``[Hq, Sq]``."""
+    q, k, v = q.double(), k.double(), v.double()
+    seqlen_q, heads_q, head_dim = q.shape
+    seqlen_k, heads_kv = k.shape[0], k.shape[1]
+    group = heads_q // heads_kv
+    k = k.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
+    v = v.repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [Hq, Sq, Sk]
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+
+    left, right = window_size
+    if causal:
+        right = 0
+    i = torch.arange(seqlen_q, device=q.device)[:, None]
+    j = torch.arange(seqlen_k, device=q.device)[None, :]
+    diagonal = i + seqlen_k - seqlen_q  # bottom-right aligned
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+    if left >= 0:
+        visible &= j >= diagonal - left
+    if right >= 0:
+        visible &= j <= diagonal + right
+
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [Hq, Sq]; -inf where a row sees no key
+    seen = visible.any(dim=-1)  # [Sq]
+    # A row with no visible key would give exp(-inf - -inf) = NaN; its weights are all 0 instead.
+    probs = torch.where(seen[None, :, None], torch.exp(scores - torch.where(seen, lse, 0.0)[..., None]), 0.0)
+    out = torch.einsum("hqk,khd->qhd", probs, v)
+    return out, lse
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+):
+    """Dense attention in float64 with flash-attn's layouts and masks, one explicit mask per sequence.
+
+    Batched: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]`` -> out ``[B, Sq, Hq, D]``, lse
+    ``[B, Hq, Sq]``. Varlen (``cu_seqlens_*`` given, ``[B+1]``): q ``[Tq, Hq, D]``, k/v
+    ``[Tk, Hkv, D]`` -> out ``[Tq, Hq, D]``, lse ``[Hq, Tq]``.
+
+    Query i of a sequence sees key j iff ``i+Sk-Sq-left <= j <= i+Sk-Sq+right`` and ``0 <= j < Sk``,
+    where -1 leaves that side unbounded and causal sets right to 0. Scores are ``q·k·scale``
+    (default ``1/sqrt(D)``), then ``softcap·tanh(s/softcap)`` when softcap > 0. A row that sees no
+    key gives out 0 and lse -inf. Both results are float64.
+    """
+    if cu_seqlens_q is None:
+        results = [
+            _attention_one_sequence(q[b], k[b], v[b], causal, window_size, softcap, softmax_scale)
+            for b in range(q.shape[0])
+        ]
+        return torch.stack([o for o, _ in results]), torch.stack([l for _, l in results])
+
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64, device=q.device)
+    for b in range(len(starts_q) - 1):
+        q0, q1 = starts_q[b], starts_q[b + 1]
+        k0, k1 = starts_k[b], starts_k[b + 1]
+        out[q0:q1], lse[:, q0:q1] = _attention_one_sequence(
+            q[q0:q1], k[k0:k1], v[k0:k1], causal, window_size, softcap, softmax_scale
+        )
+    return out, lse

@@ -1,0 +1,258 @@
+// CPU dense attention forward: a tiled online softmax in fp32 on the same params struct and index
+// math as the CUDA kernel. Each task owns one (sequence, query head, query tile); the two products
+// of a tile run as fp32 matmuls in ATen, the softmax bookkeeping as plain loops.
+#include "cpu/cpu_ops.h"
+
+#include <ATen/CPUFunctions.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "tkpy/detail/attention_index.h"
+
+namespace tkpy::cpu {
+namespace {
+
+using attention::AttentionParams;
+
+// Large enough that the matmuls of a tile run near peak and each block's K/V conversion is shared
+// by many query rows; small enough that a tile's fp32 workspace stays in L2.
+constexpr int kQueryTile = 256;
+constexpr int kKeyBlock = 256;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+at::ScalarType scalar_type(DType dtype) {
+    switch (dtype) {
+        case DType::bf16: return at::kBFloat16;
+        case DType::fp16: return at::kHalf;
+        case DType::fp32: break;
+    }
+    return at::kFloat;
+}
+
+int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// One head of one sequence of q, k, v or out: row s is at data + s * token_stride elements.
+struct HeadRows {
+    void* data;
+    int64_t token_stride;
+    at::ScalarType dtype;
+
+    // Rows [first, first + count) as a [count, head_dim] view that shares the memory.
+    at::Tensor rows(int first, int count, int head_dim) const {
+        const int64_t element_bytes = int64_t(c10::elementSize(dtype));
+        void* start = static_cast<char*>(data) + first * token_stride * element_bytes;
+        return at::from_blob(start, {count, head_dim}, {token_stride, 1}, at::TensorOptions().dtype(dtype));
+    }
+};
+
+// from_blob takes a mutable pointer; q, k and v views are only ever read.
+HeadRows head_rows(const void* base, int64_t batch_offset, int64_t token_start, int64_t token_stride,
+                   int64_t head_offset, at::ScalarType dtype) {
+    char* const bytes = static_cast<char*>(const_cast<void*>(base));
+    const int64_t offset = batch_offset + token_start * token_stride + head_offset;
+    return HeadRows{bytes + offset * int64_t(c10::elementSize(dtype)), token_stride, dtype};
+}
+
+// The unit of parallel work.
+struct Task {
+    int batch;
+    int head;
+    int tile;
+};
+
+// Numbers the (sequence, query head, query tile) tasks from the real sequence lengths, so that
+// varlen batches spend no task on tiles past a sequence's end.
+class TaskGrid {
+public:
+    explicit TaskGrid(const AttentionParams& p) : heads_(p.heads_q), first_task_(p.batch + 1, 0), tiles_(p.batch) {
+        for (int b = 0; b < p.batch; ++b) {
+            tiles_[b] = ceil_div(detail::sequence(p.cu_seqlens_q, b, p.seqlen_q).len, kQueryTile);
+            first_task_[b + 1] = first_task_[b] + int64_t(heads_) * tiles_[b];
+        }
+    }
+
+    int64_t size() const { return first_task_.back(); }
+
+    Task task(int64_t index) const {
+        const int b = int(std::upper_bound(first_task_.begin(), first_task_.end(), index) - first_task_.begin()) - 1;
+        const int64_t local = index - first_task_[b];
+        return Task{b, int(local / tiles_[b]), int(local % tiles_[b])};
+    }
+
+private:
+    int heads_;
+    std::vector<int64_t> first_task_;
+    std::vector<int> tiles_;
+};
+
+// fp32 buffers of one worker, reused across its tasks.
+struct Workspace {
+    at::Tensor q;          // [kQueryTile, D], pre-multiplied by score_multiplier
+    at::Tensor k;          // [kKeyBlock, D]
+    at::Tensor v;          // [kKeyBlock, D]
+    at::Tensor scores;     // [kQueryTile * kKeyBlock]; a block of r x n is viewed densely as [r, n]
+    at::Tensor acc;        // [kQueryTile, D]
+    at::Tensor block_max;  // [kQueryTile], per row of the current block
+    at::Tensor block_sum;  // [kQueryTile]
+    std::vector<float> row_max;  // running max over the blocks so far
+    std::vector<float> row_sum;  // running sum of exp(score - row_max)
+    std::vector<float> rescale;  // exp(old row_max - new row_max) of the current block
+
+    explicit Workspace(int head_dim)
+        : q(at::empty({kQueryTile, head_dim}, at::kFloat)),
+          k(at::empty({kKeyBlock, head_dim}, at::kFloat)),
+          v(at::empty({kKeyBlock, head_dim}, at::kFloat)),
+          scores(at::empty({kQueryTile * kKeyBlock}, at::kFloat)),
+          acc(at::empty({kQueryTile, head_dim}, at::kFloat)),
+          block_max(at::empty({kQueryTile}, at::kFloat)),
+          block_sum(at::empty({kQueryTile}, at::kFloat)),
+          row_max(kQueryTile),
+          row_sum(kQueryTile),
+          rescale(kQueryTile) {}
+};
+
+// Geometry shared by every block of one task.
+struct TileShape {
+    int q0;    // first query of the tile, in its sequence
+    int rows;  // queries in the tile
+    int sq;    // sequence lengths
+    int sk;
+};
+
+// q is multiplied once per tile so that q·k comes out scaled: by the softmax scale, or, with a
+// softcap, by scale / softcap so that tanh and one multiply finish the capped score.
+float score_multiplier(const AttentionParams& p) {
+    return p.softcap > 0.f ? p.softmax_scale / p.softcap : p.softmax_scale;
+}
+
+// Scores of a block of keys [k0, k0 + cols): scaled, soft-capped, and -inf where the shared index
+// math (so the CUDA kernel's mask) hides a key.
+void compute_scores(at::Tensor& scores, const at::Tensor& q_tile, const at::Tensor& k_block, const TileShape& tile,
+                    int k0, const AttentionParams& p) {
+    at::cpu::mm_out(scores, q_tile, k_block.t());
+    if (p.softcap > 0.f) scores.tanh_().mul_(p.softcap);
+    const int cols = int(k_block.size(0));
+    if (detail::block_fully_visible(tile.q0, tile.rows, k0, cols, tile.sq, tile.sk, p.window_left, p.window_right)) {
+        return;
+    }
+    float* const s = scores.data_ptr<float>();
+    for (int r = 0; r < tile.rows; ++r) {
+        const detail::Range visible = detail::visible_keys(tile.q0 + r, tile.sq, tile.sk, p.window_left, p.window_right);
+        float* row = s + int64_t(r) * cols;
+        for (int c = 0; c < cols; ++c) {
+            if (k0 + c < visible.lo || k0 + c >= visible.hi) row[c] = kNegInf;
+        }
+    }
+}
+
+// Online softmax step: turns the block's scores into exp(score - new running max) and rescales each
+// row's running sum and accumulator to that max. exp, max and sum run as ATen ops, which are
+// vectorised for the host CPU. A row that has seen no visible key yet keeps max -inf; its
+// exponentials are taken against 0 so that they come out 0, not NaN.
+void online_softmax(at::Tensor& scores, Workspace& ws) {
+    const int rows = int(scores.size(0));
+    const int cols = int(scores.size(1));
+    at::Tensor block_max = ws.block_max.narrow(0, 0, rows);
+    at::Tensor block_sum = ws.block_sum.narrow(0, 0, rows);
+    at::cpu::amax_out(block_max, scores, {1});
+    float* const s = scores.data_ptr<float>();
+    const float* const maxes = block_max.data_ptr<float>();
+    std::vector<float>& rescale = ws.rescale;
+    for (int r = 0; r < rows; ++r) {
+        const float new_max = std::max(ws.row_max[r], maxes[r]);
+        const float pivot = new_max == kNegInf ? 0.f : new_max;
+        float* row = s + int64_t(r) * cols;
+        for (int c = 0; c < cols; ++c) row[c] -= pivot;
+        rescale[r] = std::exp(ws.row_max[r] - pivot);
+        ws.row_max[r] = new_max;
+    }
+    scores.exp_();
+    at::cpu::sum_out(block_sum, scores, at::IntArrayRef{1});
+    const float* const sums = block_sum.data_ptr<float>();
+    float* const acc = ws.acc.data_ptr<float>();
+    const int64_t head_dim = ws.acc.size(1);
+    for (int r = 0; r < rows; ++r) {
+        ws.row_sum[r] = ws.row_sum[r] * rescale[r] + sums[r];
+        if (rescale[r] == 1.f) continue;
+        float* acc_row = acc + r * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) acc_row[d] *= rescale[r];
+    }
+}
+
+// Divides each accumulator row by its softmax sum and stores out and lse. A row that saw no key
+// has sum 0: its output is 0 and its lse -inf.
+void write_tile(const HeadRows& out, float* lse, const TileShape& tile, Workspace& ws) {
+    float* const acc = ws.acc.data_ptr<float>();
+    const int64_t head_dim = ws.acc.size(1);
+    for (int r = 0; r < tile.rows; ++r) {
+        const float sum = ws.row_sum[r];
+        const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+        float* acc_row = acc + r * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) acc_row[d] *= inv_sum;
+        lse[tile.q0 + r] = sum > 0.f ? ws.row_max[r] + std::log(sum) : kNegInf;
+    }
+    out.rows(tile.q0, tile.rows, int(head_dim)).copy_(ws.acc.narrow(0, 0, tile.rows));
+}
+
+void run_task(const AttentionParams& p, const Task& task, Workspace& ws) {
+    const at::ScalarType dtype = scalar_type(p.dtype);
+    const detail::Sequence seq_q = detail::sequence(p.cu_seqlens_q, task.batch, p.seqlen_q);
+    const detail::Sequence seq_k = detail::sequence(p.cu_seqlens_k, task.batch, p.seqlen_k);
+    const int kv_head = task.head / (p.heads_q / p.heads_kv);
+    const HeadRows q = head_rows(p.q, task.batch * p.q_batch_stride, seq_q.start, p.q_token_stride,
+                                 task.head * p.q_head_stride, dtype);
+    const HeadRows k = head_rows(p.k, task.batch * p.k_batch_stride, seq_k.start, p.k_token_stride,
+                                 kv_head * p.k_head_stride, dtype);
+    const HeadRows v = head_rows(p.v, task.batch * p.v_batch_stride, seq_k.start, p.v_token_stride,
+                                 kv_head * p.v_head_stride, dtype);
+    const HeadRows out = head_rows(p.out, task.batch * p.o_batch_stride, seq_q.start, p.o_token_stride,
+                                   task.head * p.o_head_stride, dtype);
+    float* const lse = p.lse + task.batch * p.lse_batch_stride + task.head * p.lse_head_stride + seq_q.start;
+
+    const int q0 = task.tile * kQueryTile;
+    const TileShape tile{q0, std::min(kQueryTile, seq_q.len - q0), seq_q.len, seq_k.len};
+    const at::Tensor q_tile = ws.q.narrow(0, 0, tile.rows);
+    at::Tensor acc = ws.acc.narrow(0, 0, tile.rows);
+    q_tile.copy_(q.rows(q0, tile.rows, p.head_dim));
+    q_tile.mul_(score_multiplier(p));
+    acc.zero_();
+    std::fill_n(ws.row_max.begin(), tile.rows, kNegInf);
+    std::fill_n(ws.row_sum.begin(), tile.rows, 0.f);
+
+    const detail::Range blocks =
+        detail::key_blocks(q0, q0 + tile.rows, tile.sq, tile.sk, p.window_left, p.window_right, kKeyBlock);
+    for (int block = blocks.lo; block < blocks.hi; ++block) {
+        const int k0 = block * kKeyBlock;
+        const int cols = std::min(kKeyBlock, tile.sk - k0);
+        const at::Tensor k_block = ws.k.narrow(0, 0, cols);
+        const at::Tensor v_block = ws.v.narrow(0, 0, cols);
+        k_block.copy_(k.rows(k0, cols, p.head_dim));
+        v_block.copy_(v.rows(k0, cols, p.head_dim));
+        at::Tensor scores = ws.scores.narrow(0, 0, int64_t(tile.rows) * cols).view({tile.rows, cols});
+        compute_scores(scores, q_tile, k_block, tile, k0, p);
+        online_softmax(scores, ws);
+        at::cpu::addmm_out(acc, acc, scores, v_block);
+    }
+    write_tile(out, lse, tile, ws);
+}
+
+}  // namespace
+
+void attention_forward(const AttentionParams& p) {
+    const TaskGrid grid(p);
+    // Every task is at least a full row tile, far above the cost of scheduling it.
+    at::parallel_for(0, grid.size(), 1, [&](int64_t begin, int64_t end) {
+        Workspace ws(p.head_dim);
+        for (int64_t index = begin; index < end; ++index) run_task(p, grid.task(index), ws);
+    });
+}
+
+}  // namespace tkpy::cpu
