@@ -26,6 +26,10 @@ TORCH_LIBRARY(tkpy, m) {
     m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
           "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, "
           "float softcap) -> (Tensor out, Tensor lse)");
+    m.def("block_sparse_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+          "Tensor head_mask_type, Tensor streaming_info, Tensor sparse_index, Tensor? block_indices, "
+          "Tensor? block_counts, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool is_causal, "
+          "bool exact_streaming) -> (Tensor out, Tensor lse)");
 }
 
 TORCH_LIBRARY_IMPL(tkpy, CPU, m) {
@@ -33,6 +37,7 @@ TORCH_LIBRARY_IMPL(tkpy, CPU, m) {
     m.impl("apply_rope_3d_", &tkpy::ops::apply_rope_3d_cpu);
     m.impl("gemm", &tkpy::ops::gemm_cpu);
     m.impl("attention_forward", &tkpy::ops::attention_forward_cpu);
+    m.impl("block_sparse_attention_forward", &tkpy::ops::block_sparse_attention_forward_cpu);
 }
 
 #if defined(TKPY_WITH_CUDA)
@@ -41,6 +46,7 @@ TORCH_LIBRARY_IMPL(tkpy, CUDA, m) {
     m.impl("apply_rope_3d_", &tkpy::ops::apply_rope_3d_cuda);
     m.impl("gemm", &tkpy::ops::gemm_cuda);
     m.impl("attention_forward", &tkpy::ops::attention_forward_cuda);
+    m.impl("block_sparse_attention_forward", &tkpy::ops::block_sparse_attention_forward_cuda);
 }
 #endif
 

@@ -60,11 +60,27 @@ def attention_case(gen):
     return fn, (q, k, v)
 
 
+def block_sparse_case(gen):
+    q = randn((300, 4, 64), torch.bfloat16, gen)
+    k = randn((300, 2, 64), torch.bfloat16, gen)
+    v = randn((300, 2, 64), torch.bfloat16, gen)
+    cu = torch.tensor([0, 130, 300], dtype=torch.int32)
+    types = torch.tensor([0, -1, 1, 1], dtype=torch.int32)
+    streaming = torch.tensor([0, 0, 1, 1, 0, 0, 0, 0], dtype=torch.int32)
+    mask = torch.rand(2, 2, 2, 2, generator=gen) > 0.5
+
+    def fn(q, k, v):
+        return tkpy.block_sparse_attn_func(q, k, v, cu, cu, types, streaming, mask, 170, 170, 0.0, is_causal=True) * 2
+
+    return fn, (q, k, v)
+
+
 CASES = {
     "apply_rope_": rope_case,
     "apply_rope_3d_": rope_3d_case,
     "gemm": gemm_case,
     "attention_forward": attention_case,
+    "block_sparse_attention_forward": block_sparse_case,
 }
 
 

@@ -1,8 +1,9 @@
-// CPU dense attention forward: a tiled online softmax in fp32 on the same params struct and index
-// math as the CUDA kernel. Each task owns one (sequence, query head, query tile). The products, exp
-// and row reductions of a block run as ATen ops on fp32 buffers, because ATen dispatches them to
-// kernels vectorised for the host CPU (this file is built without -march); the per-row bookkeeping
-// is plain loops.
+// CPU attention forward: a tiled online softmax in fp32 on the same params struct and index math as
+// the CUDA kernel, for dense attention and for LServe's unified sparse prefill (params.sparse). Each
+// task owns one (sequence, query head, query tile) and walks that tile's key-block plan, so a
+// skipped block costs nothing. The products, exp and row reductions of a block run as ATen ops on
+// fp32 buffers, because ATen dispatches them to kernels vectorised for the host CPU (this file is
+// built without -march); the per-row bookkeeping is plain loops.
 #include "cpu/cpu_ops.h"
 
 #include <ATen/CPUFunctions.h>
@@ -17,17 +18,24 @@
 #include <vector>
 
 #include "tkpy/detail/attention_index.h"
+#include "tkpy/detail/block_sparse_index.h"
 
 namespace tkpy::cpu {
 namespace {
 
 using attention::AttentionParams;
 
-// Large enough that a block's matmuls run near the BLAS peak and its K/V conversion to fp32 is
-// shared by many query rows; small enough that a worker's fp32 buffers fit in L2. Measured on
-// 2x8x1000x128: 64..256 x 64..512 were all within noise of this.
+// Large enough that a block's matmuls run near the BLAS peak, its K/V conversion to fp32 is shared
+// by many query rows and decode (one query row) pays the per-op overhead on few blocks; small
+// enough that a worker's fp32 buffers stay under 1 MB at D = 256. Measured on 2 cores over
+// 64..256 x 64..512: the 2x8x1000x128 prefill is within noise from 128 x 128 up, and decode over
+// 4000 keys is about 2x faster with 256-key blocks than with 128.
 constexpr int kQueryTile = 128;
-constexpr int kKeyBlock = 128;
+constexpr int kKeyBlock = 256;
+// Sparse heads address keys in the plan's 128-token blocks and query blocks; the workspace, sized
+// for kKeyBlock, holds them too.
+static_assert(kQueryTile == detail::kSparseBlock && detail::kSparseBlock <= kKeyBlock,
+              "sparse attention: query tiles must be the 128-token blocks");
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -130,6 +138,57 @@ struct TileShape {
     int sk;
 };
 
+// Which keys a task's rows see and which key blocks it visits, from the shared index math the CUDA
+// kernel runs (its make_task and scale_and_mask). Dense attention: the window, over kKeyBlock-key
+// blocks. Sparse heads: the head type's token rules, over the 128-token blocks of the head's plan.
+struct TaskKeys {
+    const AttentionParams& p;
+    TileShape tile;
+    detail::KeyBlockPlan plan;
+    int block_keys;  // keys per plan block
+    int32_t type;    // sparse head: its type, sink and local
+    int sink;
+    int local;
+
+    bool sparse() const { return p.sparse.head_mask_type != nullptr; }
+
+    detail::KeyRanges visible(int i) const {
+        if (!sparse()) {
+            return detail::KeyRanges{detail::visible_keys(i, tile.sq, tile.sk, p.window_left, p.window_right),
+                                     detail::Range{0, 0}};
+        }
+        return detail::sparse_visible_keys(i, tile.sq, tile.sk, type, sink, local, p.sparse);
+    }
+
+    // True when no element of the keys [k0, k0 + cols) x the tile's rows needs masking.
+    bool fully_visible(int k0, int cols) const {
+        if (!sparse()) {
+            return detail::block_fully_visible(tile.q0, tile.rows, k0, cols, tile.sq, tile.sk, p.window_left,
+                                               p.window_right);
+        }
+        return detail::sparse_tile_fully_visible(tile.q0, tile.rows, k0, cols, tile.sq, tile.sk, type, sink, local,
+                                                 p.sparse);
+    }
+};
+
+TaskKeys task_keys(const AttentionParams& p, const Task& task, const TileShape& tile) {
+    if (p.sparse.head_mask_type == nullptr) {
+        const detail::Range r = detail::key_blocks(tile.q0, tile.q0 + tile.rows, tile.sq, tile.sk, p.window_left,
+                                                   p.window_right, kKeyBlock);
+        return TaskKeys{p, tile, detail::KeyBlockPlan{r, detail::Range{0, 0}, nullptr, 0, r}, kKeyBlock,
+                        detail::kDenseHead, 0, 0};
+    }
+    // The query tile is the plan's 128-row block (kQueryTile == kSparseBlock): task.tile is qb.
+    const int h = task.head;
+    return TaskKeys{p,
+                    tile,
+                    detail::sparse_plan(p.sparse, task.batch, h, task.tile, tile.sq, tile.sk),
+                    detail::kSparseBlock,
+                    p.sparse.head_mask_type[h],
+                    p.sparse.streaming_info[2 * h],
+                    p.sparse.streaming_info[2 * h + 1]};
+}
+
 // q is multiplied once per tile so that q·k comes out scaled: by the softmax scale, or, with a
 // softcap, by scale / softcap so that tanh and one multiply finish the capped score.
 float score_multiplier(const AttentionParams& p) {
@@ -138,20 +197,18 @@ float score_multiplier(const AttentionParams& p) {
 
 // Scores of a block of keys [k0, k0 + cols): scaled, soft-capped, and -inf where the shared index
 // math (so the CUDA kernel's mask) hides a key.
-void compute_scores(at::Tensor& scores, const at::Tensor& q_tile, const at::Tensor& k_block, const TileShape& tile,
-                    int k0, const AttentionParams& p) {
+void compute_scores(at::Tensor& scores, const at::Tensor& q_tile, const at::Tensor& k_block, const TaskKeys& keys,
+                    int k0) {
     at::cpu::mm_out(scores, q_tile, k_block.t());
-    if (p.softcap > 0.f) scores.tanh_().mul_(p.softcap);
+    if (keys.p.softcap > 0.f) scores.tanh_().mul_(keys.p.softcap);
     const int cols = int(k_block.size(0));
-    if (detail::block_fully_visible(tile.q0, tile.rows, k0, cols, tile.sq, tile.sk, p.window_left, p.window_right)) {
-        return;
-    }
+    if (keys.fully_visible(k0, cols)) return;
     float* const s = scores.data_ptr<float>();
-    for (int r = 0; r < tile.rows; ++r) {
-        const detail::Range visible = detail::visible_keys(tile.q0 + r, tile.sq, tile.sk, p.window_left, p.window_right);
+    for (int r = 0; r < keys.tile.rows; ++r) {
+        const detail::KeyRanges visible = keys.visible(keys.tile.q0 + r);
         float* row = s + int64_t(r) * cols;
         for (int c = 0; c < cols; ++c) {
-            if (k0 + c < visible.lo || k0 + c >= visible.hi) row[c] = kNegInf;
+            if (!visible.contains(k0 + c)) row[c] = kNegInf;
         }
     }
 }
@@ -230,17 +287,18 @@ void run_task(const AttentionParams& p, const Task& task, Workspace& ws) {
     std::fill_n(ws.row_max.begin(), tile.rows, kNegInf);
     std::fill_n(ws.row_sum.begin(), tile.rows, 0.f);
 
-    const detail::Range blocks =
-        detail::key_blocks(q0, q0 + tile.rows, tile.sq, tile.sk, p.window_left, p.window_right, kKeyBlock);
-    for (int block = blocks.lo; block < blocks.hi; ++block) {
-        const int k0 = block * kKeyBlock;
-        const int cols = std::min(kKeyBlock, tile.sk - k0);
+    const TaskKeys keys = task_keys(p, task, tile);
+    for (int n = 0; n < keys.plan.size(); ++n) {
+        const int block = keys.plan.block(n);
+        if (block < 0) continue;  // a listed block the token rules cannot reach
+        const int k0 = block * keys.block_keys;
+        const int cols = std::min(keys.block_keys, tile.sk - k0);
         const at::Tensor k_block = ws.k.narrow(0, 0, cols);
         const at::Tensor v_block = ws.v.narrow(0, 0, cols);
         k_block.copy_(k.rows(k0, cols, p.head_dim));
         v_block.copy_(v.rows(k0, cols, p.head_dim));
         at::Tensor scores = ws.scores.narrow(0, 0, int64_t(tile.rows) * cols).view({tile.rows, cols});
-        compute_scores(scores, q_tile, k_block, tile, k0, p);
+        compute_scores(scores, q_tile, k_block, keys, k0);
         online_softmax(scores, ws);
         at::cpu::addmm_out(acc, acc, scores, v_block);
     }

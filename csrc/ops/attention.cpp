@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -9,6 +10,7 @@
 #include "ops/ops.h"
 #include "ops/validate.h"
 #include "tkpy/attention.h"
+#include "tkpy/detail/block_sparse_index.h"
 
 #if defined(TKPY_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
@@ -30,6 +32,8 @@ void check_qkv_tensor(const char* name, const at::Tensor& t, const at::Tensor& q
                 dims == 4 ? "[batch, seqlen, heads, head_dim]" : "[total_tokens, heads, head_dim]", "), got ",
                 t.sizes());
     check_last_dim_contiguous(kOp, name, t);
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 || t.numel() == 0, kOp, ": expected ", name,
+                " to start on a 16-byte boundary (TMA's rule); got a view at an odd offset, call .contiguous()");
     // TMA moves rows of 16-byte units: every stride must be a whole number of them.
     for (int d = 0; d < dims - 1; ++d) {
         TORCH_CHECK(t.stride(d) % 8 == 0 || t.size(d) <= 1, kOp, ": expected ", name,
@@ -37,12 +41,24 @@ void check_qkv_tensor(const char* name, const at::Tensor& t, const at::Tensor& q
     }
 }
 
-void check_cu_seqlens(const char* name, const at::Tensor& cu, const at::Tensor& q, int64_t batch) {
+void check_cu_seqlens(const char* name, const at::Tensor& cu, const at::Tensor& q, int64_t batch, int64_t total,
+                      int64_t max_seqlen) {
     check_same_device(kOp, name, cu, q);
     TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.is_contiguous(), kOp, ": expected ", name,
                 " to be a contiguous 1-D int32 tensor, got ", cu.scalar_type(), " ", cu.sizes());
     TORCH_CHECK(cu.numel() == batch + 1, kOp, ": expected ", name, " of length batch + 1 = ", batch + 1, ", got ",
                 cu.numel());
+    // Host memory costs nothing to read; on CUDA the Python API checks the values (outside graph
+    // capture), since a check here would be a device sync.
+    if (!cu.is_cpu()) return;
+    const int32_t* v = cu.data_ptr<int32_t>();
+    TORCH_CHECK(v[0] == 0 && v[batch] == total, kOp, ": ", name, " must start at 0 and end at ", total, ", got ",
+                v[0], " .. ", v[batch]);
+    for (int64_t b = 0; b < batch; ++b) {
+        TORCH_CHECK(v[b + 1] >= v[b] && v[b + 1] - v[b] <= max_seqlen, kOp, ": ", name, " entry ", b,
+                    " gives a sequence of ", v[b + 1] - v[b], " tokens; lengths must be in [0, max_seqlen=",
+                    max_seqlen, "]");
+    }
 }
 
 struct Prepared {
@@ -79,9 +95,9 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     attention::AttentionParams& p = prep.params;
     if (varlen) {
         const int64_t batch = cu_seqlens_q->numel() - 1;
-        check_cu_seqlens("cu_seqlens_q", *cu_seqlens_q, q, batch);
-        check_cu_seqlens("cu_seqlens_k", *cu_seqlens_k, q, batch);
         TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, kOp, ": max_seqlen_q/k must be >= 0");
+        check_cu_seqlens("cu_seqlens_q", *cu_seqlens_q, q, batch, q.size(0), max_seqlen_q);
+        check_cu_seqlens("cu_seqlens_k", *cu_seqlens_k, q, batch, k.size(0), max_seqlen_k);
         p.batch = int(batch);
         p.seqlen_q = int(max_seqlen_q);
         p.seqlen_k = int(max_seqlen_k);
@@ -123,13 +139,111 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     p.head_dim = int(head_dim);
     p.softmax_scale = float(softmax_scale);
     p.softcap = float(softcap);
-    p.window_left = int(window_left);
-    p.window_right = int(window_right);
+    // Windows wider than any sequence are unbounded; clamping keeps i + Sk - Sq + window in int range.
+    constexpr int64_t kWidest = int64_t(1) << 30;
+    p.window_left = int(std::min(window_left, kWidest));
+    p.window_right = int(std::min(window_right, kWidest));
     p.dtype = to_dtype(q.scalar_type());
     return prep;
 }
 
+constexpr const char* kSparseOp = "block_sparse_attention_forward";
+
+void check_int32_vector(const char* name, const at::Tensor& t, const at::Tensor& q, int64_t length) {
+    check_same_device(kSparseOp, name, t, q);
+    TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 1 && t.is_contiguous() && t.numel() == length, kSparseOp,
+                ": expected ", name, " to be a contiguous int32 vector of length ", length, ", got ", t.scalar_type(),
+                " ", t.sizes());
+}
+
+// Dense-attention preparation plus LServe's per-head types and block lists (varlen only). The
+// values of head_mask_type and streaming_info were checked by the Python API; here, shapes.
+Prepared prepare_sparse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                        const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type,
+                        const at::Tensor& streaming_info, const at::Tensor& sparse_index,
+                        const std::optional<at::Tensor>& block_indices, const std::optional<at::Tensor>& block_counts,
+                        int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool is_causal,
+                        bool exact_streaming) {
+    Prepared prep = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, -1,
+                            is_causal ? 0 : -1, 0.0);
+    const int64_t heads = q.size(1);
+    check_int32_vector("head_mask_type", head_mask_type, q, heads);
+    check_int32_vector("streaming_info", streaming_info, q, 2 * heads);
+    check_int32_vector("sparse_index", sparse_index, q, heads);
+    detail::SparseHeads& sp = prep.params.sparse;
+    sp.head_mask_type = head_mask_type.data_ptr<int32_t>();
+    sp.streaming_info = streaming_info.data_ptr<int32_t>();
+    sp.sparse_index = sparse_index.data_ptr<int32_t>();
+    sp.causal = is_causal;
+    sp.exact_streaming = exact_streaming;
+    sp.mask_q_blocks = int(detail::ceil_blocks(int(max_seqlen_q)));
+    sp.mask_k_blocks = int(detail::ceil_blocks(int(max_seqlen_k)));
+    TORCH_CHECK(block_indices.has_value() == block_counts.has_value(), kSparseOp,
+                ": pass both block_indices and block_counts, or neither");
+    if (block_indices.has_value()) {
+        const at::Tensor& idx = *block_indices;
+        const at::Tensor& cnt = *block_counts;
+        const int64_t batch = prep.params.batch;
+        check_same_device(kSparseOp, "block_indices", idx, q);
+        check_same_device(kSparseOp, "block_counts", cnt, q);
+        TORCH_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 4 && idx.is_contiguous() && idx.size(0) == batch &&
+                        idx.size(2) == sp.mask_q_blocks && idx.size(3) == sp.mask_k_blocks,
+                    kSparseOp, ": expected block_indices int32 [", batch, ", n_sparse, ", sp.mask_q_blocks, ", ",
+                    sp.mask_k_blocks, "], got ", idx.scalar_type(), " ", idx.sizes());
+        TORCH_CHECK(cnt.scalar_type() == at::kInt && cnt.is_contiguous() &&
+                        cnt.sizes() == at::IntArrayRef({idx.size(0), idx.size(1), idx.size(2)}),
+                    kSparseOp, ": expected block_counts int32 ", idx.sizes().slice(0, 3), ", got ", cnt.sizes());
+        sp.n_sparse = int(idx.size(1));
+        sp.block_indices = idx.data_ptr<int32_t>();
+        sp.block_counts = cnt.data_ptr<int32_t>();
+    }
+    return prep;
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type, const at::Tensor& streaming_info,
+    const at::Tensor& sparse_index, const std::optional<at::Tensor>& block_indices,
+    const std::optional<at::Tensor>& block_counts, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+    bool is_causal, bool exact_streaming) {
+    Prepared prep = prepare_sparse(q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, sparse_index,
+                                   block_indices, block_counts, max_seqlen_q, max_seqlen_k, softmax_scale, is_causal,
+                                   exact_streaming);
+    // On the CPU the values cost nothing to read: check what the kernel's plan walk relies on.
+    const detail::SparseHeads& sp = prep.params.sparse;
+    int n_sparse = 0;
+    for (int h = 0; h < prep.params.heads_q; ++h) {
+        const int32_t type = sp.head_mask_type[h];
+        TORCH_CHECK(type >= -1 && type <= 1, kSparseOp, ": head_mask_type[", h, "] = ", type, " is not -1, 0 or 1");
+        TORCH_CHECK(sp.streaming_info[2 * h] >= 0 && sp.streaming_info[2 * h + 1] >= 0, kSparseOp,
+                    ": streaming_info of head ", h, " must be >= 0");
+        TORCH_CHECK(sp.sparse_index[h] == (type == 1 ? n_sparse : -1), kSparseOp,
+                    ": sparse_index must number the block-sparse heads 0, 1, ... in head order and be -1 elsewhere");
+        n_sparse += type == 1;
+    }
+    TORCH_CHECK(n_sparse == sp.n_sparse, kSparseOp, ": ", n_sparse, " heads are block-sparse but the block lists have ",
+                sp.n_sparse);
+    cpu::attention_forward(prep.params);
+    return {prep.out, prep.lse};
+}
+
+#if defined(TKPY_WITH_CUDA)
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type, const at::Tensor& streaming_info,
+    const at::Tensor& sparse_index, const std::optional<at::Tensor>& block_indices,
+    const std::optional<at::Tensor>& block_counts, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+    bool is_causal, bool exact_streaming) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    Prepared prep = prepare_sparse(q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, sparse_index,
+                                   block_indices, block_counts, max_seqlen_q, max_seqlen_k, softmax_scale, is_causal,
+                                   exact_streaming);
+    check_launch(kSparseOp, attention::launch_attention_forward(prep.params, c10::cuda::getCurrentCUDAStream()));
+    return {prep.out, prep.lse};
+}
+#endif
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& cu_seqlens_q,

@@ -23,6 +23,13 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                                                          double softmax_scale, int64_t window_left,
                                                          int64_t window_right, double softcap);
 
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type, const at::Tensor& streaming_info,
+    const at::Tensor& sparse_index, const std::optional<at::Tensor>& block_indices,
+    const std::optional<at::Tensor>& block_counts, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+    bool is_causal, bool exact_streaming);
+
 // torch.ops.tkpy_selftest: the tile library's host index math and self-test kernels.
 at::Tensor tk_tile_offsets(int64_t rows, int64_t cols, int64_t elem_bytes, int64_t swizzle);
 at::Tensor gemm_tile_order(int64_t tiles_m, int64_t tiles_n, int64_t group_m);
@@ -39,6 +46,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
                                                           int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                           double softmax_scale, int64_t window_left,
                                                           int64_t window_right, double softcap);
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type, const at::Tensor& streaming_info,
+    const at::Tensor& sparse_index, const std::optional<at::Tensor>& block_indices,
+    const std::optional<at::Tensor>& block_counts, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+    bool is_causal, bool exact_streaming);
 void apply_rope_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                      const at::Tensor& sin, const std::optional<at::Tensor>& positions, bool interleaved);
 void apply_rope_3d_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, at::IntArrayRef grid_thw,

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "tkpy/detail/block_sparse_index.h"
 #include "tkpy/types.h"
 
 #if defined(TKPY_WITH_CUDA)
@@ -44,6 +45,10 @@ struct AttentionParams {
     int window_left = -1;  // keys visible to query i: [i + Sk - Sq - left, i + Sk - Sq + right];
     int window_right = -1; // -1 is unbounded; causal is window_right = 0
     DType dtype = DType::bf16;
+    // LServe unified sparse prefill (block_sparse_attn_func and its streaming variants): per-head
+    // types and block lists, in 128-token blocks. head_mask_type == nullptr: plain dense attention
+    // with the window above. Otherwise varlen only, and the window fields are unused.
+    detail::SparseHeads sparse{};
 };
 
 #if defined(TKPY_WITH_CUDA)

@@ -1,10 +1,23 @@
 """tkpy: H100 tile kernels (dense and LServe sparse attention, RIFLEx RoPE) as drop-in torch ops."""
 
-from . import _ops, riflex, rope
+from . import _ops, lserve, riflex, rope
 from ._ops import cuda_compiled
 from .attention import flash_attn_func, flash_attn_varlen_func
+from .block_sparse import block_sparse_attn_func, block_streaming_attn_func, token_streaming_attn_func
 from .matmul import gemm
 
 __version__ = "0.1.0"
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "gemm", "riflex", "rope", "cuda_compiled", "__version__"]
+__all__ = [
+    "block_sparse_attn_func",
+    "block_streaming_attn_func",
+    "cuda_compiled",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "gemm",
+    "lserve",
+    "riflex",
+    "rope",
+    "token_streaming_attn_func",
+    "__version__",
+]

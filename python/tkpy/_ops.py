@@ -61,11 +61,23 @@ def _attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
+@torch.library.register_fake("tkpy::block_sparse_attention_forward")
+def _block_sparse_attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
+                                         sparse_index, block_indices, block_counts, max_seqlen_q, max_seqlen_k,
+                                         softmax_scale, is_causal, exact_streaming):
+    _check_same_device("block_sparse_attention_forward", q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
+                       cu_seqlens_k=cu_seqlens_k, head_mask_type=head_mask_type, streaming_info=streaming_info,
+                       sparse_index=sparse_index, block_indices=block_indices, block_counts=block_counts)
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
 def _attention_backward(ctx, grad_out, grad_lse):
     raise NotImplementedError(
-        "tkpy attention: backward is not implemented; tkpy.flash_attn_func and flash_attn_varlen_func are "
-        "forward-only (inference). Use flash-attn or torch SDPA for training."
+        "tkpy attention: backward is not implemented; tkpy's attention functions (flash_attn_func, "
+        "flash_attn_varlen_func, block_sparse_attn_func and the streaming variants) are forward-only "
+        "(inference). Use flash-attn or torch SDPA for training."
     )
 
 
 torch.library.register_autograd("tkpy::attention_forward", _attention_backward)
+torch.library.register_autograd("tkpy::block_sparse_attention_forward", _attention_backward)

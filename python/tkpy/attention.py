@@ -102,8 +102,8 @@ def flash_attn_func(
 
     Returns
     -------
-    out : Tensor ``[B, Sq, Hq, D]`` (a query that sees no key gives 0 and lse -inf), or
-    ``(out, softmax_lse, None)``.
+    out : Tensor ``[B, Sq, Hq, D]``, or ``(out, softmax_lse, None)``. A query that sees no key gives
+    0 and lse -inf (flash-attn 2 reports +inf there; -inf is the log of an empty sum).
     """
     _refuse_unimplemented("flash_attn_func", dropout_p, alibi_slopes)
     left, right = _window(causal, window_size)

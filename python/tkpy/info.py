@@ -56,11 +56,13 @@ def report() -> str:
         "build: " + (f"CUDA {_C.cuda_version}, architectures sm_{', sm_'.join(_C.cuda_archs.split(';'))}" if cuda_built else "CPU only (no CUDA kernels compiled)"),
         f"torch sees a CUDA device: {torch.cuda.is_available()}",
         "",
-        f"{'op':<28}{'CPU':<6}{'CUDA':<6}fake",
     ]
-    for name in registered_ops():
+    ops = registered_ops()
+    width = max(map(len, ops), default=2) + 2
+    lines.append(f"{'op':<{width}}{'CPU':<6}{'CUDA':<6}fake")
+    for name in ops:
         b = op_backends(name)
-        lines.append(f"{name:<28}{'yes' if b['CPU'] else 'no':<6}{'yes' if b['CUDA'] else 'no':<6}{'yes' if b['Meta'] else 'no'}")
+        lines.append(f"{name:<{width}}{'yes' if b['CPU'] else 'no':<6}{'yes' if b['CUDA'] else 'no':<6}{'yes' if b['Meta'] else 'no'}")
     lines += ["", *gpu_lines()]
     return "\n".join(lines)
 

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["rope_frequencies", "rope", "rope_3d_table", "rope_3d", "matmul", "attention"]
+__all__ = ["rope_frequencies", "rope", "rope_3d_table", "rope_3d", "matmul", "attention", "block_sparse_attention"]
 
 
 def rope_frequencies(dim: int, theta: float, k: Optional[int] = None, L_test: Optional[float] = None) -> torch.Tensor:
@@ -155,4 +155,94 @@ def attention(
         out[q0:q1], lse[:, q0:q1] = _attention_one_sequence(
             q[q0:q1], k[k0:k1], v[k0:k1], causal, window_size, softcap, softmax_scale
         )
+    return out, lse
+
+
+SPARSE_BLOCK = 128  # the token size of Block-Sparse-Attention's mask blocks and streaming blocks
+
+
+def _block_sparse_head_mask(seqlen_q, seqlen_k, head_type, sink, local, blockmask, is_causal, exact_streaming, device):
+    """bool ``[Sq, Sk]``: which keys each query of one (sequence, head) sees, straight from the definitions."""
+    i = torch.arange(seqlen_q, device=device)[:, None]
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    diagonal = i + seqlen_k - seqlen_q  # bottom-right aligned
+    causal = j <= diagonal
+    if head_type == -1:  # streaming heads are causal whatever is_causal says
+        if exact_streaming:  # sink and local count tokens; the local window holds the query itself
+            return causal & ((j < sink) | (j >= diagonal - (local - 1)))
+        row_block, key_block = i // SPARSE_BLOCK, j // SPARSE_BLOCK
+        end = math.ceil(max(seqlen_k - seqlen_q, 0) / SPARSE_BLOCK) + 1 + row_block
+        return causal & ((key_block < sink) | ((key_block >= end - local) & (key_block < end)))
+    visible = causal if is_causal else torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if head_type == 1:
+        visible = visible & blockmask[i // SPARSE_BLOCK, j // SPARSE_BLOCK]
+    return visible
+
+
+def _masked_attention(q, k, v, visible, scale):
+    """q ``[Sq, H, D]``, k/v ``[Sk, H, D]``, visible bool ``[H, Sq, Sk]`` -> out ``[Sq, H, D]``, lse ``[H, Sq]``."""
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf where a row sees no key
+    seen = visible.any(dim=-1)  # [H, Sq]
+    probs = torch.where(seen[..., None], torch.exp(scores - torch.where(seen, lse, 0.0)[..., None]), 0.0)
+    return torch.einsum("hqk,khd->qhd", probs, v), lse
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    head_mask_type: torch.Tensor,
+    streaming_info: torch.Tensor,
+    base_blockmask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    exact_streaming: bool = False,
+    softmax_scale: Optional[float] = None,
+):
+    """LServe's unified block-sparse prefill in float64, one explicit mask per (sequence, head).
+
+    q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]``, ``cu_seqlens_*`` ``[B+1]``, ``head_mask_type``
+    ``[Hq]`` (0 dense, -1 streaming, 1 block-sparse), ``streaming_info`` ``[2·Hq]`` (sink, local),
+    ``base_blockmask`` bool ``[B, n_block_sparse_heads, QB, KB]`` -> out ``[Tq, Hq, D]``, lse
+    ``[Hq, Tq]``, both float64. Positions count from each sequence's start; with ``diag = i+Sk-Sq``:
+
+    - dense heads see ``j <= diag`` if ``is_causal``, else every key;
+    - the n-th block-sparse head (1-based, in head order) sees the 128×128 blocks that
+      ``base_blockmask[b, n-1]`` marks, ANDed with the causal mask if ``is_causal``;
+    - streaming heads are always causal. With ``exact_streaming`` they see ``j < sink`` or
+      ``j >= diag-(local-1)`` (tokens); otherwise row block ``i`` sees key blocks
+      ``[0, sink) ∪ [m-local, m)``, ``m = ceil(max(Sk-Sq, 0)/128)+1+i`` (blocks).
+
+    Query head h reads kv head ``h // (Hq/Hkv)``. A row that sees no key gives out 0, lse -inf.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    heads_q, head_dim = q.shape[1], q.shape[2]
+    group = heads_q // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    types = [int(t) for t in head_mask_type.tolist()]
+    sizes = [int(s) for s in streaming_info.tolist()]
+    sparse_column = {h: n for n, h in enumerate(h for h, t in enumerate(types) if t == 1)}
+    if sparse_column and (base_blockmask is None or base_blockmask.shape[1] != len(sparse_column)):
+        raise ValueError(f"{len(sparse_column)} block-sparse heads need base_blockmask [B, {len(sparse_column)}, QB, KB]")
+
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    lse = torch.full((heads_q, q.shape[0]), float("-inf"), dtype=torch.float64, device=q.device)
+    for b in range(len(starts_q) - 1):
+        q0, q1 = starts_q[b], starts_q[b + 1]
+        k0, k1 = starts_k[b], starts_k[b + 1]
+        visible = torch.stack([
+            _block_sparse_head_mask(
+                q1 - q0, k1 - k0, types[h], sizes[2 * h], sizes[2 * h + 1],
+                base_blockmask[b, sparse_column[h]].to(q.device) if types[h] == 1 else None, is_causal,
+                exact_streaming, q.device,
+            )
+            for h in range(heads_q)
+        ])
+        out[q0:q1], lse[:, q0:q1] = _masked_attention(q[q0:q1], k[k0:k1], v[k0:k1], visible, scale)
     return out, lse

@@ -2,15 +2,17 @@
 //
 // One CTA = 3 warpgroups, persistent over tasks (batch, query head, 128-row query tile), the
 // heaviest query tiles (the last ones, under bottom-right causal masks) first:
-//   - warpgroup 0, the producer, keeps 24 registers; one thread TMA-loads the task's two 64-row Q
-//     tiles, then K and V blocks into a ring of shared-memory stages (full/empty mbarriers);
-//   - warpgroups 1 and 2, the consumers, take 240 registers and own 64 query rows each:
+//   - warpgroup 0, the producer, gives registers away (setmaxnreg); one thread TMA-loads the
+//     task's two 64-row Q tiles, then K and V blocks into a ring of shared-memory stages
+//     (full/empty mbarriers), walking the task's key-block plan;
+//   - warpgroups 1 and 2, the consumers, take the registers and own 64 query rows each:
 //     S = Q Kᵀ (wgmma, both operands in shared memory), masks and softcap in registers, an exp2
 //     online softmax, O += P V (wgmma, P from registers), then O / l and lse, with O staged in the
 //     consumer's Q tile and TMA-stored (element-wise, masked, for a varlen tile that ends inside
 //     its tensor, where TMA could not clip it).
-// Which keys a row sees, and which key blocks a tile needs, come from tkpy/detail/attention_index.h,
-// the same functions the CPU path runs.
+// Which keys a row sees, and which key blocks a tile needs, come from tkpy/detail/attention_index.h
+// (dense, with windows) and tkpy/detail/block_sparse_index.h (LServe's dense, streaming and
+// block-sparse heads in one launch), the same functions the CPU path runs.
 #pragma once
 
 #include <cmath>
@@ -23,23 +25,31 @@ namespace tkpy::attention {
 
 // Per-head-dim tiles: key/value block rows and ring stages, as ThunderKittens sizes them
 // (128-row KV blocks; 4 stages at D = 64, 2 at D = 128; 64-row blocks at D = 256 so that the
-// 128-float O accumulator and S fit in 240 registers).
+// 128-float O accumulator and S fit), and the setmaxnreg split of the CTA's 3 x 168 registers per
+// thread between the producer and the two consumers (at D = 256 the producer's block-plan walk
+// needs 56 to stay out of local memory).
 template <int D>
 struct attn_tile;
 template <>
 struct attn_tile<64> {
     static constexpr int kv_rows = 128;
     static constexpr int stages = 4;
+    static constexpr int producer_registers = 40;
+    static constexpr int consumer_registers = 232;
 };
 template <>
 struct attn_tile<128> {
     static constexpr int kv_rows = 128;
     static constexpr int stages = 2;
+    static constexpr int producer_registers = 40;
+    static constexpr int consumer_registers = 232;
 };
 template <>
 struct attn_tile<256> {
     static constexpr int kv_rows = 64;
     static constexpr int stages = 2;
+    static constexpr int producer_registers = 56;
+    static constexpr int consumer_registers = 224;
 };
 
 inline constexpr int kConsumers = 2;
@@ -72,9 +82,15 @@ struct AttnKernel {
         kv_tile v[stages];
         tk::barrier q_full, q_empty;
         tk::barrier kv_full[stages], kv_empty[stages];
+        // Written by the producer before the barrier arrival that publishes them, so consumers
+        // never walk a block plan themselves (it would cost registers they need for O).
+        int task_kv_blocks;       // kv blocks of the task whose Q is loaded, with q_full
+        int kv_block[stages];     // which kv block a stage holds, with kv_full[stage]
     };
 
     static constexpr size_t smem_bytes = sizeof(smem) + tk::layout::kTileAlignment;
+    static_assert(cfg::producer_registers + kConsumers * cfg::consumer_registers <= 3 * 168,
+                  "attention: setmaxnreg counts exceed the CTA's register pool (3 x 168 per thread)");
     static_assert(smem_bytes <= 227 * 1024, "attention: shared memory budget exceeded");
 };
 
@@ -85,9 +101,16 @@ struct Task {
     int q0;  // first query row of the tile, within its sequence
     detail::Sequence seq_q;
     detail::Sequence seq_k;
-    detail::Range blocks;  // key blocks to visit
+    // Key blocks to visit: plan.block(n) for n < plan.size() (-1: skip), each `sub` kv blocks of
+    // the kernel's kv_rows (dense: plan blocks are kv blocks; sparse: 128-token blocks).
+    detail::KeyBlockPlan plan;
+    int sub;
+    int32_t type;  // sparse head type (dense attention: kDenseHead)
+    int sink;
+    int local;
 
     __device__ bool has_rows() const { return q0 < seq_q.len; }
+    __device__ bool loads_q() const { return has_rows() && plan.size() > 0; }
 };
 
 template <int KvRows>
@@ -100,9 +123,24 @@ __device__ inline Task make_task(const AttentionParams& p, int q_tiles, int inde
     t.batch = (index % heads_batches) / p.heads_q;
     t.seq_q = detail::sequence(p.cu_seqlens_q, t.batch, p.seqlen_q);
     t.seq_k = detail::sequence(p.cu_seqlens_k, t.batch, p.seqlen_k);
-    t.blocks = t.has_rows() ? detail::key_blocks(t.q0, t.q0 + kTileRows, t.seq_q.len, t.seq_k.len, p.window_left,
-                                                 p.window_right, KvRows)
-                            : detail::Range{0, 0};
+    t.type = detail::kDenseHead;
+    t.sink = t.local = 0;
+    t.plan = detail::KeyBlockPlan{};
+    t.sub = 1;
+    if (!t.has_rows()) return t;
+    if (p.sparse.head_mask_type == nullptr) {
+        const detail::Range r = detail::key_blocks(t.q0, t.q0 + kTileRows, t.seq_q.len, t.seq_k.len, p.window_left,
+                                                   p.window_right, KvRows);
+        t.plan = detail::KeyBlockPlan{r, detail::Range{0, 0}, nullptr, 0, r};
+    } else {
+        static_assert(detail::kSparseBlock % KvRows == 0 && kTileRows == detail::kSparseBlock,
+                      "sparse attention: query tiles must be the 128-token blocks, kv blocks must divide them");
+        t.plan = detail::sparse_plan(p.sparse, t.batch, t.head, t.q0 / kTileRows, t.seq_q.len, t.seq_k.len);
+        t.sub = detail::kSparseBlock / KvRows;
+        t.type = p.sparse.head_mask_type[t.head];
+        t.sink = p.sparse.streaming_info[2 * t.head];
+        t.local = p.sparse.streaming_info[2 * t.head + 1];
+    }
     return t;
 }
 
@@ -118,23 +156,50 @@ __device__ inline void producer(const typename AttnKernel<T, D>::params& prm, ty
     const bool varlen = p.cu_seqlens_q != nullptr;
     for (int index = blockIdx.x; index < tasks; index += gridDim.x) {
         const Task t = make_task<K::kv_rows>(p, prm.q_tiles, index);
-        if (t.blocks.hi <= t.blocks.lo) continue;
+        if (!t.loads_q()) continue;
         const int b = varlen ? 0 : t.batch;
         tk::wait(s.q_empty, q_parity ^ 1);
+        int kv_blocks = 0;
+        for (int n = 0; n < t.plan.size(); ++n) kv_blocks += t.plan.block(n) >= 0 ? t.sub : 0;
+        s.task_kv_blocks = kv_blocks;
         tk::arrive_expect_tx(s.q_full, kConsumers * K::q_tile::bytes);
         for (int c = 0; c < kConsumers; ++c) {
             tk::tma::load_async(s.q[c], prm.q, b, int(t.seq_q.start) + t.q0 + c * kConsumerRows, t.head, s.q_full);
         }
         q_parity ^= 1;
         const int kv_head = t.head / group;
-        for (int blk = t.blocks.lo; blk < t.blocks.hi; ++blk, ring.advance()) {
-            tk::wait(s.kv_empty[ring.stage], ring.parity ^ 1);
-            tk::arrive_expect_tx(s.kv_full[ring.stage], 2 * K::kv_tile::bytes);
-            const int row = int(t.seq_k.start) + blk * K::kv_rows;
-            tk::tma::load_async(s.k[ring.stage], prm.k, b, row, kv_head, s.kv_full[ring.stage]);
-            tk::tma::load_async(s.v[ring.stage], prm.v, b, row, kv_head, s.kv_full[ring.stage]);
+        for (int n = 0; n < t.plan.size(); ++n) {
+            const int blk = t.plan.block(n);
+            if (blk < 0) continue;
+            for (int sb = 0; sb < t.sub; ++sb, ring.advance()) {
+                tk::wait(s.kv_empty[ring.stage], ring.parity ^ 1);
+                const int kv_blk = blk * t.sub + sb;
+                s.kv_block[ring.stage] = kv_blk;
+                tk::arrive_expect_tx(s.kv_full[ring.stage], 2 * K::kv_tile::bytes);
+                const int row = int(t.seq_k.start) + kv_blk * K::kv_rows;
+                tk::tma::load_async(s.k[ring.stage], prm.k, b, row, kv_head, s.kv_full[ring.stage]);
+                tk::tma::load_async(s.v[ring.stage], prm.v, b, row, kv_head, s.kv_full[ring.stage]);
+            }
         }
     }
+}
+
+// The keys query i sees, for the task's head (dense attention: the window; sparse heads: their
+// type's token rules), as at most two ranges.
+__device__ inline detail::KeyRanges task_visible_keys(const AttentionParams& p, const Task& t, int i) {
+    if (p.sparse.head_mask_type == nullptr) {
+        return detail::KeyRanges{detail::visible_keys(i, t.seq_q.len, t.seq_k.len, p.window_left, p.window_right),
+                                 detail::Range{0, 0}};
+    }
+    return detail::sparse_visible_keys(i, t.seq_q.len, t.seq_k.len, t.type, t.sink, t.local, p.sparse);
+}
+
+__device__ inline bool task_tile_fully_visible(const AttentionParams& p, const Task& t, int q0, int rows, int k0, int cols) {
+    if (p.sparse.head_mask_type == nullptr) {
+        return detail::block_fully_visible(q0, rows, k0, cols, t.seq_q.len, t.seq_k.len, p.window_left, p.window_right);
+    }
+    return detail::sparse_tile_fully_visible(q0, rows, k0, cols, t.seq_q.len, t.seq_k.len, t.type, t.sink, t.local,
+                                             p.sparse);
 }
 
 // Scores of one key block in base-2 units (scale, softcap and log2(e) applied), -inf where the
@@ -148,17 +213,19 @@ __device__ inline void scale_and_mask(tk::rt_fl<16, N>& x, const AttentionParams
     } else {
         tk::warp::mul(x, x, scale * kLog2e);
     }
-    const int sq = t.seq_q.len, sk = t.seq_k.len;
-    if (detail::block_fully_visible(row0, 16, k0, N, sq, sk, p.window_left, p.window_right)) return;
+    if (task_tile_fully_visible(p, t, row0, 16, k0, N)) return;
+    // A lane holds two rows of the warp's 16: g and g + 8.
+    const detail::KeyRanges rows[2] = {task_visible_keys(p, t, row0 + tk::base_row(0)),
+                                       task_visible_keys(p, t, row0 + tk::base_row(1))};
     const float neg_inf = -INFINITY;
 #pragma unroll
     for (int j = 0; j < x.width; ++j)
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-            const int i = row0 + tk::base_row(k);
+            const detail::KeyRanges& keys = rows[k & 1];
             const int key = k0 + 16 * j + tk::base_col(k);
-            if (!detail::key_visible(i, key, sq, sk, p.window_left, p.window_right)) x.tiles[0][j].data[k].x = neg_inf;
-            if (!detail::key_visible(i, key + 1, sq, sk, p.window_left, p.window_right)) x.tiles[0][j].data[k].y = neg_inf;
+            if (!keys.contains(key)) x.tiles[0][j].data[k].x = neg_inf;
+            if (!keys.contains(key + 1)) x.tiles[0][j].data[k].y = neg_inf;
         }
 }
 
@@ -183,25 +250,23 @@ __device__ inline void consumer(const typename AttnKernel<T, D>::params& prm, ty
         const Task t = make_task<K::kv_rows>(p, prm.q_tiles, index);
         if (!t.has_rows()) continue;  // a varlen sequence shorter than this tile
         const int rows0 = t.q0 + c * kConsumerRows;  // this consumer's first row in the sequence
-        const int64_t row_base = p.o_batch_stride * (varlen ? 0 : t.batch) + p.o_head_stride * t.head;
-        const tk::gl<T> out_rows{static_cast<T*>(p.out) + row_base + p.o_token_stride * (t.seq_q.start + rows0),
-                                 t.seq_q.len - rows0, D, p.o_token_stride};
-        float* lse = p.lse + p.lse_batch_stride * t.batch + p.lse_head_stride * t.head + t.seq_q.start;
 
         tk::warp::zero(o);
         tk::warp::fill(m, -INFINITY);
         tk::warp::fill(l, 0.f);
-        const bool any_block = t.blocks.hi > t.blocks.lo;
+        const bool any_block = t.loads_q();
         if (any_block) {
             tk::wait(s.q_full, q_parity);
-            for (int blk = t.blocks.lo; blk < t.blocks.hi; ++blk, ring.advance()) {
+            const int kv_blocks = s.task_kv_blocks;
+            for (int it = 0; it < kv_blocks; ++it, ring.advance()) {
                 tk::wait(s.kv_full[ring.stage], ring.parity);
+                const int kv_blk = s.kv_block[ring.stage];
                 tk::warpgroup::mma_fence(x);
                 tk::warpgroup::mm_ABt(x, s.q[c], s.k[ring.stage]);
                 tk::warpgroup::mma_commit_group();
                 tk::warpgroup::mma_async_wait<0>(x);
 
-                scale_and_mask(x, p, t, rows0 + 16 * warp, blk * K::kv_rows);
+                scale_and_mask(x, p, t, rows0 + 16 * warp, kv_blk * K::kv_rows);
                 tk::warp::row_max(block_max, x);
                 // m_new = max(m, block max); rows that have seen no key yet keep -inf and use 0
                 // as the exponent offset, so exp2 never meets inf - inf.
@@ -217,7 +282,7 @@ __device__ inline void consumer(const typename AttnKernel<T, D>::params& prm, ty
                 tk::warp::mul_row(o, o, alpha);
                 tk::warp::copy(prob, x);
 
-                tk::warpgroup::mma_fence(o);
+                tk::warpgroup::mma_fence(o, prob);
                 tk::warpgroup::mma_AB(o, prob, s.v[ring.stage]);
                 tk::warpgroup::mma_commit_group();
                 tk::warpgroup::mma_async_wait<0>(o);
@@ -225,6 +290,12 @@ __device__ inline void consumer(const typename AttnKernel<T, D>::params& prm, ty
             }
             q_parity ^= 1;
         }
+
+        // Output addresses are formed only now, so they hold no registers during the loop above.
+        const int64_t row_base = p.o_batch_stride * (varlen ? 0 : t.batch) + p.o_head_stride * t.head;
+        const tk::gl<T> out_rows{static_cast<T*>(p.out) + row_base + p.o_token_stride * (t.seq_q.start + rows0),
+                                 t.seq_q.len - rows0, D, p.o_token_stride};
+        float* lse = p.lse + p.lse_batch_stride * t.batch + p.lse_head_stride * t.head + t.seq_q.start;
 
         // O / l, and lse = ln(sum exp(s)) = (m + log2 l) ln 2; a row that saw nothing: 0 and -inf.
         tk::warp::map(m, m, l, [](float mx, float sum) { return sum > 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY; });
@@ -275,10 +346,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const __grid
     }
     __syncthreads();
     if (tk::warpgroupid() == 0) {
-        tk::warpgroup::decrease_registers<24>();
+        tk::warpgroup::decrease_registers<K::cfg::producer_registers>();
         if (threadIdx.x == 0) producer<T, D>(prm, s);
     } else {
-        tk::warpgroup::increase_registers<240>();
+        tk::warpgroup::increase_registers<K::cfg::consumer_registers>();
         consumer<T, D>(prm, s, tk::warpgroupid() - 1);
     }
 }
@@ -300,10 +371,14 @@ cudaError_t launch_typed(const AttentionParams& p, cudaStream_t stream) {
     if (tasks == 0) return cudaSuccess;
     const bool varlen = p.cu_seqlens_q != nullptr;
     // Varlen: one "batch" of packed tokens, as many rows as the packed tensors have.
+    // A dim of size 1 may carry any stride in torch; TMA wants every stride a multiple of 16 bytes,
+    // so those get the stride a packed layout would have.
     const auto view = [&](const void* data, int64_t batch_stride, int64_t token_stride, int64_t head_stride,
                           int heads, int64_t rows) {
-        return tk::gl4<T>{static_cast<T*>(const_cast<void*>(data)), varlen ? 1 : p.batch, rows, heads, D,
-                          varlen ? rows * token_stride : batch_stride, token_stride, head_stride};
+        const int64_t batches = varlen ? 1 : p.batch;
+        return tk::gl4<T>{static_cast<T*>(const_cast<void*>(data)), batches, rows, heads, D,
+                          batches == 1 ? rows * token_stride : batch_stride, token_stride,
+                          heads == 1 ? int64_t(D) : head_stride};
     };
     const int64_t rows_q = varlen ? p.total_q : p.seqlen_q;
     const int64_t rows_k = varlen ? p.total_k : p.seqlen_k;

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -22,12 +22,18 @@ __all__ = ["HeadPattern"]
 BLOCK_TOKENS = 128
 # DuoAttention's tie breaker: small enough not to reorder distinct gates, large enough to split ties.
 TIE_NOISE = 1e-6
+# Trained gates overshoot [0, 1] a little (the released Llama-3-Gradient and Mistral patterns go
+# down to -2.4e-4) and DuoAttention clips them on load; a value further out means a wrong file.
+GATE_SLACK = 1e-3
 
 DENSE, STREAMING = 0, -1
 
 
 def _read_gates(path: Union[str, PathLike]) -> np.ndarray:
-    """Parse a pattern file into float64 ``[num_layers, num_kv_heads]``, naming the bad line."""
+    """Parse a pattern file into float64 ``[num_layers, num_kv_heads]`` clipped to [0, 1].
+
+    Gates within ``GATE_SLACK`` of [0, 1] are clipped; anything else raises, naming the line.
+    """
     rows: list[list[float]] = []
     for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -38,9 +44,9 @@ def _read_gates(path: Union[str, PathLike]) -> np.ndarray:
                 gate = float(token)
             except ValueError:
                 raise ValueError(f"{path}:{line_no}: column {column}: {token!r} is not a number") from None
-            if not 0.0 <= gate <= 1.0:  # also false for NaN
+            if not -GATE_SLACK <= gate <= 1.0 + GATE_SLACK:  # also false for NaN
                 raise ValueError(f"{path}:{line_no}: column {column}: gate {token!r} is not in [0, 1]")
-            row.append(gate)
+            row.append(min(max(gate, 0.0), 1.0))
         if rows and len(row) != len(rows[0]):
             raise ValueError(
                 f"{path}:{line_no}: expected {len(rows[0])} tab-separated gates (one per KV head, as in "
@@ -124,7 +130,8 @@ class HeadPattern:
         Parameters
         ----------
         path : str or PathLike
-            Pattern file: one row per layer, one tab-separated gate in [0, 1] per KV head.
+            Pattern file: one row per layer, one tab-separated gate in [0, 1] per KV head. Gates
+            less than 1e-3 outside [0, 1] are clipped, as DuoAttention's loader does.
         num_query_heads : int
             Query heads per layer (the file only knows KV heads).
         static_sparsity : float in [0, 1]
@@ -157,7 +164,7 @@ class HeadPattern:
         """Achieved fraction of streaming heads over all layers (the same for KV and query heads)."""
         return float(self.streaming_mask.mean())
 
-    def head_mask_type(self, layer: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    def head_mask_type(self, layer: int, device: Union[torch.device, str, None] = None) -> torch.Tensor:
         """int32 ``[num_query_heads]``: 0 for a dense head, -1 for a streaming head.
 
         Each KV head's type is repeated over its GQA group: query head ``h`` takes KV head
@@ -167,7 +174,7 @@ class HeadPattern:
         group = self.num_query_heads // self.num_kv_heads
         return torch.tensor(np.repeat(kv_types, group), dtype=torch.int32, device=device)
 
-    def streaming_info(self, layer: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    def streaming_info(self, layer: int, device: Union[torch.device, str, None] = None) -> torch.Tensor:
         """int32 ``[2 * num_query_heads]``: ``(sink, local)`` for every query head, interleaved.
 
         In tokens when ``exact_streaming``, else in 128-token blocks. Dense heads carry the pair

@@ -79,6 +79,17 @@ __device__ inline void mma_fence(rt<float, 16, N>& d) {
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
 
+// The same, for a wgmma that also reads A from registers: the code that wrote `a` (e.g. packing
+// P to bf16) must not sink past the fence.
+template <int N, tile_element T, int K>
+__device__ inline void mma_fence(rt<float, 16, N>& d, rt<T, 16, K>& a) {
+#pragma unroll
+    for (int j = 0; j < a.width; ++j)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) asm volatile("" : "+r"(*reinterpret_cast<uint32_t*>(&a.tiles[0][j].data[k]))::"memory");
+    mma_fence(d);
+}
+
 __device__ inline void mma_commit_group() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 
 // Waits until at most N committed wgmma groups are still running, then pins d so that no read of

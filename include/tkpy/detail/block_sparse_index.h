@@ -1,0 +1,147 @@
+// Shared index math of LServe's unified block-sparse prefill (Block-Sparse-Attention semantics):
+// which 128-token key blocks a (sequence, head, 128-row query block) visits and which keys inside
+// them a query sees, for dense, streaming and block-sparse heads. The CUDA kernel and the CPU path
+// both iterate a KeyBlockPlan, so the CPU tests exercise the exact block lists the GPU visits.
+#pragma once
+
+#include <cstdint>
+
+#include "tkpy/detail/attention_index.h"
+#include "tkpy/detail/hd.h"
+
+namespace tkpy::detail {
+
+inline constexpr int kSparseBlock = 128;
+
+enum HeadType : int32_t { kStreamingHead = -1, kDenseHead = 0, kBlockSparseHead = 1 };
+
+// Per-head configuration, as the bindings validated it. Pointers are host memory for the CPU
+// path and device memory for the kernel.
+struct SparseHeads {
+    const int32_t* head_mask_type;  // [Hq]: 0 dense, -1 streaming, 1 block-sparse
+    const int32_t* streaming_info;  // [2 * Hq]: (sink, local) per head
+    const int32_t* sparse_index;    // [Hq]: column of base_blockmask for block-sparse heads, else -1
+    const int32_t* block_indices;   // [B, n_sparse, QB, KB]: active key blocks of each row block, ascending
+    const int32_t* block_counts;    // [B, n_sparse, QB]: how many of those are active
+    int n_sparse;
+    int mask_q_blocks;  // QB = ceil(max_seqlen_q / 128)
+    int mask_k_blocks;  // KB = ceil(max_seqlen_k / 128)
+    bool causal;           // dense and block-sparse heads: bottom-right causal
+    bool exact_streaming;  // streaming_info in tokens (exact mask) rather than 128-token blocks
+};
+
+TKPY_HD int ceil_blocks(int tokens) { return (tokens + kSparseBlock - 1) / kSparseBlock; }
+
+TKPY_HD int diagonal(int i, int sq, int sk) { return i + sk - sq; }
+
+// The keys query i (of a sequence with sq queries, sk keys) sees, given its head type: at most two
+// ranges. Block selection is the plan's job; this is the token-level part: causality, lengths and,
+// for exact streaming heads, the sink and the local window (which includes the query's own position).
+struct KeyRanges {
+    Range a;
+    Range b;
+
+    TKPY_HD bool contains(int j) const { return (j >= a.lo && j < a.hi) || (j >= b.lo && j < b.hi); }
+};
+
+TKPY_HD KeyRanges sparse_visible_keys(int i, int sq, int sk, int32_t type, int sink, int local, const SparseHeads& h) {
+    const int diag = diagonal(i, sq, sk);
+    const bool causal = type == kStreamingHead || h.causal;
+    const Range all = visible_keys(i, sq, sk, -1, causal ? 0 : -1);
+    if (type != kStreamingHead || !h.exact_streaming) return KeyRanges{all, Range{0, 0}};
+    const Range sink_keys{all.lo, sink < all.hi ? sink : all.hi};
+    const int local_lo = diag - (local - 1);
+    return KeyRanges{sink_keys, Range{local_lo > all.lo ? local_lo : all.lo, all.hi}};
+}
+
+TKPY_HD bool sparse_key_visible(int i, int j, int sq, int sk, int32_t type, int sink, int local, const SparseHeads& h) {
+    return sparse_visible_keys(i, sq, sk, type, sink, local, h).contains(j);
+}
+
+// The key blocks of one (sequence b, head, query block qb): up to two ranges, or an ascending
+// list (block-sparse heads) clipped to `clip`. Iterate n in [0, size()), visiting block(n)
+// unless it is -1.
+struct KeyBlockPlan {
+    Range first;
+    Range second;
+    const int32_t* list;
+    int count;
+    Range clip;
+
+    TKPY_HD int size() const { return list ? count : (first.hi - first.lo) + (second.hi - second.lo); }
+
+    TKPY_HD int block(int n) const {
+        if (list) {
+            const int blk = list[n];
+            return blk >= clip.lo && blk < clip.hi ? blk : -1;
+        }
+        const int in_first = first.hi - first.lo;
+        return n < in_first ? first.lo + n : second.lo + (n - in_first);
+    }
+};
+
+TKPY_HD Range clamp(Range r, Range to) {
+    const int lo = r.lo > to.lo ? r.lo : to.lo;
+    const int hi = r.hi < to.hi ? r.hi : to.hi;
+    return hi > lo ? Range{lo, hi} : Range{0, 0};
+}
+
+// Blocks that the token-level rules can reach at all: in range and, if causal, not past the
+// diagonal of the block's last query row.
+TKPY_HD Range reachable_blocks(int qb, int sq, int sk, bool causal) {
+    return key_blocks(qb * kSparseBlock, (qb + 1) * kSparseBlock, sq, sk, -1, causal ? 0 : -1, kSparseBlock);
+}
+
+// True when every query of [q0, q0 + rows) sees every key of [k0, k0 + cols), so a kernel can skip
+// the per-element mask for that tile.
+TKPY_HD bool sparse_tile_fully_visible(int q0, int rows, int k0, int cols, int sq, int sk, int32_t type, int sink,
+                                       int local, const SparseHeads& h) {
+    if (q0 + rows > sq || k0 + cols > sk) return false;
+    const int last_key = k0 + cols - 1;
+    const bool causal = type == kStreamingHead || h.causal;
+    if (causal && last_key > diagonal(q0, sq, sk)) return false;  // the first row sees the least
+    if (type != kStreamingHead || !h.exact_streaming) return true;
+    return last_key < sink || k0 >= diagonal(q0 + rows - 1, sq, sk) - (local - 1);
+}
+
+// Block streaming: row block i sees [0, sink) u [m - local, m) with m = ceil(max(sk - sq, 0) / 128) + 1 + i.
+// Exact streaming: the blocks holding keys [0, sink) and [diag(q0) - (local - 1), diag(q1 - 1)].
+TKPY_HD KeyBlockPlan streaming_plan(int qb, int sq, int sk, int sink, int local, bool exact) {
+    const Range reach = reachable_blocks(qb, sq, sk, /*causal=*/true);
+    Range first, second;
+    if (exact) {
+        const int q0 = qb * kSparseBlock;
+        const int q1 = (q0 + kSparseBlock < sq ? q0 + kSparseBlock : sq) - 1;
+        first = Range{0, ceil_blocks(sink)};
+        const int local_lo = diagonal(q0, sq, sk) - (local - 1);
+        second = Range{local_lo < 0 ? 0 : local_lo / kSparseBlock, diagonal(q1, sq, sk) / kSparseBlock + 1};
+    } else {
+        const int shift = sk - sq > 0 ? sk - sq : 0;
+        const int m = ceil_blocks(shift) + 1 + qb;
+        first = Range{0, sink};
+        second = Range{m - local, m};
+    }
+    first = clamp(first, reach);
+    second = clamp(second, reach);
+    if (second.lo < first.hi) second.lo = first.hi;  // overlapping ranges: visit each block once
+    if (second.hi <= second.lo) second = Range{0, 0};
+    return KeyBlockPlan{first, second, nullptr, 0, reach};
+}
+
+// The plan of sequence b, head h, query block qb.
+TKPY_HD KeyBlockPlan sparse_plan(const SparseHeads& heads, int b, int h, int qb, int sq, int sk) {
+    const int32_t type = heads.head_mask_type[h];
+    if (type == kStreamingHead) {
+        return streaming_plan(qb, sq, sk, heads.streaming_info[2 * h], heads.streaming_info[2 * h + 1],
+                              heads.exact_streaming);
+    }
+    const Range reach = reachable_blocks(qb, sq, sk, heads.causal);
+    if (type == kBlockSparseHead) {
+        const int64_t row = (int64_t(b) * heads.n_sparse + heads.sparse_index[h]) * heads.mask_q_blocks + qb;
+        return KeyBlockPlan{Range{0, 0}, Range{0, 0}, heads.block_indices + row * heads.mask_k_blocks,
+                            heads.block_counts[row], reach};
+    }
+    return KeyBlockPlan{reach, Range{0, 0}, nullptr, 0, reach};
+}
+
+}  // namespace tkpy::detail

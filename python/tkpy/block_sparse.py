@@ -1,0 +1,210 @@
+"""LServe's unified sparse prefill with mit-han-lab Block-Sparse-Attention's exact signatures.
+
+Dense (type 0), streaming (type -1) and block-sparse (type 1) heads run in one launch of
+``torch.ops.tkpy.block_sparse_attention_forward``, which visits only each query block's active
+128-token key blocks: its cost scales with the number of active blocks. The block lists are a
+plan built here from ``base_blockmask`` with device ops (no host sync), so the launch itself is
+CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import _ops  # noqa: F401  (registers torch.ops.tkpy)
+from .attention import _check_cu_seqlens
+
+__all__ = ["block_sparse_attn_func", "block_streaming_attn_func", "token_streaming_attn_func", "block_lists", "plan"]
+
+BLOCK = 128
+
+
+def block_lists(base_blockmask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan of a block mask: each row's active key blocks first, ascending, and their count.
+
+    Parameters
+    ----------
+    base_blockmask : bool Tensor ``[B, n_sparse, QB, KB]``
+
+    Returns
+    -------
+    (indices, counts) : int32 ``[B, n_sparse, QB, KB]`` and int32 ``[B, n_sparse, QB]``
+    """
+    inactive_first_false = (~base_blockmask).to(torch.uint8)
+    indices = torch.argsort(inactive_first_false, dim=-1, stable=True).to(torch.int32)
+    counts = base_blockmask.sum(dim=-1, dtype=torch.int32)
+    return indices.contiguous(), counts.contiguous()
+
+
+def plan(head_mask_type: torch.Tensor, base_blockmask: Optional[torch.Tensor]):
+    """Everything the op needs besides q, k, v and the sizes, from device ops only (no host sync).
+
+    Build it once per layer and step, then call ``torch.ops.tkpy.block_sparse_attention_forward``
+    repeatedly (e.g. inside a CUDA graph) without re-sorting the mask.
+
+    Returns
+    -------
+    (sparse_index, block_indices, block_counts) : int32 ``[Hq]`` (the column of ``base_blockmask``
+    of each block-sparse head, -1 elsewhere), and :func:`block_lists` of the mask, or None, None.
+    """
+    is_sparse = head_mask_type == 1
+    sparse_index = torch.where(is_sparse, torch.cumsum(is_sparse.to(torch.int32), 0, dtype=torch.int32) - 1, -1)
+    indices, counts = block_lists(base_blockmask) if base_blockmask is not None else (None, None)
+    return sparse_index.to(torch.int32), indices, counts
+
+
+def _host_checks_allowed(t: torch.Tensor) -> bool:
+    # Reading values costs a host sync on CUDA: skipped while capturing a graph or tracing.
+    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _check_heads(fn: str, q: torch.Tensor, head_mask_type, streaming_info, base_blockmask, allowed_types) -> None:
+    heads = q.shape[-2]
+    if not isinstance(head_mask_type, torch.Tensor) or head_mask_type.shape != (heads,):
+        raise ValueError(f"{fn}: head_mask_type must be an int32 Tensor [{heads}] (one type per query head)")
+    if not isinstance(streaming_info, torch.Tensor) or streaming_info.shape != (2 * heads,):
+        raise ValueError(f"{fn}: streaming_info must be an int32 Tensor [{2 * heads}] ((sink, local) per head)")
+    if not _host_checks_allowed(head_mask_type) or head_mask_type.device != q.device:
+        return  # the op reports device and dtype errors itself
+    types = head_mask_type.tolist()
+    bad = sorted({t for t in types if t not in allowed_types})
+    if bad:
+        raise ValueError(f"{fn}: head_mask_type values must be in {sorted(allowed_types)}, got {bad}")
+    if streaming_info.device == q.device and min(streaming_info.tolist()) < 0:
+        raise ValueError(f"{fn}: streaming_info (sink, local) sizes must be >= 0, got {streaming_info.tolist()}")
+    n_sparse = types.count(1)
+    if base_blockmask is None:
+        if n_sparse:
+            raise ValueError(f"{fn}: {n_sparse} heads are block-sparse (type 1) but base_blockmask is None")
+    elif base_blockmask.dim() != 4 or base_blockmask.shape[1] != n_sparse:
+        raise ValueError(
+            f"{fn}: base_blockmask must be [batch, n_sparse_heads={n_sparse}, ceil(Sq/128), ceil(Sk/128)], "
+            f"got {tuple(base_blockmask.shape)}"
+        )
+
+
+def _run(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, base_blockmask, max_seqlen_q,
+         max_seqlen_k, p_dropout, softmax_scale, is_causal, exact_streaming, return_attn_probs, allowed_types):
+    if p_dropout != 0.0:
+        raise NotImplementedError(f"{fn}: p_dropout={p_dropout} is not implemented; use 0.0")
+    if not isinstance(cu_seqlens_q, torch.Tensor) or not isinstance(cu_seqlens_k, torch.Tensor):
+        raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must be int32 Tensors [batch + 1]")
+    if streaming_info is None:
+        streaming_info = torch.zeros(2 * q.shape[-2], dtype=torch.int32, device=q.device)
+    # Sequence lengths index the block lists: they must be within max_seqlen, or the plan would
+    # read past the lists' rows.
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q, q.shape[0], int(max_seqlen_q))
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q, k.shape[0], int(max_seqlen_k))
+    _check_heads(fn, q, head_mask_type, streaming_info, base_blockmask, allowed_types)
+    if base_blockmask is not None:
+        if base_blockmask.device != q.device:
+            raise ValueError(f"{fn}: base_blockmask must be on q's device {q.device}, got {base_blockmask.device}")
+        expected = (cu_seqlens_q.numel() - 1, base_blockmask.shape[1], math.ceil(max_seqlen_q / BLOCK), math.ceil(max_seqlen_k / BLOCK))
+        if base_blockmask.dtype != torch.bool or tuple(base_blockmask.shape) != expected:
+            raise ValueError(f"{fn}: base_blockmask must be bool {list(expected)}, got {base_blockmask.dtype} {list(base_blockmask.shape)}")
+    sparse_index, indices, counts = plan(head_mask_type, base_blockmask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    out, lse = torch.ops.tkpy.block_sparse_attention_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, sparse_index,
+        indices, counts, int(max_seqlen_q), int(max_seqlen_k), scale, bool(is_causal), bool(exact_streaming),
+    )
+    return (out, lse, None) if return_attn_probs else out
+
+
+def block_sparse_attn_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    head_mask_type,
+    streaming_info,
+    base_blockmask,
+    max_seqlen_q_,
+    max_seqlen_k_,
+    p_dropout,
+    deterministic=False,
+    softmax_scale=None,
+    is_causal=False,
+    exact_streaming=False,
+    return_attn_probs=False,
+):
+    """Unified dense / streaming / block-sparse attention over packed sequences.
+
+    Parameters
+    ----------
+    q : Tensor ``[total_q, Hq, D]``, bf16 or fp16, D in {64, 128, 256}
+    k, v : Tensor ``[total_k, Hkv, D]``, ``Hq % Hkv == 0``
+    cu_seqlens_q, cu_seqlens_k : int32 Tensor ``[B + 1]``
+    head_mask_type : int32 Tensor ``[Hq]``
+        0 dense, -1 streaming, 1 block-sparse; the n-th block-sparse head (in head order) uses
+        ``base_blockmask[:, n - 1]``.
+    streaming_info : int32 Tensor ``[2 * Hq]``
+        (sink, local) per head: tokens if ``exact_streaming``, else 128-token blocks.
+    base_blockmask : bool Tensor ``[B, n_sparse_heads, ceil(max_seqlen_q / 128), ceil(max_seqlen_k / 128)]`` or None
+    max_seqlen_q_, max_seqlen_k_ : int
+    p_dropout : float
+        Must be 0.0.
+    deterministic : bool
+        Accepted; the forward pass is deterministic.
+    softmax_scale : float, optional
+        Default ``1 / sqrt(D)``.
+    is_causal : bool
+        Bottom-right causal mask for dense and block-sparse heads (streaming heads are always causal).
+    exact_streaming : bool
+        Streaming heads see keys ``j <= i + Sk - Sq`` with ``j < sink`` or ``j >= i + Sk - Sq - (local - 1)``
+        (tokens); otherwise row block i sees key blocks ``[0, sink) u [m - local, m)``,
+        ``m = ceil(max(Sk - Sq, 0) / 128) + 1 + i``, ANDed with the causal mask.
+    return_attn_probs : bool
+        Also return ``softmax_lse`` (fp32 ``[Hq, total_q]``) and None.
+    """
+    return _run("block_sparse_attn_func", q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
+                base_blockmask, max_seqlen_q_, max_seqlen_k_, p_dropout, softmax_scale, is_causal, exact_streaming,
+                return_attn_probs, allowed_types={-1, 0, 1})
+
+
+def block_streaming_attn_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    head_mask_type,
+    streaming_info,
+    max_seqlen_q,
+    max_seqlen_k,
+    p_dropout,
+    deterministic=False,
+    softmax_scale=None,
+    is_causal=True,
+    return_attn_probs=False,
+):
+    """Dense (type 0) and block-streaming (type -1) heads; ``streaming_info`` in 128-token blocks.
+    Arguments as in :func:`block_sparse_attn_func`."""
+    return _run("block_streaming_attn_func", q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
+                None, max_seqlen_q, max_seqlen_k, p_dropout, softmax_scale, is_causal, False, return_attn_probs,
+                allowed_types={-1, 0})
+
+
+def token_streaming_attn_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    head_mask_type,
+    streaming_info,
+    max_seqlen_q,
+    max_seqlen_k,
+    deterministic=False,
+    softmax_scale=None,
+    return_attn_probs=False,
+):
+    """Dense causal (type 0) and exact token-streaming (type -1) heads; ``streaming_info`` in tokens.
+    Arguments as in :func:`block_sparse_attn_func`."""
+    return _run("token_streaming_attn_func", q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
+                None, max_seqlen_q, max_seqlen_k, 0.0, softmax_scale, True, True, return_attn_probs,
+                allowed_types={-1, 0})

@@ -1,0 +1,744 @@
+"""LServe block-sparse prefill against python/tkpy/reference.py (float64).
+
+block_sparse_attn_func, block_streaming_attn_func and token_streaming_attn_func, on CPU and GPU:
+DESIGN.md §4's invariants (every block on equals dense, streaming that covers every key equals
+dense causal, a head's output does not depend on the other heads' types), the exact- and
+block-streaming masks with Sq != Sk and small sink/local, random block masks with mixed head types,
+varlen with uneven and empty sequences, GQA, head dims, the Block-Sparse-Attention signatures and
+bad input. GPU only: poisoned outputs, large shapes, determinism, CUDA graphs.
+"""
+
+import inspect
+import itertools
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import tkpy
+from tkpy import (
+    block_sparse_attn_func,
+    block_streaming_attn_func,
+    flash_attn_varlen_func,
+    reference,
+    token_streaming_attn_func,
+)
+
+from helpers import REL_TOL, rel_err
+from test_attention import DEVICES, LSE_TOL, check_attention, packed_inputs, poison_cuda_allocator
+
+BLOCK = 128  # Block-Sparse-Attention's mask and streaming block, in tokens
+
+
+def blocks(tokens):
+    return -(-tokens // BLOCK)
+
+
+def int32(values, device):
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def streaming_info(pairs, device):
+    """int32 ``[2·Hq]`` from one (sink, local) pair per head."""
+    return int32([size for pair in pairs for size in pair], device)
+
+
+def random_blockmask(batch, heads, max_q, max_k, density, gen, device):
+    """bool ``[B, heads, ceil(max_q/128), ceil(max_k/128)]`` with each block on with probability `density`."""
+    return (torch.rand((batch, heads, blocks(max_q), blocks(max_k)), generator=gen) < density).to(device)
+
+
+def sparse_reference(q, k, v, cu_q, cu_k, types, info, mask, causal, exact):
+    return reference.block_sparse_attention(
+        q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), types.cpu(), info.cpu(),
+        None if mask is None else mask.cpu(), causal, exact,
+    )
+
+
+def run_block_sparse(q, k, v, cu_q, cu_k, types, info, mask, max_q, max_k, causal, exact):
+    """block_sparse_attn_func on poisoned memory (GPU) -> (out, lse)."""
+    if q.is_cuda:
+        poison_cuda_allocator()
+    out, lse, probs = block_sparse_attn_func(
+        q, k, v, cu_q, cu_k, types, info, mask, max_q, max_k, 0.0,
+        is_causal=causal, exact_streaming=exact, return_attn_probs=True,
+    )
+    assert probs is None and out.device == q.device and lse.device == q.device
+    return out, lse
+
+
+def check_same_attention(out, lse, other_out, other_lse, dtype):
+    """Two implementations' results agree within the dtype's tolerance (the second one as the reference)."""
+    check_attention(out, lse, other_out.double(), other_lse.double(), dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference itself
+
+
+def visible_by_definition(i, j, seqlen_q, seqlen_k, head_type, sink, local, block_on, is_causal, exact_streaming):
+    """DESIGN.md §4's masks for one (query, key) pair, restated with scalars."""
+    diagonal = i + seqlen_k - seqlen_q
+    if head_type == -1:
+        if j > diagonal:
+            return False
+        if exact_streaming:
+            return j < sink or j > diagonal - local
+        end = math.ceil(max(seqlen_k - seqlen_q, 0) / BLOCK) + 1 + i // BLOCK
+        return j // BLOCK < sink or end - local <= j // BLOCK < end
+    if is_causal and j > diagonal:
+        return False
+    return head_type == 0 or bool(block_on[i // BLOCK, j // BLOCK])
+
+
+def block_sparse_by_loops(q, k, v, lens_q, lens_k, types, pairs, mask, is_causal, exact_streaming, scale):
+    """A second oracle for the reference: one (query, head) at a time over the list of its keys."""
+    heads_q, heads_kv = q.shape[1], k.shape[1]
+    sparse_column = list(itertools.accumulate(int(t == 1) for t in types))  # 1-based where type is 1
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    lse = torch.full((heads_q, q.shape[0]), float("-inf"), dtype=torch.float64)
+    q0 = k0 = 0
+    for b, (seqlen_q, seqlen_k) in enumerate(zip(lens_q, lens_k)):
+        for h, i in itertools.product(range(heads_q), range(seqlen_q)):
+            block_on = mask[b, sparse_column[h] - 1] if types[h] == 1 else None
+            keys = [
+                j for j in range(seqlen_k)
+                if visible_by_definition(i, j, seqlen_q, seqlen_k, types[h], *pairs[h], block_on, is_causal, exact_streaming)
+            ]
+            if not keys:
+                continue
+            kv_head = h * heads_kv // heads_q
+            rows = torch.tensor(keys) + k0
+            scores = k[rows, kv_head].double() @ q[q0 + i, h].double() * scale
+            lse[h, q0 + i] = torch.logsumexp(scores, 0)
+            out[q0 + i, h] = torch.exp(scores - lse[h, q0 + i]) @ v[rows, kv_head].double()
+        q0, k0 = q0 + seqlen_q, k0 + seqlen_k
+    return out, lse
+
+
+# (lens_q, lens_k, types, (sink, local) per head, is_causal, exact_streaming); head dim 8, 2 kv heads
+LOOP_CASES = {
+    "square_block_streaming": ([5, 0, 260], [7, 3, 260], [1, -1, 0, -1], [(0, 0), (1, 1), (0, 0), (0, 2)], True, False),
+    "sq_lt_sk_block_streaming": ([5, 140], [7, 300], [-1, 1, -1, 0], [(0, 1), (0, 0), (1, 0), (0, 0)], False, False),
+    "sq_gt_sk_block_streaming": ([300, 1], [130, 0], [-1, -1, 1, 0], [(1, 1), (0, 2), (0, 0), (0, 0)], True, False),
+    "sq_lt_sk_exact": ([5, 140], [7, 300], [-1, 1, -1, 0], [(3, 5), (0, 0), (0, 1), (0, 0)], False, True),
+    "sq_gt_sk_exact": ([300, 1], [130, 0], [0, -1, 1, -1], [(0, 0), (130, 0), (0, 0), (2, 40)], True, True),
+}
+
+
+@pytest.mark.parametrize("case", LOOP_CASES)
+def test_reference_agrees_with_a_loop(case, rng):
+    lens_q, lens_k, types, pairs, causal, exact = LOOP_CASES[case]
+    q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, 4, 2, 8, torch.float32, rng, "cpu")
+    mask = random_blockmask(len(lens_q), types.count(1), max(lens_q), max(lens_k), 0.5, rng, "cpu")
+    out, lse = reference.block_sparse_attention(
+        q, k, v, cu_q, cu_k, int32(types, "cpu"), streaming_info(pairs, "cpu"), mask, causal, exact, 0.7
+    )
+    expected_out, expected_lse = block_sparse_by_loops(q, k, v, lens_q, lens_k, types, pairs, mask, causal, exact, 0.7)
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-12, atol=1e-12)
+
+
+# Worked by hand from DESIGN.md §4: (Sq, Sk, exact_streaming, sink, local, {query row: keys it sees}).
+KNOWN_COUNTS = {
+    "exact_square": (10, 10, True, 2, 3, {0: 1, 1: 2, 3: 4, 4: 5, 9: 5}),
+    "exact_diagonal_only": (10, 10, True, 0, 1, {0: 1, 9: 1}),
+    "exact_sink_only": (10, 10, True, 3, 0, {0: 1, 2: 3, 9: 3}),
+    "exact_nothing": (10, 10, True, 0, 0, {0: 0, 9: 0}),
+    "exact_sq_lt_sk": (4, 10, True, 2, 3, {0: 5, 3: 5}),
+    "exact_sq_gt_sk": (10, 4, True, 1, 2, {0: 0, 5: 0, 6: 1, 7: 2, 9: 3}),
+    "block_square_local2": (300, 300, False, 0, 2, {0: 1, 200: 201, 299: 172}),
+    "block_square_sink_only": (300, 300, False, 1, 0, {5: 6, 299: 128}),
+    "block_sq_lt_sk": (200, 300, False, 1, 1, {0: 101, 127: 228, 128: 128, 199: 172}),
+    "block_sq_lt_sk_by_256": (44, 300, False, 0, 1, {0: 1, 43: 44}),
+    "block_sq_lt_sk_by_129_local1": (171, 300, False, 0, 1, {0: 0, 127: 1, 128: 0, 170: 0}),
+    "block_sq_lt_sk_by_129_local2": (171, 300, False, 0, 2, {0: 2, 170: 44}),
+    "block_sq_gt_sk_local1": (300, 130, False, 0, 1, {0: 0, 255: 0, 299: 0}),
+    "block_sq_gt_sk_sink1": (300, 130, False, 1, 1, {169: 0, 170: 1, 299: 128}),
+}
+
+
+@pytest.mark.parametrize("device", [None, *DEVICES], ids=["reference", "cpu", "cuda"])
+@pytest.mark.parametrize("case", KNOWN_COUNTS)
+def test_streaming_masks_worked_by_hand(device, case, rng):
+    """With q = 0 every visible key scores 0, so lse is log(number of visible keys)."""
+    seqlen_q, seqlen_k, exact, sink, local, counts = KNOWN_COUNTS[case]
+    q, k, v, cu_q, cu_k = packed_inputs([seqlen_q], [seqlen_k], 2, 1, 64, torch.bfloat16, rng, device or "cpu")
+    q.zero_()
+    types = int32([-1, 0], q.device)  # head 1, dense and not causal, sees every key
+    info = streaming_info([(sink, local), (0, 0)], q.device)
+    if device is None:
+        out, lse = reference.block_sparse_attention(q, k, v, cu_q, cu_k, types, info, None, False, exact)
+    else:
+        out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, None, seqlen_q, seqlen_k, False, exact)
+        check_attention(out, lse, *sparse_reference(q, k, v, cu_q, cu_k, types, info, None, False, exact), torch.bfloat16)
+    lse = lse.double().cpu()
+    seen = {row: 0 if math.isinf(lse[0, row]) else round(math.exp(lse[0, row])) for row in counts}
+    assert seen == counts
+    torch.testing.assert_close(lse[1], torch.full((seqlen_q,), math.log(seqlen_k), dtype=torch.float64), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# DESIGN.md §4's invariants
+
+# (lens_q, lens_k, heads_q, heads_kv, head_dim, dtype)
+SHAPES = {
+    "varlen_uneven_gqa4_d128_bf16": ([1, 127, 0, 129, 300], [1, 127, 0, 129, 300], 8, 2, 128, torch.bfloat16),
+    "sq_lt_sk_mha_d64_fp16": ([100, 200], [390, 333], 4, 4, 64, torch.float16),
+    "sq_gt_sk_unseen_rows_mqa_d64_bf16": ([300, 129, 20], [130, 5, 0], 4, 1, 64, torch.bfloat16),
+    "d256_gqa2_fp16": ([200], [257], 2, 1, 256, torch.float16),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_block_on_equals_dense(device, causal, shape, rng):
+    lens_q, lens_k, heads_q, heads_kv, head_dim, dtype = SHAPES[shape]
+    max_q, max_k = max(lens_q), max(lens_k)
+    q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, heads_q, heads_kv, head_dim, dtype, rng, device)
+    types = int32([1] * heads_q, device)
+    info = streaming_info([(0, 0)] * heads_q, device)
+    mask = torch.ones(len(lens_q), heads_q, blocks(max_q), blocks(max_k), dtype=torch.bool, device=device)
+
+    dense_ref = reference.attention(q.cpu(), k.cpu(), v.cpu(), causal, cu_seqlens_q=cu_q.cpu(), cu_seqlens_k=cu_k.cpu())
+    sparse_ref = sparse_reference(q, k, v, cu_q, cu_k, types, info, mask, causal, False)
+    torch.testing.assert_close(sparse_ref, dense_ref, rtol=1e-12, atol=1e-12)
+
+    out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, mask, max_q, max_k, causal, False)
+    check_attention(out, lse, *dense_ref, dtype)
+    dense_out, dense_lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, return_attn_probs=True)
+    check_same_attention(out, lse, dense_out, dense_lse, dtype)
+
+
+def covering_pairs(lens_q, lens_k, exact):
+    """(sink, local) pairs, one per head of 4, that each reach every causal key of every sequence.
+
+    Exact streaming counts tokens: sink + local >= Sk suffices. Block streaming counts blocks and
+    row block i ends its window at m = ceil(max(Sk-Sq, 0)/128) + 1 + i, which can pass the last key
+    block when Sq != Sk: sink + local >= m for every row block is what covers it.
+    """
+    if exact:
+        n = max(lens_k)
+    else:
+        n = max(blocks(max(sk - sq, 0)) + blocks(sq) for sq, sk in zip(lens_q, lens_k))
+    return [(0, n), (n, 0), (1, n - 1), (n + 5, n + 5)]
+
+
+# (lens_q, lens_k)
+COVERING_SHAPES = {
+    "square_varlen": ([1, 127, 0, 129, 300], [1, 127, 0, 129, 300]),
+    "sq_lt_sk": ([100, 200], [390, 333]),
+    "sq_gt_sk": ([300, 129, 20], [130, 5, 0]),
+}
+STREAMING_APIS = ["block_sparse_exact", "block_sparse_blocks", "token_streaming", "block_streaming"]
+
+
+def run_streaming_api(api, q, k, v, cu_q, cu_k, types, info, mask, max_q, max_k, causal):
+    """One of the three public functions, as `api` names it -> (out, lse)."""
+    if q.is_cuda:
+        poison_cuda_allocator()
+    if api == "token_streaming":
+        out, lse, _ = token_streaming_attn_func(q, k, v, cu_q, cu_k, types, info, max_q, max_k, return_attn_probs=True)
+    elif api == "block_streaming":
+        out, lse, _ = block_streaming_attn_func(
+            q, k, v, cu_q, cu_k, types, info, max_q, max_k, 0.0, is_causal=causal, return_attn_probs=True
+        )
+    else:
+        out, lse, _ = block_sparse_attn_func(
+            q, k, v, cu_q, cu_k, types, info, mask, max_q, max_k, 0.0,
+            is_causal=causal, exact_streaming=api == "block_sparse_exact", return_attn_probs=True,
+        )
+    return out, lse
+
+
+def is_exact(api):
+    return api in ("block_sparse_exact", "token_streaming")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("api", STREAMING_APIS)
+@pytest.mark.parametrize("shape", COVERING_SHAPES)
+def test_streaming_that_covers_every_key_equals_dense_causal(device, api, shape, rng):
+    lens_q, lens_k = COVERING_SHAPES[shape]
+    max_q, max_k = max(lens_q), max(lens_k)
+    dtype = torch.bfloat16 if is_exact(api) else torch.float16
+    q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, 4, 2, 64, dtype, rng, device)
+    types = int32([-1] * 4, device)
+    info = streaming_info(covering_pairs(lens_q, lens_k, is_exact(api)), device)
+
+    dense_ref = reference.attention(q.cpu(), k.cpu(), v.cpu(), True, cu_seqlens_q=cu_q.cpu(), cu_seqlens_k=cu_k.cpu())
+    sparse_ref = sparse_reference(q, k, v, cu_q, cu_k, types, info, None, False, is_exact(api))
+    torch.testing.assert_close(sparse_ref, dense_ref, rtol=1e-12, atol=1e-12)
+
+    # is_causal=False: streaming heads are causal regardless
+    out, lse = run_streaming_api(api, q, k, v, cu_q, cu_k, types, info, None, max_q, max_k, False)
+    check_attention(out, lse, *dense_ref, dtype)
+    dense_out, dense_lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, return_attn_probs=True)
+    check_same_attention(out, lse, dense_out, dense_lse, dtype)
+
+
+def test_block_streaming_at_exactly_the_key_blocks_equals_dense_causal(rng):
+    """With Sq == Sk, sink + local == ceil(Sk/128) blocks is the least that covers every key."""
+    lens = [300, 129, 1]
+    q, k, v, cu_q, cu_k = packed_inputs(lens, lens, 4, 2, 64, torch.bfloat16, rng, "cpu")
+    types = int32([-1] * 4, "cpu")
+    info = streaming_info([(0, 3), (3, 0), (1, 2), (2, 1)], "cpu")
+    out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, None, 300, 300, False, False)
+    check_attention(out, lse, *reference.attention(q, k, v, True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k), torch.bfloat16)
+    # one block fewer leaves keys out of the last row block (rows 256..299 of the first sequence)
+    info = streaming_info([(0, 2), (2, 0), (1, 1), (1, 1)], "cpu")
+    dense_out = reference.attention(q, k, v, True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)[0]
+    out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, None, 300, 300, False, False)
+    assert all(rel_err(out[256:300, h], dense_out[256:300, h]) > 0.1 for h in range(4))
+    check_attention(out, lse, *sparse_reference(q, k, v, cu_q, cu_k, types, info, None, False, False), torch.bfloat16)
+
+
+# Head types besides the head under test, in head order.
+OTHER_HEAD_TYPES = [(0, 0, 0), (-1, -1, -1), (1, 1, 1), (1, -1, 0), (-1, 1, 1), (0, 0, 1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_type", [-1, 0, 1], ids=["streaming", "dense", "block_sparse"])
+@pytest.mark.parametrize("causal,exact", [(False, False), (True, True)], ids=["full_block_streaming", "causal_exact"])
+def test_a_heads_output_does_not_depend_on_the_other_heads_types(device, head_type, causal, exact, rng):
+    lens_q, lens_k, heads_q, head = [130, 0, 257], [300, 7, 257], 4, 2
+    max_q, max_k = max(lens_q), max(lens_k)
+    q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, heads_q, 2, 64, torch.bfloat16, rng, device)
+    masks_by_head = random_blockmask(len(lens_q), heads_q, max_q, max_k, 0.5, rng, device)
+    pairs = [(4, 50), (0, 20), (16, 100), (3, 9)] if exact else [(1, 1), (0, 2), (1, 2), (2, 0)]
+    info = streaming_info(pairs, device)
+
+    results = []
+    for others in OTHER_HEAD_TYPES:
+        types = [*others[:head], head_type, *others[head:]]
+        sparse_heads = [h for h in range(heads_q) if types[h] == 1]
+        mask = masks_by_head[:, sparse_heads].contiguous() if sparse_heads else None
+        types = int32(types, device)
+        out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, mask, max_q, max_k, causal, exact)
+        check_attention(out, lse, *sparse_reference(q, k, v, cu_q, cu_k, types, info, mask, causal, exact), torch.bfloat16)
+        results.append((out[:, head], lse[head]))
+
+    first_out, first_lse = results[0]
+    for others, (out, lse) in zip(OTHER_HEAD_TYPES[1:], results[1:]):
+        if device == "cpu":
+            assert torch.equal(out, first_out) and torch.equal(lse, first_lse), f"head {head} changed with others {others}"
+        else:
+            assert rel_err(out, first_out) < REL_TOL[torch.bfloat16], f"head {head} changed with others {others}"
+            assert torch.equal(torch.isneginf(lse), torch.isneginf(first_lse))
+            finite = ~torch.isneginf(first_lse)
+            torch.testing.assert_close(lse[finite], first_lse[finite], rtol=LSE_TOL, atol=LSE_TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming masks, block masks and mixed heads against the reference
+
+# (lens_q, lens_k): Sk - Sq of 0, of multiples of 128 and not, both signs; sequences with no keys
+STREAMING_SHAPES = {
+    "square_varlen": ([1, 127, 0, 129, 300], [1, 127, 0, 129, 300]),
+    "sq_lt_sk": ([100, 5, 44, 171], [390, 300, 300, 300]),
+    "sq_gt_sk": ([300, 129, 7, 20], [130, 5, 1, 0]),
+}
+# (sink, local) per head of 8: tokens for exact streaming, 128-token blocks otherwise
+SMALL_PAIRS = {
+    True: [(0, 1), (1, 0), (4, 16), (0, 7), (130, 3), (5, 200), (0, 0), (2, 129)],
+    False: [(0, 1), (1, 0), (1, 1), (0, 2), (2, 1), (0, 0), (3, 0), (1, 3)],
+}
+STREAMING_TYPES = [-1, -1, -1, 0, -1, -1, -1, -1]  # one dense head rides along
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("api", STREAMING_APIS)
+@pytest.mark.parametrize("shape", STREAMING_SHAPES)
+def test_streaming_matches_its_mask(device, api, shape, rng):
+    lens_q, lens_k = STREAMING_SHAPES[shape]
+    dtype = torch.float16 if api in ("block_sparse_exact", "block_streaming") else torch.bfloat16
+    q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, 8, 2, 64, dtype, rng, device)
+    types = int32(STREAMING_TYPES, device)
+    info = streaming_info(SMALL_PAIRS[is_exact(api)], device)
+    causal = True if api == "token_streaming" else shape != "sq_lt_sk"  # the dense head: causal or not
+    ref = sparse_reference(q, k, v, cu_q, cu_k, types, info, None, causal, is_exact(api))
+    out, lse = run_streaming_api(api, q, k, v, cu_q, cu_k, types, info, None, max(lens_q), max(lens_k), causal)
+    check_attention(out, lse, *ref, dtype)
+
+
+def mixed_types(heads_q):
+    """Every head type, in an order where block-sparse heads are not contiguous."""
+    return ([1, 0, -1, 1, 1, -1, 0, 1] * heads_q)[:heads_q]
+
+
+# (lens_q, lens_k, heads_q, heads_kv, head_dim, dtype, extra max_seqlen)
+MASK_SHAPES = {
+    "varlen_uneven_gqa4_d128": ([1, 127, 0, 129, 300], [1, 127, 0, 129, 300], 8, 2, 128, torch.bfloat16, 0),
+    "sq_lt_sk_mha_d64": ([100, 200], [390, 333], 4, 4, 64, torch.float16, 0),
+    "sq_gt_sk_mqa_d64": ([300, 129, 20], [130, 5, 0], 4, 1, 64, torch.bfloat16, 0),
+    "loose_max_seqlen_gqa4_d64": ([60, 200], [200, 60], 8, 2, 64, torch.float16, 130),
+    "d256_gqa2": ([200], [257], 2, 1, 256, torch.bfloat16, 0),
+    "long_600_mqa_d64": ([600, 37], [600, 601], 4, 1, 64, torch.float16, 0),
+}
+# (density of the block mask, is_causal, exact_streaming)
+MASK_MODES = {
+    "empty_causal": (0.0, True, False),
+    "sparse_full": (0.3, False, False),
+    "sparse_causal_exact": (0.3, True, True),
+    "dense_causal": (0.8, True, False),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MASK_MODES)
+@pytest.mark.parametrize("shape", MASK_SHAPES)
+def test_random_block_masks_with_mixed_heads(device, mode, shape, rng):
+    density, causal, exact = MASK_MODES[mode]
+    lens_q, lens_k, heads_q, heads_kv, head_dim, dtype, slack = MASK_SHAPES[shape]
+    max_q, max_k = max(lens_q) + slack, max(lens_k) + slack
+    q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, heads_q, heads_kv, head_dim, dtype, rng, device)
+    types = mixed_types(heads_q)
+    n_sparse = types.count(1)
+    mask = random_blockmask(len(lens_q), n_sparse, max_q, max_k, density, rng, device)
+    mask[:, 0, -1] = False  # a row block with no active block at all
+    if density > 0:
+        mask[-1, -1, 0] = True  # and one with every block on
+    types = int32(types, device)
+    info = streaming_info(SMALL_PAIRS[exact][:heads_q], device)
+    ref = sparse_reference(q, k, v, cu_q, cu_k, types, info, mask, causal, exact)
+    out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, mask, max_q, max_k, causal, exact)
+    check_attention(out, lse, *ref, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_mask_columns_follow_the_sparse_heads_order(device, rng):
+    """Head h of type 1 reads column (number of type-1 heads before h): a mask that differs per
+    column gives each head its own pattern."""
+    lens = [256, 256]
+    q, k, v, cu_q, cu_k = packed_inputs(lens, lens, 4, 4, 64, torch.bfloat16, rng, device)
+    types = int32([0, 1, -1, 1], device)
+    info = streaming_info([(0, 0), (0, 0), (1, 1), (0, 0)], device)
+    mask = torch.zeros(2, 2, 2, 2, dtype=torch.bool, device=device)
+    mask[:, 0, :, 0] = True  # head 1: key block 0 only
+    mask[:, 1, :, 1] = True  # head 3: key block 1 only
+    out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, mask, 256, 256, False, False)
+    check_attention(out, lse, *sparse_reference(q, k, v, cu_q, cu_k, types, info, mask, False, False), torch.bfloat16)
+    cu = cu_q.tolist()
+    for b in range(2):
+        rows = slice(cu[b], cu[b + 1])
+        head1 = reference.attention(q[rows, 1:2][None], k[rows, 1:2][None, :128], v[rows, 1:2][None, :128])
+        head3 = reference.attention(q[rows, 3:4][None], k[rows, 3:4][None, 128:], v[rows, 3:4][None, 128:])
+        assert rel_err(out[rows, 1], head1[0][0, :, 0]) < REL_TOL[torch.bfloat16]
+        assert rel_err(out[rows, 3], head3[0][0, :, 0]) < REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softmax_scale(device, rng):
+    lens_q, lens_k = [70, 200], [200, 200]
+    q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, 4, 2, 64, torch.float16, rng, device)
+    types = int32([1, -1, 0, 1], device)
+    info = streaming_info([(0, 0), (1, 1), (0, 0), (0, 0)], device)
+    mask = random_blockmask(2, 2, 200, 200, 0.6, rng, device)
+    ref = reference.block_sparse_attention(
+        q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), types.cpu(), info.cpu(), mask.cpu(), True, False, 0.3
+    )
+    out, lse, _ = block_sparse_attn_func(
+        q, k, v, cu_q, cu_k, types, info, mask, 200, 200, 0.0, softmax_scale=0.3, is_causal=True, return_attn_probs=True
+    )
+    check_attention(out, lse, *ref, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Block-Sparse-Attention contract: signatures, return values, positional calls
+
+EMPTY = inspect.Parameter.empty
+SIGNATURES = {
+    "block_sparse_attn_func": [
+        ("q", EMPTY), ("k", EMPTY), ("v", EMPTY), ("cu_seqlens_q", EMPTY), ("cu_seqlens_k", EMPTY),
+        ("head_mask_type", EMPTY), ("streaming_info", EMPTY), ("base_blockmask", EMPTY), ("max_seqlen_q_", EMPTY),
+        ("max_seqlen_k_", EMPTY), ("p_dropout", EMPTY), ("deterministic", False), ("softmax_scale", None),
+        ("is_causal", False), ("exact_streaming", False), ("return_attn_probs", False),
+    ],
+    "block_streaming_attn_func": [
+        ("q", EMPTY), ("k", EMPTY), ("v", EMPTY), ("cu_seqlens_q", EMPTY), ("cu_seqlens_k", EMPTY),
+        ("head_mask_type", EMPTY), ("streaming_info", EMPTY), ("max_seqlen_q", EMPTY), ("max_seqlen_k", EMPTY),
+        ("p_dropout", EMPTY), ("deterministic", False), ("softmax_scale", None), ("is_causal", True),
+        ("return_attn_probs", False),
+    ],
+    "token_streaming_attn_func": [
+        ("q", EMPTY), ("k", EMPTY), ("v", EMPTY), ("cu_seqlens_q", EMPTY), ("cu_seqlens_k", EMPTY),
+        ("head_mask_type", EMPTY), ("streaming_info", EMPTY), ("max_seqlen_q", EMPTY), ("max_seqlen_k", EMPTY),
+        ("deterministic", False), ("softmax_scale", None), ("return_attn_probs", False),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", SIGNATURES)
+def test_signature_is_block_sparse_attentions(name):
+    fn = getattr(tkpy, name)
+    params = list(inspect.signature(fn).parameters.values())
+    assert [(p.name, p.default) for p in params] == SIGNATURES[name]
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+    assert name in tkpy.__all__
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_return_attn_probs_false_gives_the_tensor_and_true_the_triple(device, rng):
+    lens_q, lens_k = [3, 0, 130], [4, 2, 140]
+    q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, 4, 2, 64, torch.float16, rng, device)
+    streaming_types = int32([0, -1, -1, 0], device)
+    info = streaming_info([(1, 2)] * 4, device)
+    mask = random_blockmask(3, 1, 130, 140, 0.5, rng, device)
+    calls = {
+        "block_sparse": lambda **kw: block_sparse_attn_func(
+            q, k, v, cu_q, cu_k, int32([1, 0, -1, 0], device), info, mask, 130, 140, 0.0, is_causal=True, **kw
+        ),
+        "block_streaming": lambda **kw: block_streaming_attn_func(
+            q, k, v, cu_q, cu_k, streaming_types, info, 130, 140, 0.0, **kw
+        ),
+        "token_streaming": lambda **kw: token_streaming_attn_func(q, k, v, cu_q, cu_k, streaming_types, info, 130, 140, **kw),
+    }
+    for name, call in calls.items():
+        out = call()
+        assert isinstance(out, torch.Tensor) and out.shape == q.shape and out.dtype == q.dtype, name
+        triple = call(return_attn_probs=True)
+        assert isinstance(triple, tuple) and len(triple) == 3 and triple[2] is None, name
+        assert torch.equal(triple[0], out), name
+        assert triple[1].shape == (4, 133) and triple[1].dtype == torch.float32, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_positional_arguments_in_block_sparse_attentions_order(device, rng):
+    """A caller written against Block-Sparse-Attention passes everything positionally."""
+    lens_q, lens_k = [50, 140], [170, 140]
+    q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, 4, 2, 64, torch.bfloat16, rng, device)
+    types = int32([1, -1, 0, 1], device)
+    streaming_types = int32([0, -1, -1, 0], device)
+    info = streaming_info([(2, 30)] * 4, device)  # tokens, for exact streaming
+    info_blocks = streaming_info([(1, 1)] * 4, device)
+    mask = random_blockmask(2, 2, 140, 170, 0.5, rng, device)
+
+    out, lse, _ = block_sparse_attn_func(q, k, v, cu_q, cu_k, types, info, mask, 140, 170, 0.0, True, 0.3, True, True, True)
+    by_name = block_sparse_attn_func(
+        q, k, v, cu_q, cu_k, types, info, mask, max_seqlen_q_=140, max_seqlen_k_=170, p_dropout=0.0,
+        softmax_scale=0.3, is_causal=True, exact_streaming=True, return_attn_probs=True,
+    )
+    assert torch.equal(out, by_name[0]) and torch.equal(lse, by_name[1])
+    ref = reference.block_sparse_attention(
+        q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), types.cpu(), info.cpu(), mask.cpu(), True, True, 0.3
+    )
+    check_attention(out, lse, *ref, torch.bfloat16)
+
+    out, lse, _ = block_streaming_attn_func(
+        q, k, v, cu_q, cu_k, streaming_types, info_blocks, 140, 170, 0.0, True, 0.3, False, True
+    )
+    by_name = block_streaming_attn_func(
+        q, k, v, cu_q, cu_k, streaming_types, info_blocks, 140, 170, 0.0,
+        softmax_scale=0.3, is_causal=False, return_attn_probs=True,
+    )
+    assert torch.equal(out, by_name[0]) and torch.equal(lse, by_name[1])
+    ref = reference.block_sparse_attention(
+        q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), streaming_types.cpu(), info_blocks.cpu(), None, False, False, 0.3
+    )
+    check_attention(out, lse, *ref, torch.bfloat16)
+
+    out, lse, _ = token_streaming_attn_func(q, k, v, cu_q, cu_k, streaming_types, info, 140, 170, True, 0.3, True)
+    ref = reference.block_sparse_attention(
+        q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), streaming_types.cpu(), info.cpu(), None, True, True, 0.3
+    )
+    check_attention(out, lse, *ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inputs_are_not_modified(device, rng):
+    q, k, v, cu_q, cu_k = packed_inputs([70, 130], [130, 130], 4, 2, 64, torch.bfloat16, rng, device)
+    types = int32([1, -1, 0, 1], device)
+    info = streaming_info([(0, 0), (1, 1), (0, 0), (0, 0)], device)
+    mask = random_blockmask(2, 2, 130, 130, 0.5, rng, device)
+    inputs = (q, k, v, cu_q, cu_k, types, info, mask)
+    before = [t.clone() for t in inputs]
+    block_sparse_attn_func(q, k, v, cu_q, cu_k, types, info, mask, 130, 130, 0.0, is_causal=True)
+    assert all(torch.equal(t, b) for t, b in zip(inputs, before))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal,exact", [(False, False), (True, False), (True, True)], ids=["full", "causal", "causal_exact"])
+def test_cuda_long_mixed_heads(causal, exact, rng):
+    lens_q, lens_k = [2000, 0, 4097, 130, 1], [2000, 9, 4097, 3000, 1]
+    max_q, max_k = max(lens_q), max(lens_k)
+    q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, 8, 2, 128, torch.bfloat16, rng, "cuda")
+    types = int32(mixed_types(8), "cuda")
+    pairs = [(64, 1000), (0, 4096), (128, 256), (1, 1)] * 2 if exact else [(1, 4), (0, 2), (1, 1), (2, 0)] * 2
+    info = streaming_info(pairs, "cuda")
+    mask = random_blockmask(len(lens_q), 4, max_q, max_k, 0.3, rng, "cuda")
+    ref = reference.block_sparse_attention(q, k, v, cu_q, cu_k, types, info, mask, causal, exact)  # float64 on the GPU
+    out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, mask, max_q, max_k, causal, exact)
+    check_attention(out, lse, *ref, torch.bfloat16)
+
+
+def cuda_case(gen):
+    """(call, inputs): mixed heads over uneven sequences, GQA, tails."""
+    lens_q, lens_k = [700, 0, 33, 513], [900, 17, 0, 513]
+    q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, 8, 2, 128, torch.bfloat16, gen, "cuda")
+    types = int32(mixed_types(8), "cuda")
+    info = streaming_info(SMALL_PAIRS[False], "cuda")
+    mask = random_blockmask(4, 4, 700, 900, 0.5, gen, "cuda")
+
+    def call(q, k, v, info, mask):
+        out, lse, _ = block_sparse_attn_func(
+            q, k, v, cu_q, cu_k, types, info, mask, 700, 900, 0.0, is_causal=True, return_attn_probs=True
+        )
+        return out, lse
+
+    return call, [q, k, v, info, mask]
+
+
+@pytest.mark.gpu
+def test_cuda_run_to_run_deterministic(rng):
+    call, inputs = cuda_case(rng)
+    first = call(*inputs)
+    for _ in range(3):
+        again = call(*inputs)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay(rng):
+    call, inputs = cuda_case(rng)
+    call(*inputs)  # warm-up outside the capture (lazy init, kernel attributes)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call(*inputs)
+    q, k, v, info, mask = inputs  # new data in the captured buffers: the replay must read it, plan included
+    for t in (q, k, v):
+        t.copy_(torch.randn(t.shape, generator=rng).to(t.dtype))
+    info.copy_(torch.randint(0, 4, info.shape, generator=rng, dtype=torch.int32))
+    mask.copy_(torch.rand(mask.shape, generator=rng) < 0.3)
+    expected = call(*inputs)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], expected[0]) and torch.equal(captured[1], expected[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.sanitizer
+def test_cuda_small_for_sanitizer(rng):
+    lens_q, lens_k = [5, 0, 130], [9, 3, 200]
+    q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, 4, 2, 64, torch.bfloat16, rng, "cuda")
+    types = int32([1, -1, 0, 1], "cuda")
+    mask = random_blockmask(3, 2, 130, 200, 0.5, rng, "cuda")
+    for exact, pairs in ((False, [(1, 1)] * 4), (True, [(3, 20)] * 4)):
+        info = streaming_info(pairs, "cuda")
+        out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, mask, 130, 200, True, exact)
+        check_attention(out, lse, *sparse_reference(q, k, v, cu_q, cu_k, types, info, mask, True, exact), torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+# Each case runs with these names bound. The second item is a regex the message must match.
+SETUP = textwrap.dedent(
+    """
+    import torch
+    from tkpy import block_sparse_attn_func, block_streaming_attn_func, token_streaming_attn_func
+    q = torch.randn(12, 4, 64).bfloat16()  # packed: sequences of 5 and 7 tokens
+    k = torch.randn(12, 2, 64).bfloat16()
+    v = torch.randn(12, 2, 64).bfloat16()
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    types = torch.tensor([1, 0, -1, 1], dtype=torch.int32)  # two block-sparse heads
+    streaming_types = torch.tensor([0, -1, -1, 0], dtype=torch.int32)
+    info = torch.tensor([1, 2] * 4, dtype=torch.int32)
+    mask = torch.ones(2, 2, 1, 1, dtype=torch.bool)  # [B, n_sparse, ceil(7/128), ceil(7/128)]
+    def sparse(**changes):
+        args = dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, head_mask_type=types, streaming_info=info,
+                    base_blockmask=mask, max_seqlen_q_=7, max_seqlen_k_=7, p_dropout=0.0)
+        return block_sparse_attn_func(**{**args, **changes})
+    """
+)
+
+BAD_CALLS = [
+    ("sparse(base_blockmask=torch.ones(2, 2, 2, 1, dtype=torch.bool))",
+     r"base_blockmask must be bool \[2, 2, 1, 1\], got torch.bool \[2, 2, 2, 1\]"),
+    ("sparse(base_blockmask=torch.ones(1, 2, 1, 1, dtype=torch.bool))", r"base_blockmask must be bool \[2, 2, 1, 1\]"),
+    ("sparse(base_blockmask=torch.ones(2, 2, 1, dtype=torch.bool))", r"base_blockmask must be \[batch, n_sparse_heads=2"),
+    ("sparse(base_blockmask=mask.int())", r"base_blockmask must be bool .*got torch.int32"),
+    ("sparse(base_blockmask=mask[:, :1])", r"n_sparse_heads=2.*got \(2, 1, 1, 1\)"),
+    ("sparse(base_blockmask=torch.ones(2, 3, 1, 1, dtype=torch.bool))", r"n_sparse_heads=2.*got \(2, 3, 1, 1\)"),
+    ("sparse(base_blockmask=None)", "2 heads are block-sparse .*base_blockmask is None"),
+    ("sparse(head_mask_type=torch.tensor([1, 0, 2, 1], dtype=torch.int32))", r"head_mask_type values must be in \[-1, 0, 1\], got \[2\]"),
+    ("sparse(head_mask_type=torch.tensor([1, -2, 0, 1], dtype=torch.int32))", r"head_mask_type values must be in \[-1, 0, 1\], got \[-2\]"),
+    ("sparse(head_mask_type=types[:3])", r"head_mask_type must be an int32 Tensor \[4\]"),
+    ("sparse(head_mask_type=[1, 0, -1, 1])", r"head_mask_type must be an int32 Tensor \[4\]"),
+    ("sparse(head_mask_type=types.long())", "head_mask_type to be a contiguous int32 vector"),
+    ("sparse(streaming_info=info[:6])", r"streaming_info must be an int32 Tensor \[8\]"),
+    ("sparse(streaming_info=torch.tensor([1, 2, 1, -1, 1, 2, 1, 2], dtype=torch.int32))", "streaming_info .*must be >= 0"),
+    ("sparse(streaming_info=info.long())", "streaming_info to be a contiguous int32 vector"),
+    ("sparse(p_dropout=0.1)", "p_dropout=0.1 is not implemented"),
+    ("sparse(cu_seqlens_q=None)", "cu_seqlens_q and cu_seqlens_k must be int32 Tensors"),
+    ("sparse(cu_seqlens_k=None)", "cu_seqlens_q and cu_seqlens_k must be int32 Tensors"),
+    ("sparse(cu_seqlens_q=torch.tensor([0, 5, 11], dtype=torch.int32))", "cu_seqlens_q must start at 0.*end at (the packed length )?12"),
+    ("sparse(cu_seqlens_k=torch.tensor([0, 5, 13], dtype=torch.int32))", "cu_seqlens_k must start at 0.*end at (the packed length )?12"),
+    ("sparse(max_seqlen_q_=6)", "sequence of 7 tokens.*max_seqlen(=| is )6"),
+    ("sparse(q=q.float(), k=k.float(), v=v.float())", "q to be bfloat16 or float16, got Float"),
+    ("sparse(q=torch.randn(12, 4, 96).bfloat16(), k=torch.randn(12, 2, 96).bfloat16(), v=torch.randn(12, 2, 96).bfloat16())",
+     "head_dim 64, 128 or 256, got 96"),
+    ("sparse(k=torch.randn(12, 3, 64).bfloat16(), v=torch.randn(12, 3, 64).bfloat16())",
+     r"q's heads \(4\) to be a multiple of k/v's heads \(3\)"),
+    ("sparse(q=q[None], k=k[None], v=v[None])", "3-D"),
+    ("sparse(head_mask_type=types.to('meta'))", "device"),
+    ("sparse(base_blockmask=mask.to('meta'))", "device"),
+    ("block_streaming_attn_func(q, k, v, cu, cu, types, info, 7, 7, 0.0)", r"head_mask_type values must be in \[-1, 0\], got \[1\]"),
+    ("token_streaming_attn_func(q, k, v, cu, cu, types, info, 7, 7)", r"head_mask_type values must be in \[-1, 0\], got \[1\]"),
+    ("block_streaming_attn_func(q, k, v, cu, cu, streaming_types, info, 7, 7, 0.5)", "p_dropout=0.5 is not implemented"),
+    ("block_streaming_attn_func(q, k, v, cu, cu, streaming_types, info[:2], 7, 7, 0.0)", r"streaming_info must be an int32 Tensor \[8\]"),
+    ("token_streaming_attn_func(q, k, v, cu, cu, streaming_types, -info, 7, 7)", "streaming_info .*must be >= 0"),
+    ("token_streaming_attn_func(q, k, v, None, cu, streaming_types, info, 7, 7)", "cu_seqlens_q and cu_seqlens_k must be int32 Tensors"),
+]
+BAD_CALL_ERRORS = (RuntimeError, ValueError, TypeError)  # NotImplementedError is a RuntimeError
+
+
+@pytest.mark.parametrize("code,message", BAD_CALLS, ids=[c[:70] for c, _ in BAD_CALLS])
+def test_bad_input_raises_clear_error(code, message):
+    env = {}
+    exec(SETUP, env)
+    with pytest.raises(BAD_CALL_ERRORS, match=message):
+        exec(code, env)
+
+
+CUDA_SETUP = SETUP + "q, k, v, cu, types, streaming_types, info, mask = (t.cuda() for t in (q, k, v, cu, types, streaming_types, info, mask))\n"
+# On CUDA the values of cu_seqlens, head_mask_type and streaming_info are device memory: checked all the same.
+CUDA_BAD_CALLS = [
+    ("sparse(cu_seqlens_q=torch.tensor([0, 5, 11], dtype=torch.int32, device='cuda'))", "cu_seqlens_q must start at 0.*end at (the packed length )?12"),
+    ("sparse(cu_seqlens_k=torch.tensor([0, 5, 13], dtype=torch.int32, device='cuda'))", "cu_seqlens_k must start at 0.*end at (the packed length )?12"),
+    ("sparse(max_seqlen_k_=6)", "sequence of 7 tokens.*max_seqlen(=| is )6"),
+    ("sparse(head_mask_type=torch.tensor([1, 0, 2, 1], dtype=torch.int32, device='cuda'))", r"must be in \[-1, 0, 1\], got \[2\]"),
+    ("sparse(streaming_info=-info)", "streaming_info .*must be >= 0"),
+    ("sparse(base_blockmask=mask[:, :1])", "n_sparse_heads=2"),
+    ("sparse(base_blockmask=mask.cpu())", "device"),
+    ("sparse(head_mask_type=types.cpu())", "device"),
+    ("block_streaming_attn_func(q, k, v, cu, cu, types, info, 7, 7, 0.0)", r"must be in \[-1, 0\], got \[1\]"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("code,message", CUDA_BAD_CALLS, ids=[c[:70] for c, _ in CUDA_BAD_CALLS])
+def test_cuda_bad_input_raises_clear_error(code, message):
+    env = {}
+    exec(CUDA_SETUP, env)
+    with pytest.raises(BAD_CALL_ERRORS, match=message):
+        exec(code, env)
+
+
+def test_bad_input_never_crashes_the_process():
+    """All the bad calls above, in one fresh interpreter: it must end normally, not by a signal."""
+    body = "\n".join(
+        f"try:\n    {code}\n    print('NO ERROR: ' + {code!r})\nexcept (RuntimeError, ValueError, TypeError):\n    survived += 1"
+        for code, _ in BAD_CALLS
+    )
+    script = SETUP + "survived = 0\n" + body + f"\nprint('survived', survived, 'of', {len(BAD_CALLS)})\n"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"interpreter died with {proc.returncode}: {proc.stderr[-2000:]}"
+    assert f"survived {len(BAD_CALLS)} of {len(BAD_CALLS)}" in proc.stdout, proc.stdout
