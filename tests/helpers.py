@@ -47,3 +47,13 @@ def poison_cuda_allocator() -> None:
     small = [torch.full((1 << 19,), float("nan"), dtype=torch.bfloat16, device="cuda") for _ in range(16)]
     large = torch.full((1 << 27,), float("nan"), dtype=torch.bfloat16, device="cuda")
     del small, large
+
+
+def assert_bad_call_raises(setup: str, code: str, message: str) -> None:
+    """Run `setup`, then `code`, which must raise one of BAD_CALL_ERRORS matching `message`."""
+    import pytest
+
+    env = {}
+    exec(setup, env)
+    with pytest.raises(BAD_CALL_ERRORS, match=message):
+        exec(code, env)

@@ -15,7 +15,7 @@ import torch
 import tkpy
 from tkpy import flash_attn_func, flash_attn_varlen_func, reference
 
-from helpers import BAD_CALL_ERRORS, REL_TOL, assert_bad_calls_survive, poison_cuda_allocator, randn, rel_err
+from helpers import REL_TOL, assert_bad_call_raises, assert_bad_calls_survive, poison_cuda_allocator, randn, rel_err
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
@@ -448,10 +448,7 @@ BAD_CALLS = [
 
 @pytest.mark.parametrize("code,message", BAD_CALLS, ids=[c[:70] for c, _ in BAD_CALLS])
 def test_bad_input_raises_clear_error(code, message):
-    env = {}
-    exec(SETUP, env)
-    with pytest.raises(BAD_CALL_ERRORS, match=message):
-        exec(code, env)
+    assert_bad_call_raises(SETUP, code, message)
 
 
 def test_bad_input_never_crashes_the_process():

@@ -25,7 +25,7 @@ from tkpy import (
     token_streaming_attn_func,
 )
 
-from helpers import BAD_CALL_ERRORS, REL_TOL, assert_bad_calls_survive, poison_cuda_allocator, rel_err
+from helpers import REL_TOL, assert_bad_call_raises, assert_bad_calls_survive, poison_cuda_allocator, rel_err
 from test_attention import DEVICES, LSE_TOL, check_attention, packed_inputs
 
 BLOCK = 128  # Block-Sparse-Attention's mask and streaming block, in tokens
@@ -699,10 +699,7 @@ BAD_CALLS = [
 
 @pytest.mark.parametrize("code,message", BAD_CALLS, ids=[c[:70] for c, _ in BAD_CALLS])
 def test_bad_input_raises_clear_error(code, message):
-    env = {}
-    exec(SETUP, env)
-    with pytest.raises(BAD_CALL_ERRORS, match=message):
-        exec(code, env)
+    assert_bad_call_raises(SETUP, code, message)
 
 
 CUDA_SETUP = SETUP + "q, k, v, cu, types, streaming_types, info, mask = (t.cuda() for t in (q, k, v, cu, types, streaming_types, info, mask))\n"
@@ -723,10 +720,7 @@ CUDA_BAD_CALLS = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("code,message", CUDA_BAD_CALLS, ids=[c[:70] for c, _ in CUDA_BAD_CALLS])
 def test_cuda_bad_input_raises_clear_error(code, message):
-    env = {}
-    exec(CUDA_SETUP, env)
-    with pytest.raises(BAD_CALL_ERRORS, match=message):
-        exec(code, env)
+    assert_bad_call_raises(CUDA_SETUP, code, message)
 
 
 def test_bad_input_never_crashes_the_process():
