@@ -30,6 +30,15 @@ TORCH_LIBRARY(tkpy, m) {
           "Tensor head_mask_type, Tensor streaming_info, Tensor sparse_index, Tensor? block_indices, "
           "Tensor? block_counts, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool is_causal, "
           "bool exact_streaming) -> (Tensor out, Tensor lse)");
+    m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? block_table, Tensor seqlens, "
+          "Tensor? cache_batch_idx, Tensor? kv_head_slot, Tensor? k_ring, Tensor? v_ring, Tensor? ring_table, "
+          "int sink, int local, Tensor? page_indices, Tensor? page_counts, Tensor? head_bits, float k_scale, "
+          "float v_scale, float softmax_scale, int window_left, int window_right, float softcap, int num_splits) "
+          "-> (Tensor out, Tensor lse)");
+    m.def("kv_append_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor? block_table, "
+          "Tensor seqlens, Tensor? cache_batch_idx, Tensor(c!)? k_min, Tensor(d!)? k_max, Tensor? rotary_cos, "
+          "Tensor? rotary_sin, bool rotary_interleaved, float k_scale, float v_scale, Tensor? kv_head_slot, "
+          "Tensor(e!)? k_ring, Tensor(f!)? v_ring, Tensor? ring_table, int sink, int local) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tkpy, CPU, m) {
@@ -38,6 +47,8 @@ TORCH_LIBRARY_IMPL(tkpy, CPU, m) {
     m.impl("gemm", &tkpy::ops::gemm_cpu);
     m.impl("attention_forward", &tkpy::ops::attention_forward_cpu);
     m.impl("block_sparse_attention_forward", &tkpy::ops::block_sparse_attention_forward_cpu);
+    m.impl("decode_attention", &tkpy::ops::decode_attention_cpu);
+    m.impl("kv_append_", &tkpy::ops::kv_append_cpu);
 }
 
 #if defined(TKPY_WITH_CUDA)
@@ -47,6 +58,8 @@ TORCH_LIBRARY_IMPL(tkpy, CUDA, m) {
     m.impl("gemm", &tkpy::ops::gemm_cuda);
     m.impl("attention_forward", &tkpy::ops::attention_forward_cuda);
     m.impl("block_sparse_attention_forward", &tkpy::ops::block_sparse_attention_forward_cuda);
+    m.impl("decode_attention", &tkpy::ops::decode_attention_cuda);
+    m.impl("kv_append_", &tkpy::ops::kv_append_cuda);
 }
 #endif
 

@@ -44,6 +44,20 @@ FAMILIES = [
     Family("rope, 16-byte accesses", r"tkpy::rope::rope_kernel<[^,]+, \d+, true,", ("LDG.E.128", "STG.E.128"), LOCAL_MEMORY),
     # The element-wise path for odd strides and rotary dims.
     Family("rope, element-wise", r"tkpy::rope::rope_kernel<[^,]+, 1, false,", (), LOCAL_MEMORY),
+    # Split-KV decode: cp.async 16-byte gathers of K/V pages, ldmatrix (plain and transposed) and
+    # mma.sync m16n8k16 for Q Kᵀ and P V, 16-byte output stores.
+    Family("decode attention", r"tkpy::decode::.*decode_kernel<",
+           ("LDGSTS.E.BYPASS.128", r"HMMA\.16816\.F32", r"LDSM\.16\.M88\.4", r"LDSM\.16\.MT88\.4", r"STG\.E\.128"),
+           LOCAL_MEMORY),
+    # The lse-weighted merge of the splits' fp32 partials.
+    Family("decode split merge", r"tkpy::decode::.*merge_kernel<", (r"LDG\.E\.128",), LOCAL_MEMORY),
+    # KV append, 16-byte loads and 16-byte (bf16/fp16) or 8-byte (int8) pool stores.
+    Family("kv append, vector accesses", r"tkpy::decode::.*store_kernel<[^<>]*, true>",
+           (r"LDG\.E\.128", r"STG\.E\.(128|64)"), LOCAL_MEMORY),
+    # KV append, element-wise path for unaligned layouts.
+    Family("kv append, element-wise", r"tkpy::decode::.*store_kernel<[^<>]*, false>", (), LOCAL_MEMORY),
+    # Min/max key stats of the touched logical pages.
+    Family("kv append page stats", r"tkpy::decode::.*stats_kernel<", (), LOCAL_MEMORY),
 ]
 
 

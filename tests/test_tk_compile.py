@@ -51,7 +51,8 @@ def test_sass_has_every_wgmma_shape_and_tma(compiled):
     shapes = set(re.findall(r"HGMMA\.64x(\d+)x16\.F32(\.BF16)?\b", sass))
     expected = {(str(n), suffix) for n in range(16, 257, 16) for suffix in ("", ".BF16")}
     assert expected <= shapes, f"missing wgmma shapes: {sorted(expected - shapes)}"
-    for instruction in ("UTMALDG", "UTMASTG", "UTMAREDG", "SYNCS"):
+    for instruction in ("UTMALDG", "UTMASTG", "UTMAREDG", "SYNCS", "HMMA.16816.F32.BF16", "HMMA.16816.F32",
+                        "LDSM.16.M88.4", "LDSM.16.MT88.4", "LDGSTS.E.BYPASS.128"):
         assert instruction in sass, f"SASS lacks {instruction}"
     assert not re.search(r"\b(LDL|STL)\b", sass), "the tile library's kernels use local memory"
 

@@ -43,6 +43,7 @@ at::ScalarType scalar_type(DType dtype) {
     switch (dtype) {
         case DType::bf16: return at::kBFloat16;
         case DType::fp16: return at::kHalf;
+        case DType::int8: return at::kChar;
         case DType::fp32: break;
     }
     return at::kFloat;

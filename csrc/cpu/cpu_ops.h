@@ -2,6 +2,7 @@
 #pragma once
 
 #include "tkpy/attention.h"
+#include "tkpy/decode.h"
 #include "tkpy/rope.h"
 
 namespace tkpy::cpu {
@@ -12,5 +13,14 @@ void rope_3d(const rope::Rope3dParams& params);
 // Tiled online-softmax attention forward, parallel over (batch, head, query tile); cu_seqlens (if
 // any) are host pointers.
 void attention_forward(const attention::AttentionParams& params);
+
+// Decode attention over a paged or contiguous KV cache (dense, or LServe's retrieval and streaming
+// heads), parallel over (sequence, kv head, split) with the kernel's lse merge of splits; all
+// pointers are host pointers.
+void decode_attention(const decode::DecodeParams& params);
+
+// Appends new tokens into the pools (rotary, page stats, int8 quantisation, the streaming ring),
+// parallel over (sequence, kv head).
+void kv_append(const decode::AppendParams& params);
 
 }  // namespace tkpy::cpu

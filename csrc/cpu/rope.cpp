@@ -101,7 +101,9 @@ void rope_1d(const rope::Rope1dParams& p) {
         case DType::bf16: return rope_1d_dtype<c10::BFloat16>(p);
         case DType::fp16: return rope_1d_dtype<c10::Half>(p);
         case DType::fp32: return rope_1d_typed<float, float>(p);
+        case DType::int8: break;
     }
+    TORCH_CHECK(false, "rope: the bindings pass only floating-point tensors, got int8");
 }
 
 void rope_3d(const rope::Rope3dParams& p) {
@@ -109,7 +111,9 @@ void rope_3d(const rope::Rope3dParams& p) {
         case DType::bf16: return rope_3d_typed<c10::BFloat16>(p);
         case DType::fp16: return rope_3d_typed<c10::Half>(p);
         case DType::fp32: return rope_3d_typed<float>(p);
+        case DType::int8: break;
     }
+    TORCH_CHECK(false, "rope: the bindings pass only floating-point tensors, got int8");
 }
 
 }  // namespace tkpy::cpu

@@ -10,6 +10,8 @@
 #include "pipeline/sync.cuh"
 #include "ops/warp/register.cuh"
 #include "ops/warp/memory.cuh"
+#include "ops/warp/mma.cuh"
+#include "ops/cp_async.cuh"
 #include "ops/warpgroup/memory.cuh"
 #include "ops/warpgroup/mma/mma.cuh"
 #include "ops/tma.cuh"

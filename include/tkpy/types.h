@@ -3,6 +3,7 @@
 
 namespace tkpy {
 
-enum class DType { fp32, fp16, bf16 };
+// int8: LServe's KV cache storage (per-tensor symmetric, dequantised inside the kernels).
+enum class DType { fp32, fp16, bf16, int8 };
 
 }  // namespace tkpy

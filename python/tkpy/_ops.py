@@ -71,13 +71,38 @@ def _block_sparse_attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, he
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
+@torch.library.register_fake("tkpy::decode_attention")
+def _decode_attention_fake(q, k_cache, v_cache, block_table, seqlens, cache_batch_idx, kv_head_slot, k_ring, v_ring,
+                           ring_table, sink, local, page_indices, page_counts, head_bits, k_scale, v_scale,
+                           softmax_scale, window_left, window_right, softcap, num_splits):
+    _check_same_device("decode_attention", q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
+                       seqlens=seqlens, cache_batch_idx=cache_batch_idx, kv_head_slot=kv_head_slot, k_ring=k_ring,
+                       v_ring=v_ring, ring_table=ring_table, page_indices=page_indices, page_counts=page_counts,
+                       head_bits=head_bits)
+    if q.dim() != 4:
+        raise RuntimeError(f"decode_attention: expected q to be 4-D [batch, seqlen_q, heads_q, head_dim], got {tuple(q.shape)}")
+    # q [B, Sq, Hq, D] -> out like q, lse [B, Hq, Sq]
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("tkpy::kv_append_")
+def _kv_append_fake(k_cache, v_cache, k, v, block_table, seqlens, cache_batch_idx, k_min, k_max, rotary_cos,
+                    rotary_sin, rotary_interleaved, k_scale, v_scale, kv_head_slot, k_ring, v_ring, ring_table, sink,
+                    local):
+    _check_same_device("kv_append_", k, k_cache=k_cache, v_cache=v_cache, v=v, block_table=block_table,
+                       seqlens=seqlens, cache_batch_idx=cache_batch_idx, k_min=k_min, k_max=k_max,
+                       rotary_cos=rotary_cos, rotary_sin=rotary_sin, kv_head_slot=kv_head_slot, k_ring=k_ring,
+                       v_ring=v_ring, ring_table=ring_table)
+
+
 def _attention_backward(ctx, grad_out, grad_lse):
     raise NotImplementedError(
         "tkpy attention: backward is not implemented; tkpy's attention functions (flash_attn_func, "
-        "flash_attn_varlen_func, block_sparse_attn_func and the streaming variants) are forward-only "
-        "(inference). Use flash-attn or torch SDPA for training."
+        "flash_attn_varlen_func, flash_attn_with_kvcache, block_sparse_attn_func, the streaming "
+        "variants and tkpy.lserve.sparse_decode) are forward-only (inference). Use flash-attn or torch SDPA for training."
     )
 
 
 torch.library.register_autograd("tkpy::attention_forward", _attention_backward)
 torch.library.register_autograd("tkpy::block_sparse_attention_forward", _attention_backward)
+torch.library.register_autograd("tkpy::decode_attention", _attention_backward)

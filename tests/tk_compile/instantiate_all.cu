@@ -2,7 +2,7 @@
 // primitive instantiated at least once -- all wgmma shapes N = 16..256 for bf16 and half, in every
 // operand layout, A from shared memory and from registers; all three swizzles; TMA load, store and
 // store-add for 16- and 32-bit tiles; cooperative global<->shared copies; every register op on
-// float, bf16 and half tiles.
+// float, bf16 and half tiles; mma.sync with ldmatrix cursors over cp.async-filled tiles.
 #include <array>
 #include <utility>
 
@@ -109,6 +109,39 @@ __global__ void every_register_op(const T* in, T* out, float* vec_out) {
     tk::warp::store(vec_out, rows, 0, 48);
 }
 
+// mma.sync through ldmatrix cursors (plain and transposed) over tiles filled by cp.async.
+template <typename T>
+__global__ void __launch_bounds__(tk::kWarpThreads) every_warp_mma(const T* in, float* out) {
+    extern __shared__ char raw_smem[];
+    tk::smem_allocator alloc(raw_smem);
+    auto& a = *alloc.allocate<tk::st<T, 16, 128>>();
+    auto& b = *alloc.allocate<tk::st<T, 16, 128>>();
+    for (int i = tk::laneid(); i < 16 * 16; i += tk::kWarpThreads) {
+        const int r = i / 16;
+        const int c = 8 * (i % 16);
+        tk::cp_async::copy16(a.ptr(r, c), in + r * 128 + c, true);
+        tk::cp_async::copy16(b.ptr(r, c), in + r * 128 + c, r < 8);
+    }
+    tk::cp_async::commit();
+    tk::cp_async::wait<0>();
+    __syncwarp();
+    tk::rt_fl<16, 16> d;
+    tk::warp::zero(d);
+    const auto a_rows = tk::warp::ldsm_rows(a, 0, 0);
+    const auto b_rows = tk::warp::ldsm_rows(b, 0, 0);
+    const auto b_cols = tk::warp::ldsm_rows_transposed(b, 0, 0);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        tk::rt_base<T> x, y, z;
+        tk::warp::load_base(x, a_rows, k);
+        tk::warp::load_base(y, b_rows, k);
+        tk::warp::load_base_transposed(z, b_cols, k);
+        tk::warp::mma_ABt(d.tiles[0][0], x, y);
+        tk::warp::mma_ABt(d.tiles[0][0], x, z);
+    }
+    tk::warp::store(tk::gl<float>{out, 16, 16, 16}, d, 0, 0);
+}
+
 template <typename T, int... I>
 constexpr auto mma_kernels(std::integer_sequence<int, I...>) {
     return std::array<const void*, sizeof...(I)>{reinterpret_cast<const void*>(&every_mma<T, 16 * (I + 1)>)...};
@@ -129,6 +162,8 @@ constexpr auto mma_kernels(std::integer_sequence<int, I...>) {
     reinterpret_cast<const void*>(&every_register_op<float>),
     reinterpret_cast<const void*>(&every_register_op<tk::bf16>),
     reinterpret_cast<const void*>(&every_register_op<tk::half>),
+    reinterpret_cast<const void*>(&every_warp_mma<tk::bf16>),
+    reinterpret_cast<const void*>(&every_warp_mma<tk::half>),
 };
 [[maybe_unused]] const auto kBf16MmaKernels = mma_kernels<tk::bf16>(std::make_integer_sequence<int, 16>());
 [[maybe_unused]] const auto kHalfMmaKernels = mma_kernels<tk::half>(std::make_integer_sequence<int, 16>());

@@ -12,7 +12,8 @@ cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream) {
         case DType::bf16: return launch_gemm_bf16(p, stream);
         case DType::fp16:
             return p.trans_b ? launch_typed<tk::half, true>(p, stream) : launch_typed<tk::half, false>(p, stream);
-        case DType::fp32: break;
+        case DType::fp32:
+        case DType::int8: break;
     }
     return cudaErrorInvalidValue;
 }

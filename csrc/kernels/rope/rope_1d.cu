@@ -24,6 +24,7 @@ cudaError_t launch_rope_1d(const Rope1dParams& p, cudaStream_t stream) {
         case DType::bf16: return launch_dtype<__nv_bfloat16>(p, stream);
         case DType::fp16: return launch_dtype<__half>(p, stream);
         case DType::fp32: return launch_typed<float, float>(p, stream);
+        case DType::int8: break;
     }
     return cudaErrorInvalidValue;
 }

@@ -19,6 +19,7 @@ cudaError_t launch_rope_3d(const Rope3dParams& p, cudaStream_t stream) {
         case DType::bf16: return launch_typed<__nv_bfloat16>(p, stream);
         case DType::fp16: return launch_typed<__half>(p, stream);
         case DType::fp32: return launch_typed<float>(p, stream);
+        case DType::int8: break;
     }
     return cudaErrorInvalidValue;
 }
