@@ -78,12 +78,47 @@ def block_sparse_case(gen):
     return fn, (q, k, v)
 
 
+def decode_attention_case(gen):
+    q = randn((2, 3, 4, 64), torch.bfloat16, gen)
+    k_cache = randn((7, 16, 2, 64), torch.bfloat16, gen)
+    v_cache = randn((7, 16, 2, 64), torch.bfloat16, gen)
+    block_table = torch.randperm(7, generator=gen)[:6].view(2, 3).to(torch.int32)
+    seqlens = torch.tensor([20, 41], dtype=torch.int32)
+
+    def fn(q, k_cache, v_cache):
+        out, lse = tkpy.flash_attn_with_kvcache(q * 1.5, k_cache, v_cache, cache_seqlens=seqlens,
+                                                block_table=block_table, causal=True, return_softmax_lse=True)
+        return out * 2, lse
+
+    return fn, (q, k_cache, v_cache)
+
+
+def kv_append_case(gen):
+    q = randn((2, 2, 4, 64), torch.float16, gen)
+    k_cache = randn((3, 40, 2, 64), torch.float16, gen)
+    v_cache = randn((3, 40, 2, 64), torch.float16, gen)
+    k = randn((2, 2, 2, 64), torch.float16, gen)
+    v = randn((2, 2, 2, 64), torch.float16, gen)
+    angles = randn((64, 32), torch.float32, gen)
+    cos, sin = angles.cos(), angles.sin()
+    seqlens = torch.tensor([5, 30], dtype=torch.int32)
+    batch_idx = torch.tensor([2, 0], dtype=torch.int32)
+
+    def fn(q, k_cache, v_cache, k, v):
+        out = tkpy.flash_attn_with_kvcache(q, k_cache, v_cache, k * 2, v, cos, sin, seqlens, batch_idx, causal=True)
+        return out + 1, k_cache, v_cache
+
+    return fn, (q, k_cache, v_cache, k, v)
+
+
 CASES = {
     "apply_rope_": rope_case,
     "apply_rope_3d_": rope_3d_case,
     "gemm": gemm_case,
     "attention_forward": attention_case,
     "block_sparse_attention_forward": block_sparse_case,
+    "decode_attention": decode_attention_case,
+    "kv_append_": kv_append_case,
 }
 
 

@@ -4,6 +4,7 @@ from . import _ops, lserve, riflex, rope
 from ._ops import cuda_compiled
 from .attention import flash_attn_func, flash_attn_varlen_func
 from .block_sparse import block_sparse_attn_func, block_streaming_attn_func, token_streaming_attn_func
+from .kvcache import flash_attn_with_kvcache
 from .matmul import gemm
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ __all__ = [
     "cuda_compiled",
     "flash_attn_func",
     "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
     "gemm",
     "lserve",
     "riflex",

@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["rope_frequencies", "rope", "rope_3d_table", "rope_3d", "matmul", "attention", "block_sparse_attention"]
+__all__ = ["rope_frequencies", "rope", "rope_3d_table", "rope_3d", "matmul", "attention", "block_sparse_attention",
+           "page_stats", "page_scores", "select_pages"]
 
 
 def rope_frequencies(dim: int, theta: float, k: Optional[int] = None, L_test: Optional[float] = None) -> torch.Tensor:
@@ -246,3 +247,271 @@ def block_sparse_attention(
         ])
         out[q0:q1], lse[:, q0:q1] = _masked_attention(q[q0:q1], k[k0:k1], v[k0:k1], visible, scale)
     return out, lse
+
+
+LSERVE_LOGICAL_PAGE = 16  # tokens per logical page (page-stats granularity)
+LSERVE_PAGE = 64  # tokens per physical page
+
+
+def page_stats(keys: torch.Tensor):
+    """Per logical page of one sequence's keys ``[L, H, D]`` (tokens in order): the channel-wise
+    min and max, float64 ``[ceil(L/16), H, D]`` each. The last logical page may be partial."""
+    keys = keys.double()
+    mins, maxs = [], []
+    for start in range(0, keys.shape[0], LSERVE_LOGICAL_PAGE):
+        tokens = keys[start:start + LSERVE_LOGICAL_PAGE]
+        mins.append(tokens.min(dim=0).values)
+        maxs.append(tokens.max(dim=0).values)
+    return torch.stack(mins), torch.stack(maxs)
+
+
+def page_scores(q: torch.Tensor, k_min: torch.Tensor, k_max: torch.Tensor) -> torch.Tensor:
+    """Quest/LServe scores of one sequence: q ``[Hq, D]``, logical-page stats ``[n_logical, Hkv, D]``
+    -> float64 ``[Hq, ceil(n_logical/4)]``.
+
+    Query head h reads kv head ``h // (Hq/Hkv)``. A logical page scores
+    ``sum_c max(q_c·kmax_c, q_c·kmin_c)`` (no 1/sqrt(D)); a physical page of 4 logical pages scores
+    the max of theirs.
+    """
+    q, k_min, k_max = q.double(), k_min.double(), k_max.double()
+    heads_q, n_logical = q.shape[0], k_min.shape[0]
+    group = heads_q // k_min.shape[1]
+    per_page = LSERVE_PAGE // LSERVE_LOGICAL_PAGE
+    n_pages = -(-n_logical // per_page)
+    scores = torch.empty(heads_q, n_pages, dtype=torch.float64)
+    for h in range(heads_q):
+        for p in range(n_pages):
+            logical = [
+                torch.maximum(q[h] * k_max[l, h // group], q[h] * k_min[l, h // group]).sum().item()
+                for l in range(p * per_page, min((p + 1) * per_page, n_logical))
+            ]
+            scores[h, p] = max(logical)
+    return scores
+
+
+def select_pages(scores: torch.Tensor, length: int, token_budget: int) -> torch.Tensor:
+    """LServe's page selection of one sequence of ``length`` tokens from its scores ``[Hq, n_pages]``
+    -> bool ``[Hq, n_pages]``: every page if ``length <= token_budget``; otherwise, per head, the
+    ``min(max(3, token_budget//64), n_pages) - 1`` highest-scoring pages other than the last, and
+    the last (newest) page."""
+    heads_q = scores.shape[0]
+    n_pages = -(-length // LSERVE_PAGE)
+    selected = torch.zeros(heads_q, n_pages, dtype=torch.bool)
+    if length <= token_budget:
+        selected[:] = True
+        return selected
+    count = min(max(3, token_budget // LSERVE_PAGE), n_pages) - 1
+    for h in range(heads_q):
+        ranked = sorted(range(n_pages - 1), key=lambda p: -scores[h, p].item())
+        for p in ranked[:count]:
+            selected[h, p] = True
+        selected[h, n_pages - 1] = True
+    return selected
+
+
+# ---- decode over a KV cache (flash_attn_with_kvcache, LServe sparse decode) ---------------------
+
+_LSERVE_PAGE = 64  # tokens per LServe page (the ring's page)
+
+
+def int8_roundtrip(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """float64 value of ``x`` after per-tensor symmetric INT8 storage with ``scale``: ``x/scale``
+    rounded half away from zero, clamped to ``[-127, 127]``, times ``scale``."""
+    return _int8_integers(x, scale) * float(scale)
+
+
+def _int8_integers(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """The integers an INT8 pool stores for ``x`` (float64): ``x/scale`` rounded half away from
+    zero, clamped to ``[-127, 127]``."""
+    scaled = x.double() / float(scale)
+    return (torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)).clamp(-127, 127)
+
+
+def _ring_slot_of_page(page: int, sink: int, local: int) -> int:
+    """Ring slot of a streaming head's page: sink pages stay put, window pages rotate through the
+    ``local/64 + 1`` remaining slots (DESIGN.md §5)."""
+    sink_pages = sink // _LSERVE_PAGE
+    if page < sink_pages:
+        return page
+    return sink_pages + (page - sink_pages) % (local // _LSERVE_PAGE + 1)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqlens: torch.Tensor,
+    block_table: Optional[torch.Tensor] = None,
+    cache_batch_idx: Optional[torch.Tensor] = None,
+    kv_head_slot: Optional[torch.Tensor] = None,
+    k_ring: Optional[torch.Tensor] = None,
+    v_ring: Optional[torch.Tensor] = None,
+    ring_table: Optional[torch.Tensor] = None,
+    sink: int = 0,
+    local: int = 0,
+    page_indices: Optional[torch.Tensor] = None,
+    page_counts: Optional[torch.Tensor] = None,
+    head_bits: Optional[torch.Tensor] = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    softmax_scale: Optional[float] = None,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+):
+    """Decode attention over a KV cache in float64, one (sequence, query head, query row) at a time
+    over the explicit list of the tokens it sees, each gathered from its page.
+
+    q ``[B, Sq, Hq, D]``; seqlens ``[B]`` keys per sequence; query row i sits at position
+    ``seqlens[b] - Sq + i``. Cache: paged ``[num_pages, page_size, Hc, D]`` with ``block_table``
+    ``[B, max_pages]``, or contiguous ``[B_cache, S_cache, Hc, D]`` (row ``cache_batch_idx[b]``, or b).
+    int8 caches hold ``value / scale``. Without ``kv_head_slot`` query head h reads kv head
+    ``h // (Hq/Hkv)`` and sees the keys of its window (flash-attn's, -1 unbounded). With
+    ``kv_head_slot`` (Sq = 1): kv head h with slot >= 0 reads pool head ``slot`` and, given
+    ``page_indices``/``page_counts``/``head_bits``, sees the listed pages (other than the newest)
+    whose bit for the query head is set, plus the newest page; slot < 0 is a streaming head
+    ``-1 - slot`` of ``k_ring``/``v_ring`` ``[ring_pool_pages, 64, Hs, D]`` that sees
+    ``[0, sink) ∪ [len - local, len)``, page n at ``ring_table[b, slot(n)]``.
+    Returns out ``[B, Sq, Hq, D]`` and lse ``[B, Hq, Sq]`` (float64); a row that sees no key gives
+    out 0 and lse -inf.
+    """
+    q = q.double()
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    heads_kv = kv_head_slot.numel() if kv_head_slot is not None else k_cache.shape[2]
+    group = heads_q // heads_kv
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    int8 = k_cache.dtype == torch.int8
+    k_mult, v_mult = (float(k_scale), float(v_scale)) if int8 else (1.0, 1.0)
+    left, right = window_size
+    lengths = [int(x) for x in seqlens.tolist()]
+    slots = [int(s) for s in kv_head_slot.tolist()] if kv_head_slot is not None else list(range(heads_kv))
+
+    out = torch.zeros(batch, seqlen_q, heads_q, head_dim, dtype=torch.float64)
+    lse = torch.full((batch, heads_q, seqlen_q), float("-inf"), dtype=torch.float64)
+    for b in range(batch):
+        length = lengths[b]
+        newest_page = (length - 1) // _LSERVE_PAGE
+        for h in range(heads_kv):
+            slot = slots[h]
+            streaming = kv_head_slot is not None and slot < 0
+            listed = {}
+            if kv_head_slot is not None and not streaming and page_indices is not None:
+                for n in range(int(page_counts[b, h])):
+                    listed[int(page_indices[b, h, n])] = int(head_bits[b, h, n]) & 0xFFFFFFFF
+            for j in range(group):
+                head_q = h * group + j
+                for i in range(seqlen_q):
+                    diagonal = length - seqlen_q + i
+                    tokens = []
+                    for t in range(length):
+                        if left >= 0 and t < diagonal - left:
+                            continue
+                        if right >= 0 and t > diagonal + right:
+                            continue
+                        if streaming and not (t < sink or t >= length - local):
+                            continue
+                        if page_indices is not None and not streaming:
+                            page = t // _LSERVE_PAGE
+                            if page != newest_page and not (page in listed and (listed[page] >> j) & 1):
+                                continue
+                        tokens.append(t)
+                    if not tokens:
+                        continue
+                    positions = torch.tensor(tokens)
+                    if streaming:
+                        ring_pages = torch.tensor(
+                            [int(ring_table[b, _ring_slot_of_page(t // _LSERVE_PAGE, sink, local)]) for t in tokens]
+                        )
+                        rows = positions % _LSERVE_PAGE
+                        keys = k_ring[ring_pages, rows, -1 - slot].double() * k_mult
+                        values = v_ring[ring_pages, rows, -1 - slot].double() * v_mult
+                    else:
+                        if block_table is not None:
+                            page_size = k_cache.shape[1]
+                            pages = block_table[b].long()[positions // page_size]
+                            rows = positions % page_size
+                        else:
+                            row = int(cache_batch_idx[b]) if cache_batch_idx is not None else b
+                            pages = torch.full_like(positions, row)
+                            rows = positions
+                        keys = k_cache[pages, rows, slot].double() * k_mult
+                        values = v_cache[pages, rows, slot].double() * v_mult
+                    scores = keys @ q[b, i, head_q] * scale
+                    if softcap > 0:
+                        scores = softcap * torch.tanh(scores / softcap)
+                    row_lse = torch.logsumexp(scores, dim=0)
+                    out[b, i, head_q] = torch.exp(scores - row_lse) @ values
+                    lse[b, head_q, i] = row_lse
+    return out, lse
+
+
+def paged_kv_append(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seqlens: torch.Tensor,
+    block_table: Optional[torch.Tensor] = None,
+    cache_batch_idx: Optional[torch.Tensor] = None,
+    rotary_cos: Optional[torch.Tensor] = None,
+    rotary_sin: Optional[torch.Tensor] = None,
+    rotary_interleaved: bool = False,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    kv_head_slot: Optional[torch.Tensor] = None,
+    k_ring: Optional[torch.Tensor] = None,
+    v_ring: Optional[torch.Tensor] = None,
+    ring_table: Optional[torch.Tensor] = None,
+    sink: int = 0,
+    local: int = 0,
+):
+    """The pools after appending k/v ``[B, S_new, Hkv, D]`` at positions ``seqlens[b] + i``, as new
+    float64 tensors ``(k_cache, v_cache, k_ring, v_ring)`` (rings None when not given), one token at
+    a time.
+
+    k is first rotated (``rope`` with rows = positions) when rotary tables are given. An int8 pool
+    holds ``x/scale`` rounded half away from zero and clamped to ``[-127, 127]`` (as integers in
+    float64); other pools hold x. Pool layout and head roles as in ``paged_decode_attention``;
+    a streaming head writes token t only if its page is a sink page or one of the ``local/64 + 1``
+    newest pages of the sequence after the append.
+    """
+    batch, seqlen_new, heads_kv, _ = k.shape
+    starts = [int(x) for x in seqlens.tolist()]
+    keys = k.double()
+    if rotary_cos is not None:
+        positions = torch.tensor(starts)[:, None] + torch.arange(seqlen_new)[None, :]
+        keys = rope(keys, rotary_cos, rotary_sin, positions, rotary_interleaved)
+    values = v.double()
+    slots = [int(s) for s in kv_head_slot.tolist()] if kv_head_slot is not None else list(range(heads_kv))
+
+    def stored(x, scale, pool):
+        return _int8_integers(x, scale) if pool.dtype == torch.int8 else x
+
+    new_k, new_v = k_cache.double().clone(), v_cache.double().clone()
+    new_k_ring = k_ring.double().clone() if k_ring is not None else None
+    new_v_ring = v_ring.double().clone() if v_ring is not None else None
+    for b in range(batch):
+        new_len = starts[b] + seqlen_new
+        for i in range(seqlen_new):
+            t = starts[b] + i
+            page = t // _LSERVE_PAGE
+            for h in range(heads_kv):
+                slot = slots[h]
+                key = stored(keys[b, i, h], k_scale, k_cache)
+                value = stored(values[b, i, h], v_scale, v_cache)
+                if kv_head_slot is not None and slot < 0:
+                    newest = (new_len - 1) // _LSERVE_PAGE
+                    if not (page < sink // _LSERVE_PAGE or page > newest - (local // _LSERVE_PAGE + 1)):
+                        continue
+                    ring_page = int(ring_table[b, _ring_slot_of_page(page, sink, local)])
+                    new_k_ring[ring_page, t % _LSERVE_PAGE, -1 - slot] = key
+                    new_v_ring[ring_page, t % _LSERVE_PAGE, -1 - slot] = value
+                    continue
+                if block_table is not None:
+                    page_size = k_cache.shape[1]
+                    physical, row = int(block_table[b, t // page_size]), t % page_size
+                else:
+                    physical = int(cache_batch_idx[b]) if cache_batch_idx is not None else b
+                    row = t
+                new_k[physical, row, slot] = key
+                new_v[physical, row, slot] = value
+    return new_k, new_v, new_k_ring, new_v_ring
