@@ -3,10 +3,12 @@
 The pieces are public so that the pytest-benchmark suites in ``benchmarks/`` measure the same
 cases the same way: :func:`rope_cases`, :func:`gemm_cases`, :func:`attention_cases` and
 :func:`block_sparse_cases` list the shapes, :func:`prepare_case` allocates their inputs and
-:func:`measure` checks tkpy against the peer and times both.
+:func:`measure` checks tkpy against the peer and times both. :func:`decode_cases` and
+:func:`sparse_decode_cases` list decode over a paged KV cache (dense, and LServe's sparse decode
+with its page selector).
 
 Modules: ``timing`` (timers, input rotation), ``core`` (conventions, check, results), one per op
-family (``rope``, ``gemm``, ``attention``, ``block_sparse``: cases and peers), ``cases`` (all
+family (``rope``, ``gemm``, ``attention``, ``block_sparse``, ``decode``: cases and peers), ``cases`` (all
 families together), ``env``, ``report`` and ``cli``.
 
 How the figures are counted (DESIGN §6):
@@ -34,6 +36,20 @@ from .core import (
     PreparedCase,
     check_case,
     prepare_case,
+)
+from .decode import (
+    DECODE_BYTES_CONVENTION,
+    SPARSE_CONVENTION,
+    DecodeCase,
+    DecodeResult,
+    SparseDecodeCase,
+    SparseDecodeResult,
+    copy_bandwidth_gbps,
+    decode_cases,
+    format_decode_tables,
+    measure_decode,
+    measure_sparse_decode,
+    sparse_decode_cases,
 )
 from .env import environment_info, nvml_gpu_info
 from .gemm import GemmCase, gemm_cases
@@ -66,7 +82,10 @@ __all__ = [
     "BenchCase",
     "BlockSparseCase",
     "BlockSparseResult",
+    "DECODE_BYTES_CONVENTION",
     "DENSITY_CONVENTION",
+    "DecodeCase",
+    "DecodeResult",
     "PEER",
     "CaseResult",
     "FLOPS_CONVENTION",
@@ -74,12 +93,18 @@ __all__ = [
     "PreparedCase",
     "Rope3dCase",
     "RopeCase",
+    "SPARSE_CONVENTION",
+    "SparseDecodeCase",
+    "SparseDecodeResult",
     "Timing",
     "attention_cases",
     "block_sparse_cases",
     "buffer_copies",
     "check_case",
+    "copy_bandwidth_gbps",
+    "decode_cases",
     "environment_info",
+    "format_decode_tables",
     "format_report",
     "gbps",
     "gemm_cases",
@@ -88,6 +113,8 @@ __all__ = [
     "measure_attention",
     "measure_block_sparse",
     "measure_copy_bandwidth",
+    "measure_decode",
+    "measure_sparse_decode",
     "nvml_gpu_info",
     "prepare_case",
     "rope_3d_freqs_cis",
@@ -95,6 +122,7 @@ __all__ = [
     "rope_cases",
     "rope_cos_sin",
     "rotating_setup",
+    "sparse_decode_cases",
     "synchronized",
     "time_cuda_or_cpu",
     "torch_rope_3d_reference",

@@ -9,18 +9,22 @@ import torch
 from .attention import AttentionCase, attention_cases, measure_attention
 from .block_sparse import BlockSparseCase, block_sparse_cases, measure_block_sparse
 from .core import CaseResult, PreparedCase, check_case
+from .decode import (
+    DecodeCase, SparseDecodeCase, decode_cases, measure_decode, measure_sparse_decode, sparse_decode_cases,
+)
 from .gemm import GemmCase, gemm_cases
 from .rope import Rope3dCase, RopeCase, rope_cases
 
-BenchCase = Union[RopeCase, Rope3dCase, GemmCase, AttentionCase, BlockSparseCase]
+BenchCase = Union[RopeCase, Rope3dCase, GemmCase, AttentionCase, BlockSparseCase, DecodeCase, SparseDecodeCase]
 
 _SPARSE_OPS = ("block_sparse_attn_func", "token_streaming_attn_func")  # BlockSparseCase.op
-_OPS = (RopeCase.op, Rope3dCase.op, GemmCase.op, AttentionCase.op, *_SPARSE_OPS)
+_OPS = (RopeCase.op, Rope3dCase.op, GemmCase.op, AttentionCase.op, *_SPARSE_OPS, DecodeCase.op, SparseDecodeCase.op)
 
 
 def _all_cases(device: Union[str, torch.device]) -> tuple[BenchCase, ...]:
-    """Every op family's cases for ``device``, in report order."""
-    return (*rope_cases(device), *gemm_cases(device), *attention_cases(device), *block_sparse_cases(device))
+    """Every op family's cases for ``device``, in report order; decode cases only where they fit in memory."""
+    decode = (case for case in (*decode_cases(device), *sparse_decode_cases(device)) if case.fits(device))
+    return (*rope_cases(device), *gemm_cases(device), *attention_cases(device), *block_sparse_cases(device), *decode)
 
 
 def measure(prepared: PreparedCase, *, warmup: int, reps: int) -> CaseResult:
@@ -30,6 +34,10 @@ def measure(prepared: PreparedCase, *, warmup: int, reps: int) -> CaseResult:
         return measure_attention(prepared, warmup=warmup, reps=reps)
     if isinstance(case, BlockSparseCase):
         return measure_block_sparse(prepared, warmup=warmup, reps=reps)
+    if isinstance(case, DecodeCase):
+        return measure_decode(prepared, warmup=warmup, reps=reps)
+    if isinstance(case, SparseDecodeCase):
+        return measure_sparse_decode(prepared, warmup=warmup, reps=reps)
     rel_err = check_case(prepared)
     tkpy_timing = prepared.time(case.run_tkpy, warmup=warmup, reps=reps)
     peer_timing = prepared.time(case.run_peer, warmup=warmup, reps=reps)

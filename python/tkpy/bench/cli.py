@@ -11,9 +11,9 @@ import torch
 from .. import cuda_compiled
 from .cases import _OPS, BenchCase, _all_cases, measure
 from .core import prepare_case
+from .decode import DecodeResult, SparseDecodeResult, copy_bandwidth_gbps, format_decode_tables
 from .env import environment_info
 from .report import format_report
-from .timing import measure_copy_bandwidth
 
 _DEFAULT_RUNS = {"cuda": (10, 100), "cpu": (3, 20)}  # (warm-up, timed)
 
@@ -102,14 +102,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cases = [case for case in _all_cases(device) if case.op in args.ops]
     copy_gbps = None
     if any(case.metric == "GB/s" for case in cases):
-        copy_gbps = measure_copy_bandwidth(device, warmup=warmup, reps=reps)
+        copy_gbps = copy_bandwidth_gbps(device)
     results = [
         measure(prepare_case(case, device, seed=args.seed), warmup=warmup, reps=reps)
         for case in _progress(cases, enabled=not args.no_progress)
     ]
     # Queried after the run, so that the clocks shown are the ones the timed kernels ran at.
     env = environment_info(device)
-    print(format_report(results, env, copy_gbps, warmup, reps))
+    # format_report knows no decode results: their tables follow its own.
+    others = [r for r in results if not isinstance(r, (DecodeResult, SparseDecodeResult))]
+    print("\n".join([format_report(others, env, copy_gbps, warmup, reps), *format_decode_tables(results)]))
     mismatches = [f"{r.case.op} {r.case.id} (vs {r.case.peer})" for r in results if not r.passed]
     if mismatches:
         print(f"tkpy bench: tkpy disagrees with its peer on: {', '.join(mismatches)}", file=sys.stderr)
