@@ -129,7 +129,7 @@ def benchmark_rows(bench: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
     for entry in (bench or {}).get("benchmarks", []):
         info = entry.get("extra_info", {})
         metric = info.get("metric")
-        suffix = {"GB/s": "gbps", "TFLOP/s": "tflops"}.get(metric)
+        suffix = {"GB/s": "gbps", "TFLOP/s": "tflops", "tokens/s": "tokens_per_s"}.get(metric)
         rows.append(
             {
                 "name": entry.get("name"),

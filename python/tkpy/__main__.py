@@ -1,17 +1,23 @@
-"""Command line: `python -m tkpy {info,bench}`."""
+"""Command line: `python -m tkpy {info,bench,generate}`."""
 
 import sys
 
 
 def main(argv: list[str]) -> int:
-    commands = {"info": "what this build contains and runs on", "bench": "time each op against its torch peer"}
+    commands = {
+        "info": "what this build contains and runs on",
+        "bench": "time each op against its torch peer",
+        "generate": "continue prompts with a Llama-family model (tkpy.runtime)",
+    }
     if not argv or argv[0] not in commands:
-        print("usage: python -m tkpy {info,bench} [options]")
+        print("usage: python -m tkpy {info,bench,generate} [options]")
         for name, what in commands.items():
-            print(f"  {name:<6} {what}")
+            print(f"  {name:<8} {what}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "info":
         from .info import main as run
+    elif argv[0] == "generate":
+        from .runtime.cli import main as run
     else:
         from .bench import main as run
     return run(argv[1:])

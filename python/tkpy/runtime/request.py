@@ -1,0 +1,69 @@
+"""One request's state, its result, the timing of a generate call, and sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+__all__ = ["Generation", "Request", "Timing", "sample"]
+
+
+@dataclass
+class Generation:
+    """One prompt's result. ``token_ids`` are the generated tokens, ending with the stop token or
+    EOS that ended them (as transformers returns them); ``text`` is their decoding without special
+    tokens, cut before a stop string."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS, a stop token or a stop string) or "length"
+
+
+@dataclass
+class Timing:
+    """Wall time of the last :meth:`LLM.generate`, split into prefill and decode."""
+
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+@dataclass
+class Request:
+    tokens: list[int]  # prompt, then generated tokens
+    prompt_len: int
+    max_new_tokens: int
+    pages: list[int] = field(default_factory=list)
+    slot: int = 0
+    finish_reason: Optional[str] = None
+    text: Optional[str] = None  # set when a stop string cut the text
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """int64 ``[B]`` next tokens from float32 ``[B, vocab]`` logits: greedy at temperature 0, else
+    nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    # argmax(p / E) with E ~ Exp(1) draws from p, without torch.multinomial's host sync.
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)

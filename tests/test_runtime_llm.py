@@ -1,0 +1,332 @@
+"""tkpy.runtime.LLM on the CPU against transformers' eager models.
+
+Small random Llama, Qwen2 and Mistral models (GQA, tied and untied embeddings, Llama-3.1 RoPE
+scaling, qkv bias, a sliding window) are saved with ``save_pretrained`` in several shards, next to
+a byte-level ``tokenizer.json`` built with ``tokenizers``, and loaded by the runtime.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+transformers = pytest.importorskip("transformers")
+
+from tkpy.runtime import LLM, LServeConfig  # noqa: E402
+
+VOCAB = 256 + 2
+DUO_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "duo_attention"
+
+# name -> (transformers class names, config overrides)
+MODELS = {
+    "llama-untied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}),
+    "llama31-tied": ("LlamaConfig", "LlamaForCausalLM", {
+        "tie_word_embeddings": True, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 256}}),
+    "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "qwen2-untied": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": False}),
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 24}),
+}
+
+
+def byte_tokenizer() -> Tokenizer:
+    """256 byte tokens and two specials, no merges: any text encodes, nothing is downloaded."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.add_special_tokens(["<s>", "</s>"])
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def make_checkpoint(folder: Path, name: str):
+    config_cls, model_cls, overrides = MODELS[name]
+    config = getattr(transformers, config_cls)(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, vocab_size=VOCAB, max_position_embeddings=1024, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None, attn_implementation="eager", **overrides)
+    torch.manual_seed(sorted(MODELS).index(name))
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            # transformers' init (std 0.02) gives nearly uniform attention, under which a wrong
+            # position, mask or cache page would barely move the logits: sharpen it.
+            layer.self_attn.q_proj.weight *= 4
+            layer.self_attn.k_proj.weight *= 4
+            if config_cls == "Qwen2Config":  # transformers initialises biases to zero: make them matter
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    torch.nn.init.normal_(proj.bias, std=0.5)
+    model.save_pretrained(folder, max_shard_size="400KB")
+    byte_tokenizer().save(str(folder / "tokenizer.json"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {name: (root / name, make_checkpoint(root / name, name)) for name in MODELS}
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(0, 256, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def transformers_fp16_error(model, ids) -> float:
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+        half = type(model)(model.config).eval()
+        half.load_state_dict(model.state_dict())
+        return (half.half()(torch.tensor([ids])).logits[0].float() - ref).abs().max().item()
+
+
+def tolerance(model, ids) -> float:
+    """The runtime computes in fp16 (tkpy's attention takes fp16/bf16), so its logits cannot be
+    closer to the float32 model than transformers' own fp16 model is. Allow twice that error plus
+    one fp16 ulp at these logits' scale (2^-10 near 1-2): a wrong RoPE, bias or mask is off by 0.1+."""
+    return 2 * transformers_fp16_error(model, ids) + 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_prefill_logits_match_transformers(checkpoints, name):
+    folder, model = checkpoints[name]
+    ids = prompt(70, 1)  # longer than a 64-token page and than Mistral's window
+    llm = LLM(folder, device="cpu", dtype=torch.float16, max_seq_len=256, progress=False)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    error = (llm.prefill_logits(ids) - expected).abs().max().item()
+    assert error <= tolerance(model, ids), (error, tolerance(model, ids))
+
+
+def generate_recording_decode_logits(llm, ids, new_tokens):
+    """Greedy generation of one prompt, and the logits of its decode steps ``[new_tokens - 1, vocab]``."""
+    recorded = []
+    decode_step = llm.decode_step
+    llm.decode_step = lambda *args, **kwargs: recorded.append(decode_step(*args, **kwargs)) or recorded[-1]
+    try:
+        out = llm.generate(ids, max_new_tokens=new_tokens)[0]
+    finally:
+        del llm.decode_step
+    assert len(out.token_ids) == new_tokens and len(recorded) == new_tokens - 1
+    return out, torch.cat(recorded)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_greedy_decode_matches_transformers(checkpoints, name):
+    folder, model = checkpoints[name]
+    ids = prompt(56, 2)  # 16 steps cross the first page boundary (64 tokens)
+    llm = LLM(folder, device="cpu", dtype=torch.float16, max_seq_len=128, progress=False)
+    ours, decode_logits = generate_recording_decode_logits(llm, ids, 16)
+    assert ours.finish_reason == "length"
+
+    # Every decode step's logits, against transformers on the same tokens (teacher forcing).
+    full = ids + ours.token_ids
+    with torch.no_grad():
+        expected = model(torch.tensor([full])).logits[0, len(ids):len(full) - 1]
+    tol = tolerance(model, full)
+    error = (decode_logits - expected).abs().max().item()
+    assert error <= tol, (error, tol)
+
+    # Greedy tokens: where transformers' best token leads by more than twice our logit error,
+    # ours must pick it too; past the first closer call the two may part ways legitimately.
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+    top2 = torch.stack(ref.scores)[:, 0].topk(2, dim=-1).values
+    margins = (top2[:, 0] - top2[:, 1]).tolist()
+    decided = next((i for i, m in enumerate(margins) if m <= 2 * tol), len(margins))
+    assert decided >= 3, f"margins {margins} leave too few decided steps to compare ({decided})"
+    assert ours.token_ids[:decided] == ref.sequences[0, len(ids):len(ids) + decided].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama(checkpoints):
+    return checkpoints["llama-untied"][0]
+
+
+def test_batched_generation_equals_each_alone(llama):
+    prompts = [prompt(5, 3), prompt(70, 4), prompt(130, 5)]
+    llm = LLM(llama, device="cpu", dtype=torch.float16, max_batch_size=2, max_seq_len=192, progress=False)
+    # A stop id that ends the first prompt early: with max_batch_size=2 the third prompt then
+    # waits, and is prefilled while the second is still decoding.
+    stop = llm.generate(prompts[0], max_new_tokens=10)[0].token_ids[3]
+    alone = [llm.generate(p, max_new_tokens=10, stop=stop)[0].token_ids for p in prompts]
+    assert len(alone[0]) < len(alone[1]), alone
+    together = [g.token_ids for g in llm.generate(prompts, max_new_tokens=10, stop=stop)]
+    assert together == alone
+
+
+def test_pages_are_freed_when_each_sequence_ends(llama):
+    llm = LLM(llama, device="cpu", dtype=torch.float16, max_batch_size=2, max_seq_len=192, progress=False)
+    total = llm.pages.num_free
+    first = llm.generate(prompt(10, 6), max_new_tokens=1)[0].token_ids[0]
+    assert llm.pages.num_free == total
+    freed = []
+    free = llm.pages.free
+    llm.pages.free = lambda pages: (freed.append((len(pages), llm.timing.decode_tokens)), free(pages))
+    # The first prompt stops at its first token (a stop id), the second runs 20 tokens (2 pages).
+    out = llm.generate([prompt(10, 6), prompt(100, 7)], max_new_tokens=20, stop=first)
+    assert [g.finish_reason for g in out] == ["stop", "length"] and out[0].token_ids == [first]
+    assert freed == [(1, 0), (2, 19)]  # right after the prefill, then after 19 decode steps
+    assert llm.pages.num_free == total and llm.slots.num_free == llm.slots.count - 1
+
+
+def test_stop_string_and_text(llama):
+    llm = LLM(llama, device="cpu", dtype=torch.float16, max_seq_len=128, progress=False)
+    full = llm.generate("hello", max_new_tokens=8)[0]
+    assert full.text == byte_tokenizer().decode(full.token_ids)
+    stop = full.text[3:5]
+    cut = llm.generate("hello", max_new_tokens=8, stop=[stop])[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+    # A stop id ends it while a stop string is pending: the text is then the whole decoding.
+    by_id = llm.generate("hello", max_new_tokens=8, stop=["never seen", full.token_ids[0]])[0]
+    assert by_id.finish_reason == "stop" and by_id.token_ids == full.token_ids[:1]
+    assert by_id.text == byte_tokenizer().decode(full.token_ids[:1])
+
+
+def test_sampling_is_seeded_and_top_p_tiny_is_greedy(llama):
+    llm = LLM(llama, device="cpu", dtype=torch.float16, max_seq_len=128, progress=False)
+    greedy = llm.generate("abc", max_new_tokens=6)[0].token_ids
+    a, b, c = (llm.generate("abc", max_new_tokens=6, temperature=1.0, seed=s)[0].token_ids for s in (1, 1, 2))
+    assert a == b and a != c
+    assert llm.generate("abc", max_new_tokens=6, temperature=1.0, top_p=1e-6, seed=3)[0].token_ids == greedy
+
+
+def write_pattern(path: Path, layers: int, kv_heads: int) -> Path:
+    gates = np.random.default_rng(0).uniform(size=(layers, kv_heads))
+    path.write_text("\n".join("\t".join(f"{g:.6f}" for g in row) for row in gates) + "\n")
+    return path
+
+
+def test_lserve_with_budget_at_least_context_equals_dense(llama, tmp_path):
+    # Half the kv heads streaming; windows and budget cover the whole 300-token context, so LServe
+    # must reproduce dense attention through its own paths (streaming prefill kernel, rings, page
+    # stats and selection, sparse_decode).
+    pattern = write_pattern(tmp_path / "pattern.tsv", 2, 2)
+    lserve = LServeConfig(static_sparsity=0.5, pattern=str(pattern), sink=128, local=256, prefill_sink=64,
+                          prefill_local=256, token_budget=512, reuse_interval=2)
+    ids = prompt(290, 8)
+    dense = LLM(llama, device="cpu", dtype=torch.float16, max_seq_len=320, progress=False)
+    sparse = LLM(llama, device="cpu", dtype=torch.float16, max_seq_len=320, lserve=lserve, progress=False)
+    assert any(sparse.cache.has_streaming)
+    torch.testing.assert_close(sparse.prefill_logits(ids), dense.prefill_logits(ids), atol=2e-3, rtol=0)
+    sparse_out, sparse_logits = generate_recording_decode_logits(sparse, ids, 16)
+    dense_out, dense_logits = generate_recording_decode_logits(dense, ids, 16)
+    # The same fp16 math through other kernels: only fp32 accumulation order differs.
+    torch.testing.assert_close(sparse_logits, dense_logits, atol=2e-3, rtol=0)
+    assert sparse_out.token_ids == dense_out.token_ids
+
+
+def test_lserve_small_windows_and_budget_change_the_output(llama, tmp_path):
+    # The counterpart: with a 64-token budget and 128 tokens of window on a 290-token context the
+    # sparse paths really drop keys.
+    pattern = write_pattern(tmp_path / "pattern.tsv", 2, 2)
+    lserve = LServeConfig(static_sparsity=0.5, pattern=str(pattern), sink=64, local=64, prefill_sink=32,
+                          prefill_local=32, token_budget=64)
+    ids = prompt(290, 8)
+    dense = LLM(llama, device="cpu", dtype=torch.float16, max_seq_len=320, progress=False)
+    sparse = LLM(llama, device="cpu", dtype=torch.float16, max_seq_len=320, lserve=lserve, progress=False)
+    assert (sparse.prefill_logits(ids) - dense.prefill_logits(ids)).abs().max() > 1e-2
+    # Decode with 3 of 5 pages selected per head, reselected every 4 steps across a page boundary.
+    out = sparse.generate(ids, max_new_tokens=16)[0]
+    assert len(out.token_ids) == 16 and sparse.pages.num_free == sparse.pages.count - 1
+
+
+def test_lserve_pattern_of_another_model_is_refused(llama):
+    real = DUO_DATA / "Meta-Llama-3.1-8B-Instruct.full_attention_heads.tsv"
+    if not real.is_file():
+        pytest.skip(f"{real} not present")
+    with pytest.raises(ValueError, match="does not fit the model's 2 layers x 2 kv heads"):
+        LLM(llama, device="cpu", dtype=torch.float16, max_seq_len=128, lserve=LServeConfig(pattern=str(real)),
+            progress=False)
+
+
+def break_missing_tensor(folder):
+    shard = sorted(folder.glob("*.safetensors"))[-1]
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    del tensors[name]
+    save_file(tensors, shard)
+    return name
+
+
+def break_wrong_shape(folder):
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name][:-1].contiguous()
+    save_file(tensors, shard)
+    return f"{name}: expected shape"
+
+
+def break_architecture(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return "unknown architecture 'GPT2LMHeadModel'"
+
+
+def break_config_field(folder):
+    config = json.loads((folder / "config.json").read_text())
+    del config["hidden_size"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return "missing 'hidden_size'"
+
+
+def break_missing_shard(folder):
+    shard = sorted(folder.glob("*.safetensors"))[1]
+    shard.unlink()
+    return f"missing: \\['{shard.name}'\\]"
+
+
+def break_tokenizer(folder):
+    (folder / "tokenizer.json").unlink()
+    return "no tokenizer.json"
+
+
+@pytest.mark.parametrize(("breakage", "error"), [
+    (break_missing_tensor, ValueError), (break_wrong_shape, ValueError), (break_architecture, ValueError),
+    (break_config_field, ValueError), (break_missing_shard, FileNotFoundError), (break_tokenizer, FileNotFoundError),
+])
+def test_malformed_checkpoint_errors_name_the_problem(llama, tmp_path, breakage, error):
+    folder = tmp_path / "broken"
+    shutil.copytree(llama, folder)
+    message = breakage(folder)
+    with pytest.raises(error, match=message):
+        LLM(folder, device="cpu", dtype=torch.float16, max_seq_len=128, progress=False)
+
+
+def test_requests_beyond_the_cache_and_bad_dtypes_are_refused(llama):
+    llm = LLM(llama, device="cpu", dtype=torch.float16, max_seq_len=64, progress=False)
+    with pytest.raises(ValueError, match="exceeds max_seq_len=64"):
+        llm.generate(prompt(60, 9), max_new_tokens=8)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 258\)"):
+        llm.generate([1, 2, 999], max_new_tokens=1)
+    with pytest.raises(ValueError, match="dtype must be torch.bfloat16 or torch.float16"):
+        LLM(llama, device="cpu", dtype=torch.float32, progress=False)
+
+
+def test_tiny_random_is_deterministic():
+    a, b = (LLM("tiny-random", device="cpu", max_seq_len=64, progress=False) for _ in range(2))
+    assert a.generate("tkpy", max_new_tokens=4)[0].token_ids == b.generate("tkpy", max_new_tokens=4)[0].token_ids
+    torch.testing.assert_close(a.prefill_logits([1, 2, 3]), b.prefill_logits([1, 2, 3]), atol=0, rtol=0)
+
+
+def test_cli_generate_with_lserve(tmp_path):
+    pattern = write_pattern(tmp_path / "tiny.tsv", 4, 2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tkpy", "generate", "--model", "tiny-random", "--prompt", "Hello", "--prompt", "tkpy",
+         "--max-new-tokens", "4", "--lserve-pattern", str(pattern), "--lserve-sparsity", "0.5",
+         "--lserve-budget", "64"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "random weights" in proc.stderr  # the progress bar
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("prefill: 11 tokens in ") and "tokens/s); decode: 6 tokens in " in last, last
