@@ -39,16 +39,6 @@ static_assert(kQueryTile == detail::kSparseBlock && detail::kSparseBlock <= kKey
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-at::ScalarType scalar_type(DType dtype) {
-    switch (dtype) {
-        case DType::bf16: return at::kBFloat16;
-        case DType::fp16: return at::kHalf;
-        case DType::int8: return at::kChar;
-        case DType::fp32: break;
-    }
-    return at::kFloat;
-}
-
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // One head of one sequence of q, k, v or out: row s is at data + s * token_stride elements.

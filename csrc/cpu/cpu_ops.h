@@ -1,11 +1,24 @@
 // CPU implementations, called by the bindings with the same params structs the CUDA launchers take.
 #pragma once
 
+#include <c10/core/ScalarType.h>
+
 #include "tkpy/attention.h"
 #include "tkpy/decode.h"
 #include "tkpy/rope.h"
 
 namespace tkpy::cpu {
+
+// The ATen dtype of a params struct's DType, for the views the CPU paths compute on.
+inline at::ScalarType scalar_type(DType dtype) {
+    switch (dtype) {
+        case DType::bf16: return at::kBFloat16;
+        case DType::fp16: return at::kHalf;
+        case DType::int8: return at::kChar;
+        case DType::fp32: break;
+    }
+    return at::kFloat;
+}
 
 void rope_1d(const rope::Rope1dParams& params);
 void rope_3d(const rope::Rope3dParams& params);

@@ -41,16 +41,6 @@ constexpr int kKeyChunk = 256;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-at::ScalarType scalar_type(DType dtype) {
-    switch (dtype) {
-        case DType::bf16: return at::kBFloat16;
-        case DType::fp16: return at::kHalf;
-        case DType::int8: return at::kChar;
-        case DType::fp32: break;
-    }
-    return at::kFloat;
-}
-
 // Rows [first, first + count) of a strided [rows, head_dim] block as a view sharing the memory;
 // from_blob takes a mutable pointer, and q, k and v views are only ever read.
 at::Tensor rows_view(const void* base, int64_t element_offset, int64_t row_stride, int count, int head_dim,

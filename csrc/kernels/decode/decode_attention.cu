@@ -169,7 +169,12 @@ __device__ inline KeyGroup describe_group(const DecodeParams& p, const Walk& w, 
     const int in_page = q0 - e * ps;
     const int entry = w.entries.lo + e;
     const int page = w.plan.page(entry);
-    if (page < 0 || page >= w.plan.n_pages) {
+    // A page past the table's columns (or past a contiguous row's pages) or a head outside the
+    // pool comes from a seqlens / kv_head_slot the host could not check: never read, poisoned.
+    const bool in_table = w.plan.kind == detail::PlanKind::streaming ||
+                          (p.table.table != nullptr ? page < p.table.table_stride : page < p.table.pages_per_row);
+    if (page < 0 || page >= w.plan.n_pages || !in_table || w.plan.pool_head < 0 ||
+        w.plan.pool_head >= w.pool.heads) {
         *poisoned = 1;
         return kg;
     }

@@ -68,7 +68,9 @@ __device__ inline float rotated_key(const AppendParams& p, const T* row, int e, 
     const float s = table_value<T>(p, p.rotary_sin, pos * half + pair);
     float y0, y1;
     detail::rope_rotate(tk::to_float(row[pe.first]), tk::to_float(row[pe.second]), c, s, y0, y1);
-    return e == pe.first ? y0 : y1;
+    // The rotated key in k's dtype, as the CPU path keeps it: stats (and int8 codes) then come
+    // from the key a bf16/fp16 pool stores.
+    return tk::to_float(tk::from_float<T>(e == pe.first ? y0 : y1));
 }
 
 // Where token `pos` of sequence b's kv head h goes: its pool's k and v and the element offset, or
@@ -101,7 +103,7 @@ __device__ inline Destination destination(const AppendParams& p, int b, int64_t 
         in_page = pos - int64_t(n) * p.table.page_size;
         head = slot;
     }
-    if (phys < 0 || phys >= pool.num_pages) return Destination{nullptr, nullptr, -1};
+    if (phys < 0 || phys >= pool.num_pages || head < 0 || head >= pool.heads) return Destination{nullptr, nullptr, -1};
     return Destination{pool.k, pool.v, phys * pool.page_stride + in_page * pool.token_stride + int64_t(head) * pool.head_stride};
 }
 
@@ -160,7 +162,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const __grid_constant__
     const int u = int(rest % max_touched);
     const int b = int(rest / max_touched);
     const int slot = p.heads.kv_head_slot != nullptr ? p.heads.kv_head_slot[h] : h;
-    if (slot < 0) return;  // streaming heads keep no stats
+    if (slot < 0 || slot >= p.cache.heads) return;  // streaming heads keep no stats
     const int old_len = p.seqlens[b];
     const int new_len = old_len + p.seqlen_new;
     const detail::Range touched = detail::touched_logical_pages(old_len, new_len);
