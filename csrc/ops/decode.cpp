@@ -126,6 +126,7 @@ MainPool main_pool(const char* op, const at::Tensor& k_cache, const at::Tensor& 
         m.table.table = block_table->data_ptr<int32_t>();
         m.table.table_stride = block_table->stride(0);
         m.max_pages = block_table->size(1);
+        m.table.max_pages = int(m.max_pages);
     } else {
         if (cache_batch_idx.has_value()) {
             check_index_tensor(op, "cache_batch_idx", *cache_batch_idx, q, {batch}, "[batch]");
@@ -152,7 +153,7 @@ void page_contiguous_rows(MainPool& m) {
     }
     const int64_t pages_per_row = row_tokens / page;
     m.table.page_size = int(page);
-    m.table.pages_per_row = int(pages_per_row);
+    m.table.max_pages = int(pages_per_row);
     m.pool.page_stride = page * m.pool.token_stride;
     m.pool.num_pages *= pages_per_row;
     m.max_pages = pages_per_row;
@@ -255,7 +256,7 @@ void check_lserve_values(const char* op, const LServeHeads& l, const MainPool& m
 void check_pages_in_pool(const char* op, const MainPool& main, int64_t b, int64_t first_page, int64_t end_page) {
     if (main.table.table == nullptr) {
         if (main.table.batch_idx != nullptr) {
-            const int64_t rows = main.pool.num_pages / main.table.pages_per_row;
+            const int64_t rows = main.pool.num_pages / main.table.max_pages;
             const int32_t row = main.table.batch_idx[b];
             TORCH_CHECK(row >= 0 && row < rows, op, ": cache_batch_idx[", b, "] = ", row, " is outside the cache's ",
                         rows, " rows");

@@ -172,7 +172,7 @@ __device__ inline KeyGroup describe_group(const DecodeParams& p, const Walk& w, 
     // A page past the table's columns (or past a contiguous row's pages) or a head outside the
     // pool comes from a seqlens / kv_head_slot the host could not check: never read, poisoned.
     const bool in_table = w.plan.kind == detail::PlanKind::streaming ||
-                          (p.table.table != nullptr ? page < p.table.table_stride : page < p.table.pages_per_row);
+                          detail::page_in_table(p.table, page);
     if (page < 0 || page >= w.plan.n_pages || !in_table || w.plan.pool_head < 0 ||
         w.plan.pool_head >= w.pool.heads) {
         *poisoned = 1;

@@ -98,7 +98,7 @@ __device__ inline Destination destination(const AppendParams& p, int b, int64_t 
     } else {
         pool = p.cache;
         const int n = int(pos / p.table.page_size);
-        if (p.table.table == nullptr ? n != 0 : n >= p.table.table_stride) return Destination{nullptr, nullptr, -1};
+        if (!detail::page_in_table(p.table, n)) return Destination{nullptr, nullptr, -1};
         phys = detail::physical_page(p.table, b, n);
         in_page = pos - int64_t(n) * p.table.page_size;
         head = slot;
@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const __grid_constant__
     const int first = logical * detail::kLogicalPage;
     const int ps = p.table.page_size;
     const int n = first / ps;
-    if (p.table.table == nullptr ? n != 0 : n >= p.table.table_stride) return;
+    if (!detail::page_in_table(p.table, n)) return;
     const int64_t phys = detail::physical_page(p.table, b, n);
     if (phys < 0 || phys >= p.cache.num_pages) return;
     const int per_page = ps / detail::kLogicalPage;

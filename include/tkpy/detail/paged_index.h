@@ -24,21 +24,24 @@ TKPY_HD int ceil_div_int(int a, int b) { return (a + b - 1) / b; }
 
 // A K/V pool as the index math sees it. Paged: [num_pages, page_size, H, D] with a page table row
 // per sequence. A contiguous cache [B_cache, S_cache, H, D] is the same thing without a table: cache
-// row r (r = b, or batch_idx[b] as flash-attn's cache_batch_idx) is pages_per_row consecutive pages
-// of S_cache / pages_per_row tokens, so split-KV can cut a long row like a paged sequence.
+// row r (r = b, or batch_idx[b] as flash-attn's cache_batch_idx) is max_pages consecutive pages of
+// S_cache / max_pages tokens, so split-KV can cut a long row like a paged sequence.
 struct PageTable {
-    const int32_t* table;  // [B, table_stride]; null for a contiguous cache
+    const int32_t* table;  // [B, >= max_pages] with row stride table_stride; null for a contiguous cache
     int64_t table_stride;
     int page_size;
     const int32_t* batch_idx;  // contiguous cache only: the cache row of sequence b; null is b
-    int pages_per_row = 1;     // contiguous cache only
+    int max_pages = 1;         // pages a sequence can have: the table's columns, or a row's pages
 };
+
+// Whether page n of a sequence exists (a kernel checks before following the table).
+TKPY_HD bool page_in_table(const PageTable& t, int n) { return n >= 0 && n < t.max_pages; }
 
 // Physical page holding page n (n = token / page_size) of sequence b.
 TKPY_HD int64_t physical_page(const PageTable& t, int b, int n) {
     if (t.table != nullptr) return t.table[int64_t(b) * t.table_stride + n];
     const int64_t row = t.batch_idx != nullptr ? t.batch_idx[b] : b;
-    return row * t.pages_per_row + n;
+    return row * t.max_pages + n;
 }
 
 // ---- streaming heads' ring ----------------------------------------------------------------------
