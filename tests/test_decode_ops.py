@@ -121,6 +121,26 @@ def test_decode_matches_reference(device, dtype, case, rng):
     check_attention(out, lse, ref_out, ref_lse, dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use_batch_idx", [False, True])
+def test_long_contiguous_rows_are_split_like_pages(device, use_batch_idx, rng):
+    """A contiguous cache whose rows are a multiple of 64 tokens is read as 64-token pages, so that
+    split-KV can share a long row among CTAs: every split count, with and without cache_batch_idx,
+    still attends over exactly the row's first seqlens[b] tokens (other rows hold random data)."""
+    lengths, rows, seqlen_cache = [300, 77, 256], 5, 320
+    q = randn((3, 1, 8, 64), torch.bfloat16, rng)
+    k_cache = randn((rows, seqlen_cache, 2, 64), torch.bfloat16, rng)
+    v_cache = randn((rows, seqlen_cache, 2, 64), torch.bfloat16, rng)
+    kwargs = {"cache_batch_idx": torch.randperm(rows, generator=rng)[:3].int()} if use_batch_idx else {}
+    seqlens = int32(lengths)
+    ref_out, ref_lse = decode_reference(q, k_cache, v_cache, seqlens, **kwargs)
+    q, k_cache, v_cache, seqlens = to(device, q, k_cache, v_cache, seqlens)
+    kwargs = {n: t.to(device) for n, t in kwargs.items()}
+    for splits in (1, 3, 0):
+        out, lse = decode(q, k_cache, v_cache, seqlens, num_splits=splits, **kwargs)
+        check_attention(out, lse, ref_out, ref_lse, torch.bfloat16)
+
+
 def test_reference_rows_that_see_no_key():
     """The oracle itself: an empty sequence and rows before the first key give out 0, lse -inf."""
     gen = torch.Generator().manual_seed(0)
