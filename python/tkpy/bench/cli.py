@@ -111,7 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = environment_info(device)
     # format_report knows no decode results: their tables follow its own.
     others = [r for r in results if not isinstance(r, (DecodeResult, SparseDecodeResult))]
-    print("\n".join([format_report(others, env, copy_gbps, warmup, reps), *format_decode_tables(results)]))
+    timer = results[0].tkpy.method if results else None
+    print("\n".join([format_report(others, env, copy_gbps, warmup, reps, timer), *format_decode_tables(results)]))
     mismatches = [f"{r.case.op} {r.case.id} (vs {r.case.peer})" for r in results if not r.passed]
     if mismatches:
         print(f"tkpy bench: tkpy disagrees with its peer on: {', '.join(mismatches)}", file=sys.stderr)

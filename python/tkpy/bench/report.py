@@ -54,14 +54,16 @@ def _device_lines(env: dict[str, Any]) -> list[str]:
 
 
 def format_report(
-    results: Sequence[CaseResult], env: dict[str, Any], copy_gbps: Optional[float], warmup: int, reps: int
+    results: Sequence[CaseResult], env: dict[str, Any], copy_gbps: Optional[float], warmup: int, reps: int,
+    timer: Optional[str] = None,
 ) -> str:
     """The header lines and one markdown table per metric: GB/s (RoPE), then TFLOP/s (GEMM), then
     attention's table of TFLOP/s against each SDPA backend.
 
-    ``copy_gbps`` may be None when no GB/s case ran.
+    ``copy_gbps`` may be None when no GB/s case ran; ``timer`` names the timing method when the
+    results that were timed are not all in ``results`` (default: the first result's).
     """
-    timer = results[0].tkpy.method if results else "?"
+    timer = timer or (results[0].tkpy.method if results else "?")
     lines = _device_lines(env) + [
         f"timing: {timer}, median of {reps} runs after {warmup} warm-up runs, rotating random-normal input copies",
         "check: ||tkpy - peer|| / ||peer|| within the dtype's tolerance",
