@@ -579,3 +579,24 @@ def test_cuda_graph_decode_step(rng):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, expected)
+
+
+def test_cache_without_page_stats_stores_and_decodes_the_same(rng):
+    """page_stats=False (a cache only read densely) writes the same pools and gives the same
+    dense-plus-ring decode as a cache with stats; page selection refuses it by name."""
+    config = LServeConfig(sink=64, local=128)
+    k, v = (randn((2, 100, 2, 64), torch.bfloat16, rng) for _ in range(2))
+    q = randn((2, 1, 8, 64), torch.bfloat16, rng)
+    table = torch.randperm(9, generator=rng)[:8].view(2, 4).to(torch.int32)
+    lens = torch.full((2,), 100, dtype=torch.int32)
+    caches = [LServeCache(9, 2, [False, True], 64, torch.bfloat16, config, page_stats=keep) for keep in (True, False)]
+    outs = []
+    for cache in caches:
+        ring = cache.ring_table(torch.arange(2, dtype=torch.int32))
+        cache.append(k, v, table, ring, torch.zeros(2, dtype=torch.int32))
+        outs.append(sparse_decode(q, cache, table, ring, lens))
+    assert caches[0].stats is not None and caches[1].stats is None
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v_ring, caches[1].v_ring)
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(TypeError, match="page_stats=False"):
+        select_pages(q, caches[1].stats, table, lens)

@@ -45,7 +45,8 @@ def _check_inputs(fn: str, q, stats, block_table, cache_seqlens) -> torch.Tensor
                          f"{'' if not isinstance(q, torch.Tensor) else f', got {tuple(q.shape)}'}")
     q = q[:, 0] if q.dim() == 4 else q
     if not isinstance(stats, PageStats):
-        raise TypeError(f"{fn}: stats must be a PageStats (e.g. LServeCache.stats), got {type(stats).__name__}")
+        raise TypeError(f"{fn}: stats must be a PageStats (LServeCache.stats; None when the cache was made "
+                        f"with page_stats=False), got {type(stats).__name__}")
     for name, t in (("block_table", block_table), ("cache_seqlens", cache_seqlens)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
             raise TypeError(f"{fn}: {name} must be an int32 Tensor, got {getattr(t, 'dtype', type(t).__name__)}")

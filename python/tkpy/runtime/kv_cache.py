@@ -65,8 +65,8 @@ class KVCache:
     Dense (``lserve=None``): every kv head is a retrieval head and no page is skipped. Prefill
     runs :func:`tkpy.flash_attn_varlen_func`; decode runs :func:`tkpy.flash_attn_with_kvcache` on
     the pool, which appends and attends in one call and takes the sliding window of Mistral-style
-    layers (``sparse_decode`` has no window). It does not keep page stats, which dense decode
-    never reads.
+    layers (``sparse_decode`` has no window). Its caches keep no page stats: dense decode never
+    reads them.
 
     LServe: the pattern's streaming kv heads live in per-sequence rings; prefill runs
     :func:`tkpy.token_streaming_attn_func` (streaming heads see ``prefill_sink`` + ``prefill_local``
@@ -98,7 +98,8 @@ class KVCache:
                 self.streaming_info = [pattern.streaming_info(i, device) for i in range(config.num_layers)]
             self.selectors = [PageSelector.from_config(lserve) for _ in range(config.num_layers)]
         self.layers = [
-            LServeCache(num_pages, max_seqs, flags, config.head_dim, dtype, lserve, device) for flags in streaming
+            LServeCache(num_pages, max_seqs, flags, config.head_dim, dtype, lserve, device, page_stats=lserve is not None)
+            for flags in streaming
         ]
         self.ring_pages = self.layers[0].ring_pages
         self.has_streaming = [any(flags) for flags in streaming]
