@@ -121,9 +121,11 @@ struct DecodePlan {
         return n < in_first ? first.lo + n : second.lo + (n - in_first);
     }
 
-    // Query heads of the group that attend entry n: bit j for query head pool_group_first + j.
+    // Query heads of the group that attend entry n: bit j for query head pool_group_first + j. A
+    // listed copy of the newest page (possible only in a list that is not ascending, which the
+    // CPU path refuses and CUDA cannot check) attends nobody: that page is the last entry's.
     TKPY_HD uint32_t heads(int n) const {
-        if (kind == PlanKind::selected && n < listed) return uint32_t(bits[n]);
+        if (kind == PlanKind::selected && n < listed) return list[n] == n_pages - 1 ? 0u : uint32_t(bits[n]);
         return 0xffffffffu;
     }
 };
