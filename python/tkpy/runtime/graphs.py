@@ -52,7 +52,9 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         for recompute in ((True, False) if lserve else (True,)):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # An explicit capture stream on the model's device: torch.cuda.graph's default one is
+            # made once per process, on whichever device was current then.
+            with torch.cuda.graph(graph, stream=stream):
                 # step 0 recomputes the selection, step 1 reuses the one cached just before.
                 logits = self.llm.decode_step(*inputs, step=0 if recompute else 1)
             self.graphs[batch_size, recompute] = graph, logits
@@ -62,10 +64,13 @@ class DecodeGraphs:
         batch_size = tokens.shape[0]
         lserve = self.llm.cache.lserve
         recompute = lserve is None or step % lserve.reuse_interval == 0
-        if (batch_size, recompute) not in self.graphs:
-            self._capture(batch_size)
-        for static, value in zip(self._inputs(batch_size), (tokens, cache_seqlens, block_table, ring_table)):
-            static.copy_(value)
-        graph, logits = self.graphs[batch_size, recompute]
-        graph.replay()
+        # Capture on the model's device even when another one is current (LLM(device="cuda:1")):
+        # streams, synchronize and the capture itself follow the current device.
+        with torch.cuda.device(self.llm.device):
+            if (batch_size, recompute) not in self.graphs:
+                self._capture(batch_size)
+            for static, value in zip(self._inputs(batch_size), (tokens, cache_seqlens, block_table, ring_table)):
+                static.copy_(value)
+            graph, logits = self.graphs[batch_size, recompute]
+            graph.replay()
         return logits

@@ -63,7 +63,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Op
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p] = 0.0
+        sorted_probs.masked_fill_((sorted_probs.cumsum(-1) - sorted_probs) >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     # argmax(p / E) with E ~ Exp(1) draws from p, without torch.multinomial's host sync.
     return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
