@@ -216,6 +216,23 @@ def test_long_context_any_num_splits(device, rng):
         check_attention(out, lse, *expected, torch.bfloat16)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_edges_are_bounded_by_the_capacity(device, rng):
+    """flash-attn's mha_fwd_kvcache makes an edge at or past seqlen_k (the capacity) unbounded, then
+    gives the open edge of a one-sided window seqlen_k: with no append and Sq > capacity + 1 the
+    first queries see fewer keys than an unbounded edge would show them."""
+    capacity, lens = 16, [16, 10]
+    cache = Cache(lens, capacity, 2, 64, torch.bfloat16, rng, device, rows=3)
+    q = randn((2, capacity + 8, 4, 64), torch.bfloat16, rng, device)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    for window, effective in (((2, -1), (2, capacity)), ((-1, capacity + 3), (-1, -1)), ((3, 40), (3, capacity))):
+        out, lse = flash_attn_with_kvcache(q, cache.k_cache, cache.v_cache, cache_seqlens=seqlens,
+                                           cache_batch_idx=cache.batch_idx, window_size=window,
+                                           return_softmax_lse=True)
+        expected = expected_attention(cache, q, None, None, None, True, False, effective, 0.0, None)
+        check_attention(out, lse, *expected, torch.bfloat16)
+
+
 def test_default_cache_seqlens_is_the_whole_cache(rng):
     cache = Cache([24, 24], 24, 2, 64, torch.float16, rng, "cpu", rows=3)
     q = randn((2, 1, 2, 64), torch.float16, rng)

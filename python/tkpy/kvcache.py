@@ -152,7 +152,9 @@ def flash_attn_with_kvcache(
         Bottom-right aligned: query i of sequence b (``L = cache_seqlens[b] + S_new`` keys) sees key
         j iff ``j <= i + L - Sq``.
     window_size : (left, right)
-        Keys ``[i + L - Sq - left, i + L - Sq + right]``; -1 is unbounded.
+        Keys ``[i + L - Sq - left, i + L - Sq + right]``; -1 is unbounded. As in flash-attn, an edge
+        >= the capacity is unbounded, and then the unbounded right edge of a window whose left edge
+        is set is the capacity (it binds only when Sq > capacity + 1).
     softcap : float
         > 0 applies ``softcap · tanh(s / softcap)`` to the scaled scores.
     rotary_interleaved : bool
@@ -168,7 +170,8 @@ def flash_attn_with_kvcache(
     Returns
     -------
     out : Tensor ``[B, Sq, Hq, D]``, or ``(out, softmax_lse)`` with softmax_lse fp32 ``[B, Hq, Sq]``
-    (natural log). A query that sees no key gives 0 and lse -inf.
+    (natural log). A query that sees no key gives 0 and lse -inf (flash-attn 2 reports +inf there;
+    -inf is the log of an empty sum).
 
     On CUDA the value checks that need a host sync (pages within the pool, lengths within the
     capacity) run outside CUDA-graph capture and torch.compile only; the kernels never read or
@@ -218,6 +221,13 @@ def flash_attn_with_kvcache(
     else:
         seqlens_before = _seqlens_tensor(fn, cache_seqlens, batch, q.device)
     left, right = _window(causal, window_size)
+    # flash-attn (mha_fwd_kvcache, set_params_fprop): an edge at or past seqlen_k, the capacity, is
+    # unbounded, then the open edge of a one-sided window is seqlen_k. That bound binds only when
+    # Sq > capacity + 1 (no append); an unbounded left edge never binds, so it stays -1.
+    left = -1 if left >= capacity else left
+    right = -1 if right >= capacity else right
+    if left >= 0 and right < 0:
+        right = capacity
     check_cache_values(
         fn, seqlens_before, new_tokens, capacity, block_table, k_cache.shape[1], k_cache.shape[0],
         cache_batch_idx, k_cache.shape[0],
@@ -232,8 +242,8 @@ def flash_attn_with_kvcache(
     else:
         seqlens = seqlens_before
     if rotary_cos is not None:
-        # flash-attn drops a window edge that reaches past the capacity before picking the positions.
-        progressive = 0 <= left < capacity or 0 <= right < capacity
+        # flash-attn picks the positions after dropping the edges past the capacity (above).
+        progressive = left >= 0 or right >= 0
         q = q.clone(memory_format=torch.contiguous_format)
         apply_rope_(q, None, rotary_cos, rotary_sin, _q_rotary_positions(seqlens_before, seqlen_q, progressive),
                     interleaved=bool(rotary_interleaved))
