@@ -71,6 +71,7 @@ TORCH_LIBRARY(tkpy_selftest, m) {
     m.def("tk_tma_roundtrip(Tensor x, Tensor(a!) y, Tensor(b!) z, int swizzle, int row, int col) -> ()");
     m.def("tk_register_ops(Tensor x) -> Tensor[]");
     m.def("tk_wgmma(Tensor a, Tensor b, int variant) -> Tensor");
+    m.def("tk_warp_mma(Tensor a, Tensor b, int variant, int b_valid_rows=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tkpy_selftest, CompositeExplicitAutograd, m) {
@@ -83,6 +84,7 @@ TORCH_LIBRARY_IMPL(tkpy_selftest, CUDA, m) {
     m.impl("tk_tma_roundtrip", &tkpy::ops::tk_tma_roundtrip);
     m.impl("tk_register_ops", &tkpy::ops::tk_register_ops);
     m.impl("tk_wgmma", &tkpy::ops::tk_wgmma);
+    m.impl("tk_warp_mma", &tkpy::ops::tk_warp_mma);
 }
 #endif
 

@@ -40,6 +40,13 @@ FAMILIES = [
     Family("tk selftest: TMA", r"tk_selftest::.*tma_roundtrip_kernel<", ("UTMALDG", "UTMASTG", "UTMAREDG", "SYNCS"), LOCAL_MEMORY),
     Family("tk selftest: wgmma", r"tk_selftest::.*wgmma_kernel<", ("HGMMA", "UTMALDG", "SYNCS"), LOCAL_MEMORY),
     Family("tk selftest: register ops", r"tk_selftest::.*register_ops_kernel", (), LOCAL_MEMORY),
+    # The decode kernel's warp-scope path on its own: cp.async (zero-filling) into swizzled tiles,
+    # ldmatrix and mma.sync m16n8k16; a · bᵀ with plain ldmatrix, a · b through ldmatrix.trans.
+    Family("tk selftest: warp mma, a @ b.T", r"tk_selftest::.*warp_mma_kernel<[^<>]*, false>",
+           (r"HMMA\.16816\.F32", r"LDSM\.16\.M88\.4", r"LDGSTS\.E\.BYPASS\.128"), LOCAL_MEMORY),
+    Family("tk selftest: warp mma, a @ b", r"tk_selftest::.*warp_mma_kernel<[^<>]*, true>",
+           (r"HMMA\.16816\.F32", r"LDSM\.16\.M88\.4", r"LDSM\.16\.MT88\.4", r"LDGSTS\.E\.BYPASS\.128"),
+           LOCAL_MEMORY),
     # The 16-byte path: template args are <T, pairs per access, vectorized=true, ...>.
     Family("rope, 16-byte accesses", r"tkpy::rope::rope_kernel<[^,]+, \d+, true,", ("LDG.E.128", "STG.E.128"), LOCAL_MEMORY),
     # The element-wise path for odd strides and rotary dims.

@@ -7,7 +7,7 @@ import torch
 import tkpy  # noqa: F401  (loads torch.ops.tkpy_selftest)
 from tkpy import reference
 
-from helpers import randn
+from helpers import REL_TOL, assert_bad_call_raises, assert_bad_calls_survive, poison_cuda_allocator, randn, rel_err
 
 selftest = torch.ops.tkpy_selftest
 
@@ -125,3 +125,119 @@ def test_wgmma_two_chunks_and_fp16(variant, dtype, k, rng):
     a, b, expected = wgmma_operands(variant, 64, k, dtype, rng)
     d = selftest.tk_wgmma(a, b, VARIANTS[variant])
     torch.testing.assert_close(d.cpu().double(), expected, rtol=1e-4, atol=1e-3)
+
+
+# ---- warp-scope mma.sync path of the decode kernel (tk::warp::mma_ABt, ldmatrix, cp.async) -----
+
+WARP_MMA_VARIANTS = {"ABt": 0, "AB": 1}
+
+
+def test_warp_mma_op_is_registered():
+    """Runs without a GPU: the schema is declared, and a CUDA build registers its CUDA kernel."""
+    op = selftest.tk_warp_mma
+    assert "b_valid_rows" in str(op.default._schema)
+    if tkpy.cuda_compiled():
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("tkpy_selftest::tk_warp_mma", "CUDA")
+
+
+def test_warp_mma_refuses_cpu_tensors():
+    """A self-test kernel only: CPU tensors are refused by the dispatcher, never computed."""
+    a = torch.zeros(16, 16, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError):
+        selftest.tk_warp_mma(a, a, 0)
+
+
+def warp_mma_case(variant, dtype, rows, k, n, valid, gen):
+    """a [rows, k], b ([n, k] for ABt, [k, n] for AB) with NaN in b's rows at and past `valid`
+    (the kernel must zero-fill them without reading), and the float64 reference with them zeroed."""
+    a = randn((rows, k), dtype, gen, "cuda")
+    b = randn((n, k) if variant == "ABt" else (k, n), dtype, gen, "cuda")
+    b[valid:] = float("nan")
+    b_ref = b.double().cpu()
+    b_ref[valid:] = 0
+    a_ref = a.double().cpu()
+    return a, b, a_ref @ (b_ref.T if variant == "ABt" else b_ref)
+
+
+def check_warp_mma(c, expected, dtype):
+    assert c.dtype == torch.float32 and c.shape == expected.shape
+    err = rel_err(c.cpu(), expected)  # NaN (unwritten, poisoned, or a read past `valid`) never passes
+    assert err <= REL_TOL[dtype], f"relative error {err:.3e} > {REL_TOL[dtype]}"
+    # The products are exact in fp32 and the AB repack of a's values is exact: per element, only
+    # fp32 accumulation error is left, so a single misplaced fragment cannot hide in the norm.
+    torch.testing.assert_close(c.cpu().double(), expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", WARP_MMA_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("rows", [16, 64])
+@pytest.mark.parametrize("k", [16, 64, 128])
+@pytest.mark.parametrize("n", [16, 64, 128])
+def test_warp_mma(variant, dtype, rows, k, n, rng):
+    """ABt: c = a · bᵀ as decode's S = Q·Kᵀ (ldmatrix, mma.sync). AB: c = a · b as decode's
+    O += P·V (fp32 accumulator repacked to a 16-bit A fragment, ldmatrix.trans). Every element of b
+    comes through cp.async into a 128-byte-swizzled tile; all of b's rows are valid here."""
+    b_rows = n if variant == "ABt" else k
+    a, b, expected = warp_mma_case(variant, dtype, rows, k, n, b_rows, rng)
+    poison_cuda_allocator()
+    c = selftest.tk_warp_mma(a, b, WARP_MMA_VARIANTS[variant], b_rows)
+    check_warp_mma(c, expected, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", WARP_MMA_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("valid", [0, 1, 9, 37])
+def test_warp_mma_zero_fills_rows_past_valid(variant, dtype, valid, rng):
+    """Rows of b at and past `valid` hold NaN in memory and must read as zero (cp.async zero-fill,
+    as decode's slots past the sequence): for ABt those columns of c are exactly 0, for AB those
+    reduction steps add nothing. One NaN read spoils the whole result."""
+    rows, k, n = 48, 64, 64
+    a, b, expected = warp_mma_case(variant, dtype, rows, k, n, valid, rng)
+    poison_cuda_allocator()
+    c = selftest.tk_warp_mma(a, b, WARP_MMA_VARIANTS[variant], valid)
+    if variant == "ABt":
+        assert torch.equal(c[:, valid:].cpu(), torch.zeros(rows, n - valid)), "masked keys must give exactly 0"
+    if valid == 0:
+        assert torch.equal(c.cpu(), torch.zeros(rows, n))
+    else:
+        check_warp_mma(c, expected, dtype)
+
+
+@pytest.mark.gpu
+def test_warp_mma_default_reads_every_row(rng):
+    a = randn((32, 64), torch.bfloat16, rng, "cuda")
+    b = randn((128, 64), torch.bfloat16, rng, "cuda")
+    poison_cuda_allocator()
+    check_warp_mma(selftest.tk_warp_mma(a, b, 0), a.double().cpu() @ b.double().cpu().T, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_warp_mma_rejects_bad_inputs():
+    """Validated before launch, with messages that say what was wrong. (CUDA tensors are needed to
+    reach the check at all: the op has only a CUDA kernel.)"""
+    setup = (
+        "import torch, tkpy\n"
+        "op = torch.ops.tkpy_selftest.tk_warp_mma\n"
+        "def t(*shape, dtype=torch.bfloat16):\n"
+        "    return torch.zeros(*shape, dtype=dtype, device='cuda')\n"
+    )
+    cases = [
+        ("op(t(16, 64), t(64, 64), 2)", "variant must be 0"),
+        ("op(t(16, 64, dtype=torch.float32), t(64, 64, dtype=torch.float32), 0)", "bfloat16 or float16"),
+        ("op(t(16, 64), t(64, 64, dtype=torch.float16), 0)", "expected b to be a contiguous 2-D CUDA BFloat16"),
+        ("op(t(16, 64), t(64, 64).T, 0)", "expected b to be a contiguous"),
+        ("op(t(16, 64), t(64, 64)[None], 0)", "expected b to be a contiguous 2-D"),
+        ("op(t(16, 64), t(64, 128), 0)", r"b must be \[n, k\] with a's k = 64"),
+        ("op(t(16, 64), t(128, 64), 1)", r"b must be \[k, n\] with a's k = 64"),
+        ("op(t(24, 64), t(64, 64), 0)", "rows must be 16, 32, 48 or 64"),
+        ("op(t(80, 64), t(64, 64), 0)", "rows must be 16, 32, 48 or 64"),
+        ("op(t(16, 32), t(64, 32), 0)", "n, k each 16, 64 or 128"),
+        ("op(t(16, 64), t(64, 64), 0, 65)", "b_valid_rows must be -1"),
+        ("op(t(16, 64), t(64, 64), 0, -2)", "b_valid_rows must be -1"),
+        ("op(t(17 * 64).view(-1)[1:].view(-1)[: 16 * 64].view(16, 64), t(64, 64), 0)", "16-byte aligned"),
+    ]
+    for code, message in cases:
+        assert_bad_call_raises(setup, code, message)
+    assert_bad_calls_survive(setup, [code for code, _ in cases])

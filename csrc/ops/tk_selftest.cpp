@@ -125,6 +125,51 @@ at::Tensor tk_wgmma(const at::Tensor& a, const at::Tensor& b, int64_t variant) {
     check_launch(op, tk_selftest::launch_wgmma(p, c10::cuda::getCurrentCUDAStream()));
     return d;
 }
+
+at::Tensor tk_warp_mma(const at::Tensor& a, const at::Tensor& b, int64_t variant, int64_t b_valid_rows) {
+    constexpr const char* op = "tk_warp_mma";
+    TORCH_CHECK(variant == 0 || variant == 1, op, ": variant must be 0 (a · bᵀ, b [n, k]) or 1 (a · b, b [k, n]), got ",
+                variant);
+    TORCH_CHECK(a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf, op,
+                ": expected a to be bfloat16 or float16, got ", a.scalar_type());
+    check_cuda_input(op, "a", a, a.scalar_type(), 2);
+    check_cuda_input(op, "b", b, a.scalar_type(), 2);
+    TORCH_CHECK(b.device() == a.device(), op, ": expected b on a's device ", a.device(), ", got ", b.device());
+    const bool ab = variant == 1;
+    const int64_t rows = a.size(0);
+    const int64_t k = a.size(1);
+    const int64_t n = ab ? b.size(1) : b.size(0);
+    TORCH_CHECK((ab ? b.size(0) : b.size(1)) == k, op, ": b must be ", ab ? "[k, n]" : "[n, k]", " with a's k = ", k,
+                " for variant ", variant, ", got b ", b.sizes());
+    const DType dtype = to_dtype(a.scalar_type());
+    TORCH_CHECK(tk_selftest::warp_mma_supported(dtype, int(rows), int(n), int(k)), op,
+                ": no kernel for a ", a.sizes(), " and b ", b.sizes(), ": a's rows must be 16, 32, 48 or 64 and n, k ",
+                "each 16, 64 or 128");
+    const int64_t b_rows = b.size(0);
+    const int64_t valid = b_valid_rows < 0 ? b_rows : b_valid_rows;
+    TORCH_CHECK(b_valid_rows >= -1 && valid <= b_rows, op, ": b_valid_rows must be -1 (all) or 0..", b_rows,
+                " (b's rows), got ", b_valid_rows);
+    // cp.async moves 16-byte units; contiguous rows of 16..128 16-bit elements keep them aligned
+    // once the base is (a storage offset may not be).
+    for (const auto& [name, t] : {std::pair{"a", &a}, std::pair{"b", &b}}) {
+        TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, op, ": ", name,
+                    "'s data must be 16-byte aligned (a view at an odd offset?); pass .clone()");
+    }
+    const c10::cuda::CUDAGuard guard(a.device());
+    at::Tensor c = at::empty({rows, n}, a.options().dtype(at::kFloat));
+    tk_selftest::WarpMmaParams p;
+    p.a = a.data_ptr();
+    p.b = b.data_ptr();
+    p.c = c.data_ptr<float>();
+    p.rows = int(rows);
+    p.n = int(n);
+    p.k = int(k);
+    p.b_valid_rows = int(valid);
+    p.variant = static_cast<tk_selftest::WarpMmaVariant>(variant);
+    p.dtype = dtype;
+    check_launch(op, tk_selftest::launch_warp_mma(p, c10::cuda::getCurrentCUDAStream()));
+    return c;
+}
 #endif
 
 }  // namespace tkpy::ops

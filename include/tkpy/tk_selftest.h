@@ -66,10 +66,44 @@ inline bool wgmma_supported(DType dtype, int n, int k, WgmmaVariant variant) {
     return n == 64 && plain_b && ((dtype == DType::bf16 && k == 128) || (dtype == DType::fp16 && k == 64));
 }
 
+// One warp per 16 rows, the decode kernel's path (csrc/kernels/decode/decode_attention.cu): a
+// [rows, k] and b are copied into 128-byte-swizzled shared tiles with 16-byte cp.async (two threads
+// per row, alternate units, through row_cursor), rows of b at and past b_valid_rows zero-filled
+// (never read); then mma.sync m16n8k16 on ldmatrix-loaded fragments:
+//   ABt: c = a · bᵀ, b [n, k] read with ldsm_rows / load_base (S = Q·Kᵀ);
+//   AB:  c = a · b,  b [k, n]: per 16 columns of a, an fp32 accumulator x = a_blk · Iᵀ (= a_blk,
+//        exact) by the ABt path, repacked in registers to a 16-bit A fragment, times b's 16 rows
+//        read with ldsm_rows_transposed / load_base_transposed (O += P·V).
+// c is fp32 [rows, n]. All row-major, 16-byte aligned.
+enum class WarpMmaVariant : int { ABt = 0, AB = 1 };
+
+struct WarpMmaParams {
+    const void* a = nullptr;
+    const void* b = nullptr;
+    float* c = nullptr;
+    int rows = 0;  // 16, 32, 48 or 64: one warp per 16 rows
+    int n = 0;
+    int k = 0;
+    int b_valid_rows = 0;  // rows of b copied from memory; the rest read as zero
+    WarpMmaVariant variant = WarpMmaVariant::ABt;
+    DType dtype = DType::bf16;
+};
+
+inline constexpr int kWarpMmaMaxRows = 64;
+
+// Whether launch_warp_mma has a kernel for (dtype, rows, n, k): bf16 or fp16, rows a multiple of
+// 16 up to 64, n and k each 16, 64 or 128.
+inline bool warp_mma_supported(DType dtype, int rows, int n, int k) {
+    const auto size_ok = [](int x) { return x == 16 || x == 64 || x == 128; };
+    return (dtype == DType::bf16 || dtype == DType::fp16) && rows > 0 && rows <= kWarpMmaMaxRows && rows % 16 == 0 &&
+           size_ok(n) && size_ok(k);
+}
+
 #if defined(TKPY_WITH_CUDA)
 cudaError_t launch_tma_roundtrip(const TmaRoundtripParams& p, cudaStream_t stream);
 cudaError_t launch_register_ops(const RegisterOpsParams& p, cudaStream_t stream);
 cudaError_t launch_wgmma(const WgmmaParams& p, cudaStream_t stream);
+cudaError_t launch_warp_mma(const WarpMmaParams& p, cudaStream_t stream);
 #endif
 
 }  // namespace tkpy::tk_selftest
