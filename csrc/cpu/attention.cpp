@@ -5,6 +5,7 @@
 // fp32 buffers, because ATen dispatches them to kernels vectorised for the host CPU (this file is
 // built without -march); the per-row bookkeeping is plain loops.
 #include "cpu/cpu_ops.h"
+#include "cpu/online_softmax.h"
 
 #include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
@@ -102,11 +103,7 @@ struct Workspace {
     at::Tensor v;          // [kKeyBlock, D]
     at::Tensor scores;     // [kQueryTile * kKeyBlock]; a block of r x n is viewed densely as [r, n]
     at::Tensor acc;        // [kQueryTile, D]
-    at::Tensor block_max;  // [kQueryTile], per row of the current block
-    at::Tensor block_sum;  // [kQueryTile]
-    std::vector<float> row_max;  // running max over the blocks so far
-    std::vector<float> row_sum;  // running sum of exp(score - row_max)
-    std::vector<float> rescale;  // exp(old row_max - new row_max) of the current block
+    OnlineSoftmax softmax;
 
     explicit Workspace(int head_dim)
         : q(at::empty({kQueryTile, head_dim}, at::kFloat)),
@@ -114,11 +111,7 @@ struct Workspace {
           v(at::empty({kKeyBlock, head_dim}, at::kFloat)),
           scores(at::empty({kQueryTile * kKeyBlock}, at::kFloat)),
           acc(at::empty({kQueryTile, head_dim}, at::kFloat)),
-          block_max(at::empty({kQueryTile}, at::kFloat)),
-          block_sum(at::empty({kQueryTile}, at::kFloat)),
-          row_max(kQueryTile),
-          row_sum(kQueryTile),
-          rescale(kQueryTile) {}
+          softmax(kQueryTile) {}
 };
 
 // Geometry shared by every block of one task.
@@ -204,52 +197,12 @@ void compute_scores(at::Tensor& scores, const at::Tensor& q_tile, const at::Tens
     }
 }
 
-// Online softmax step: turns the block's scores into exp(score - new running max) and rescales each
-// row's running sum and accumulator to that max. exp, max and sum run as ATen ops, which are
-// vectorised for the host CPU. A row that has seen no visible key yet keeps max -inf; its
-// exponentials are taken against 0 so that they come out 0, not NaN.
-void online_softmax(at::Tensor& scores, Workspace& ws) {
-    const int rows = int(scores.size(0));
-    const int cols = int(scores.size(1));
-    at::Tensor block_max = ws.block_max.narrow(0, 0, rows);
-    at::Tensor block_sum = ws.block_sum.narrow(0, 0, rows);
-    at::cpu::amax_out(block_max, scores, {1});
-    float* const s = scores.data_ptr<float>();
-    const float* const maxes = block_max.data_ptr<float>();
-    std::vector<float>& rescale = ws.rescale;
-    for (int r = 0; r < rows; ++r) {
-        const float new_max = std::max(ws.row_max[r], maxes[r]);
-        const float pivot = new_max == kNegInf ? 0.f : new_max;
-        float* row = s + int64_t(r) * cols;
-        for (int c = 0; c < cols; ++c) row[c] -= pivot;
-        rescale[r] = std::exp(ws.row_max[r] - pivot);
-        ws.row_max[r] = new_max;
-    }
-    scores.exp_();
-    at::cpu::sum_out(block_sum, scores, at::IntArrayRef{1});
-    const float* const sums = block_sum.data_ptr<float>();
-    float* const acc = ws.acc.data_ptr<float>();
-    const int64_t head_dim = ws.acc.size(1);
-    for (int r = 0; r < rows; ++r) {
-        ws.row_sum[r] = ws.row_sum[r] * rescale[r] + sums[r];
-        if (rescale[r] == 1.f) continue;
-        float* acc_row = acc + r * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) acc_row[d] *= rescale[r];
-    }
-}
-
 // Divides each accumulator row by its softmax sum and stores out and lse. A row that saw no key
 // has sum 0: its output is 0 and its lse -inf.
 void write_tile(const HeadRows& out, float* lse, const TileShape& tile, Workspace& ws) {
     float* const acc = ws.acc.data_ptr<float>();
     const int64_t head_dim = ws.acc.size(1);
-    for (int r = 0; r < tile.rows; ++r) {
-        const float sum = ws.row_sum[r];
-        const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
-        float* acc_row = acc + r * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) acc_row[d] *= inv_sum;
-        lse[tile.q0 + r] = sum > 0.f ? ws.row_max[r] + std::log(sum) : kNegInf;
-    }
+    for (int r = 0; r < tile.rows; ++r) lse[tile.q0 + r] = ws.softmax.finish_row(r, acc + r * head_dim, head_dim);
     out.rows(tile.q0, tile.rows, int(head_dim)).copy_(ws.acc.narrow(0, 0, tile.rows));
 }
 
@@ -275,8 +228,7 @@ void run_task(const AttentionParams& p, const Task& task, Workspace& ws) {
     q_tile.copy_(q.rows(q0, tile.rows, p.head_dim));
     q_tile.mul_(score_multiplier(p));
     acc.zero_();
-    std::fill_n(ws.row_max.begin(), tile.rows, kNegInf);
-    std::fill_n(ws.row_sum.begin(), tile.rows, 0.f);
+    ws.softmax.reset(tile.rows);
 
     const TaskKeys keys = task_keys(p, task, tile);
     for (int n = 0; n < keys.plan.size(); ++n) {
@@ -290,7 +242,7 @@ void run_task(const AttentionParams& p, const Task& task, Workspace& ws) {
         v_block.copy_(v.rows(k0, cols, p.head_dim));
         at::Tensor scores = ws.scores.narrow(0, 0, int64_t(tile.rows) * cols).view({tile.rows, cols});
         compute_scores(scores, q_tile, k_block, keys, k0);
-        online_softmax(scores, ws);
+        ws.softmax.step(scores, acc);
         at::cpu::addmm_out(acc, acc, scores, v_block);
     }
     write_tile(out, lse, tile, ws);

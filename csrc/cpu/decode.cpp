@@ -10,6 +10,7 @@
 // Append: one task per (sequence, kv head), walking the new tokens in order, so the page stats can
 // reset a logical page at its first token and combine after it.
 #include "cpu/cpu_ops.h"
+#include "cpu/online_softmax.h"
 
 #include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
@@ -69,10 +70,7 @@ struct DecodeWorkspace {
     at::Tensor v;       // [kKeyChunk, D]
     at::Tensor scores;  // [rows * kKeyChunk]; a chunk of n keys is viewed densely as [rows, n]
     at::Tensor acc;     // [rows, D]
-    at::Tensor chunk_max;
-    at::Tensor chunk_sum;
-    std::vector<float> row_max;  // running max over the chunks so far
-    std::vector<float> row_sum;  // running sum of exp(score - row_max)
+    OnlineSoftmax softmax;
 
     DecodeWorkspace(int rows, int head_dim)
         : q(at::empty({rows, head_dim}, at::kFloat)),
@@ -80,10 +78,7 @@ struct DecodeWorkspace {
           v(at::empty({kKeyChunk, head_dim}, at::kFloat)),
           scores(at::empty({int64_t(rows) * kKeyChunk}, at::kFloat)),
           acc(at::empty({rows, head_dim}, at::kFloat)),
-          chunk_max(at::empty({rows}, at::kFloat)),
-          chunk_sum(at::empty({rows}, at::kFloat)),
-          row_max(rows),
-          row_sum(rows) {}
+          softmax(rows) {}
 };
 
 // q is multiplied once per task so that q·k comes out scaled: by the softmax scale, or, with a
@@ -115,37 +110,6 @@ void score_chunk(at::Tensor& scores, const DecodeParams& p, const detail::Decode
     }
 }
 
-// Online softmax step: turns the chunk's scores into exp(score - new running max) and rescales each
-// row's running sum and accumulator to that max. A row that has seen no visible key yet keeps max
-// -inf; its exponentials are taken against 0 so that they come out 0, not NaN.
-void online_softmax(at::Tensor& scores, DecodeWorkspace& ws) {
-    const int rows = int(scores.size(0));
-    const int cols = int(scores.size(1));
-    at::cpu::amax_out(ws.chunk_max, scores, {1});
-    float* const s = scores.data_ptr<float>();
-    const float* const maxes = ws.chunk_max.data_ptr<float>();
-    float* const acc = ws.acc.data_ptr<float>();
-    const int64_t head_dim = ws.acc.size(1);
-    std::vector<float> rescale(rows);
-    for (int r = 0; r < rows; ++r) {
-        const float new_max = std::max(ws.row_max[r], maxes[r]);
-        const float pivot = new_max == kNegInf ? 0.f : new_max;
-        float* row = s + int64_t(r) * cols;
-        for (int c = 0; c < cols; ++c) row[c] -= pivot;
-        rescale[r] = std::exp(ws.row_max[r] - pivot);
-        ws.row_max[r] = new_max;
-    }
-    scores.exp_();
-    at::cpu::sum_out(ws.chunk_sum, scores, at::IntArrayRef{1});
-    const float* const sums = ws.chunk_sum.data_ptr<float>();
-    for (int r = 0; r < rows; ++r) {
-        ws.row_sum[r] = ws.row_sum[r] * rescale[r] + sums[r];
-        if (rescale[r] == 1.f) continue;
-        float* acc_row = acc + r * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) acc_row[d] *= rescale[r];
-    }
-}
-
 // Tokens [t0, t0 + cols) of page `page` (physical `physical`) of the task's pool, dequantised to
 // fp32 into the workspace's k and v.
 void load_chunk(const DecodeParams& p, const KVPool& pool, int64_t physical, int page_size, int page, int t0, int cols,
@@ -174,11 +138,8 @@ void write_rows(const DecodeParams& p, const DecodeTask& task, DecodeWorkspace& 
         const int head = task.kv_head * group + j;
         for (int i = 0; i < p.seqlen_q; ++i) {
             const int r = j * p.seqlen_q + i;
-            const float sum = ws.row_sum[r];
-            const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
             float* acc_row = acc + int64_t(r) * p.head_dim;
-            for (int d = 0; d < p.head_dim; ++d) acc_row[d] *= inv_sum;
-            const float lse = sum > 0.f ? ws.row_max[r] + std::log(sum) : kNegInf;
+            const float lse = ws.softmax.finish_row(r, acc_row, p.head_dim);
             const int64_t lse_index = (int64_t(task.batch) * p.heads_q + head) * p.seqlen_q + i;
             const int64_t out_index = ((int64_t(task.batch) * p.seqlen_q + i) * p.heads_q + head) * p.head_dim;
             if (partial) {
@@ -203,8 +164,7 @@ void run_decode_task(const DecodeParams& p, const DecodeTask& task, DecodeWorksp
     }
     ws.q.mul_(score_multiplier(p));
     ws.acc.zero_();
-    std::fill(ws.row_max.begin(), ws.row_max.end(), kNegInf);
-    std::fill(ws.row_sum.begin(), ws.row_sum.end(), 0.f);
+    ws.softmax.reset(int(ws.q.size(0)));
 
     const detail::DecodePlan plan =
         detail::decode_plan(p.heads, task.batch, task.kv_head, p.heads_kv, p.seqlens[task.batch], p.table.page_size,
@@ -227,7 +187,7 @@ void run_decode_task(const DecodeParams& p, const DecodeTask& task, DecodeWorksp
             load_chunk(p, pool, physical, p.table.page_size, page, t0, cols, plan.pool_head, ws);
             at::Tensor scores = ws.scores.narrow(0, 0, ws.q.size(0) * cols).view({ws.q.size(0), cols});
             score_chunk(scores, p, plan, n, t0, ws);
-            online_softmax(scores, ws);
+            ws.softmax.step(scores, ws.acc);
             at::cpu::addmm_out(ws.acc, ws.acc, scores, ws.v.narrow(0, 0, cols));
         }
     }

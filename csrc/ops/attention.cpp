@@ -139,10 +139,8 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     p.head_dim = int(head_dim);
     p.softmax_scale = float(softmax_scale);
     p.softcap = float(softcap);
-    // Windows wider than any sequence are unbounded; clamping keeps i + Sk - Sq + window in int range.
-    constexpr int64_t kWidest = int64_t(1) << 30;
-    p.window_left = int(std::min(window_left, kWidest));
-    p.window_right = int(std::min(window_right, kWidest));
+    p.window_left = clamp_window(window_left);
+    p.window_right = clamp_window(window_right);
     p.dtype = to_dtype(q.scalar_type());
     return prep;
 }

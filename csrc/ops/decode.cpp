@@ -81,8 +81,7 @@ void check_block_table(const char* op, const at::Tensor& t, const at::Tensor& q,
 struct MainPool {
     decode::KVPool pool;
     detail::PageTable table;
-    int64_t max_pages;  // pages per sequence: block_table's columns, or 1 for a contiguous cache
-    int64_t capacity;   // tokens per sequence: max_pages * page_size
+    int64_t capacity;  // tokens per sequence: table.max_pages * page_size
 };
 
 // k_cache/v_cache: paged [num_pages, page_size, Hc, D] with block_table, or contiguous
@@ -125,8 +124,7 @@ MainPool main_pool(const char* op, const at::Tensor& k_cache, const at::Tensor& 
                     k_cache.size(1));
         m.table.table = block_table->data_ptr<int32_t>();
         m.table.table_stride = block_table->stride(0);
-        m.max_pages = block_table->size(1);
-        m.table.max_pages = int(m.max_pages);
+        m.table.max_pages = int(block_table->size(1));
     } else {
         if (cache_batch_idx.has_value()) {
             check_index_tensor(op, "cache_batch_idx", *cache_batch_idx, q, {batch}, "[batch]");
@@ -135,9 +133,9 @@ MainPool main_pool(const char* op, const at::Tensor& k_cache, const at::Tensor& 
             TORCH_CHECK(k_cache.size(0) >= batch, op, ": expected a contiguous cache with at least batch=", batch,
                         " rows (or pass cache_batch_idx), got ", k_cache.sizes());
         }
-        m.max_pages = 1;
+        m.table.max_pages = 1;
     }
-    m.capacity = m.max_pages * m.table.page_size;
+    m.capacity = int64_t(m.table.max_pages) * m.table.page_size;
     return m;
 }
 
@@ -156,7 +154,6 @@ void page_contiguous_rows(MainPool& m) {
     m.table.max_pages = int(pages_per_row);
     m.pool.page_stride = page * m.pool.token_stride;
     m.pool.num_pages *= pages_per_row;
-    m.max_pages = pages_per_row;
 }
 
 // ---- LServe heads ------------------------------------------------------------------------------
@@ -348,7 +345,7 @@ DecodePrepared prepare_decode(TKPY_DECODE_ATTENTION_ARGS) {
 
     // The most pages a plan has: dense heads every page of the table; retrieval heads their list
     // plus the newest page; streaming heads the ring.
-    int64_t plan_pages = prep.main.max_pages;
+    int64_t plan_pages = prep.main.table.max_pages;
     if (heads.page_indices != nullptr) plan_pages = std::min<int64_t>(plan_pages, heads.max_selected + 1);
     if (heads.kv_head_slot != nullptr) plan_pages = std::max<int64_t>(plan_pages, heads.ring.pages());
     prep.max_plan_pages = plan_pages;
@@ -378,10 +375,8 @@ DecodePrepared prepare_decode(TKPY_DECODE_ATTENTION_ARGS) {
     p.v_scale = float(v_scale);
     p.softmax_scale = float(softmax_scale);
     p.softcap = float(softcap);
-    // Windows wider than any sequence are unbounded; clamping keeps positions + window in int range.
-    constexpr int64_t kWidest = int64_t(1) << 30;
-    p.window_left = int(std::min(window_left, kWidest));
-    p.window_right = int(std::min(window_right, kWidest));
+    p.window_left = clamp_window(window_left);
+    p.window_right = clamp_window(window_right);
     p.num_splits = int(num_splits);
     return prep;
 }
@@ -411,7 +406,7 @@ void check_decode_values(const DecodePrepared& prep) {
         const int32_t len = p.seqlens[b];
         TORCH_CHECK(len >= 0 && len <= prep.main.capacity, op, ": seqlens[", b, "] = ", len,
                     " is outside [0, ", prep.main.capacity, "], the tokens the cache holds per sequence (",
-                    prep.main.max_pages, " pages of ", p.table.page_size, ")");
+                    prep.main.table.max_pages, " pages of ", p.table.page_size, ")");
         check_pages_in_pool(op, prep.main, b, 0, detail::ceil_div_int(len, p.table.page_size));
         if (heads.page_indices == nullptr) continue;
         for (int h = 0; h < p.heads_kv; ++h) {
@@ -422,8 +417,8 @@ void check_decode_values(const DecodePrepared& prep) {
                         " is outside [0, ", heads.max_selected, "] (page_indices' last dim)");
             const int32_t* list = heads.page_indices + row * heads.max_selected;
             for (int32_t n = 0; n < count; ++n) {
-                TORCH_CHECK(list[n] >= 0 && list[n] < prep.main.max_pages, op, ": page_indices[", b, ", ", h, ", ", n,
-                            "] = ", list[n], " is outside the sequence's ", prep.main.max_pages,
+                TORCH_CHECK(list[n] >= 0 && list[n] < prep.main.table.max_pages, op, ": page_indices[", b, ", ", h, ", ", n,
+                            "] = ", list[n], " is outside the sequence's ", prep.main.table.max_pages,
                             " pages (block_table's columns)");
                 TORCH_CHECK(n == 0 || list[n] > list[n - 1], op, ": page_indices[", b, ", ", h,
                             "] must list ascending, distinct pages; got ", list[n - 1], " then ", list[n]);
@@ -554,7 +549,7 @@ void check_append_values(const AppendPrepared& prep) {
         const int64_t new_len = old_len + p.seqlen_new;
         TORCH_CHECK(old_len >= 0 && new_len <= prep.main.capacity, op, ": seqlens[", b, "] = ", old_len, " plus ",
                     p.seqlen_new, " new tokens must fit in [0, ", prep.main.capacity,
-                    "], the tokens the cache holds per sequence (", prep.main.max_pages, " pages of ",
+                    "], the tokens the cache holds per sequence (", prep.main.table.max_pages, " pages of ",
                     p.table.page_size, ")");
         if (p.seqlen_new == 0) continue;
         check_pages_in_pool(op, prep.main, b, old_len / p.table.page_size,

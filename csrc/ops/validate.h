@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+
 #include "tkpy/types.h"
 
 #if defined(TKPY_WITH_CUDA)
@@ -46,6 +48,10 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
     TORCH_CHECK(t.device() == q.device(), op, ": expected ", name, " on q's device ", q.device(), ", got ",
                 t.device());
 }
+
+// A window edge (-1 unbounded) as the params structs hold it: edges wider than any sequence are
+// unbounded anyway, and clamping keeps position + edge in int range.
+inline int clamp_window(int64_t edge) { return int(std::min<int64_t>(edge, int64_t(1) << 30)); }
 
 #if defined(TKPY_WITH_CUDA)
 inline void check_launch(const char* op, cudaError_t err) {
