@@ -3,8 +3,9 @@ dense against LServe.
 
 - GPU (``gpu`` mark): a Llama-3.1-8B-shaped model with random bf16 weights at 8k-128k context; a
   context whose model, KV pool or activations do not fit is skipped. LServe uses the released
-  DuoAttention pattern of Llama-3.1-8B-Instruct (50% streaming heads) when ``../shared/data`` has
-  it, and a token budget of 4096.
+  DuoAttention pattern of Llama-3.1-8B-Instruct (50% streaming heads), found through
+  ``tkpy._data`` (``$TKPY_SHARED_DATA``, else ``../shared/data``; a missing file is an error),
+  and a token budget of 4096.
 - CPU: the built-in tiny-random model at short contexts, a few seconds in all; it checks that the
   suite runs and says nothing about GPU speed.
 
@@ -24,14 +25,13 @@ import pytest
 import torch
 
 import tkpy
+from tkpy._data import duo_attention_pattern
 from tkpy.runtime import LLM, LServeConfig, ModelConfig
 
 NEW_TOKENS = {"cpu": 8, "cuda": 64}
 ROUNDS = {"cpu": 1, "cuda": 2}
 CPU_CONTEXTS = (128, 512)
 GPU_CONTEXTS = (8192, 32768, 65536, 131072)
-LLAMA31_PATTERN = (Path(__file__).resolve().parents[2] / "shared" / "data" / "duo_attention"
-                   / "Meta-Llama-3.1-8B-Instruct.full_attention_heads.tsv")
 
 
 def llama31_8b() -> ModelConfig:
@@ -46,8 +46,9 @@ def llama31_8b() -> ModelConfig:
 
 
 def pattern_file(folder: Path, layers: int, kv_heads: int) -> str:
-    if layers == 32 and kv_heads == 8 and LLAMA31_PATTERN.is_file():
-        return str(LLAMA31_PATTERN)
+    """Llama-3.1-8B's released pattern (32 x 8), which must be present; random gates for the tiny model."""
+    if (layers, kv_heads) == (32, 8):
+        return str(duo_attention_pattern("Meta-Llama-3.1-8B-Instruct"))
     path = folder / f"gates_{layers}x{kv_heads}.tsv"
     gates = np.random.default_rng(0).uniform(size=(layers, kv_heads))
     path.write_text("\n".join("\t".join(f"{g:.6f}" for g in row) for row in gates) + "\n")

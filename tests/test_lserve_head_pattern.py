@@ -1,14 +1,12 @@
 """tkpy.lserve.HeadPattern on the released DuoAttention patterns and on bad pattern files."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from tkpy._data import duo_attention_pattern
 from tkpy.lserve import HeadPattern
 
-DUO_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "duo_attention"
 # The files only know KV heads; these three models all have 32 query heads per layer.
 MODELS = ["Meta-Llama-3.1-8B-Instruct", "Llama-3-8B-Instruct-Gradient-1048k", "Mistral-7B-Instruct-v0.2"]
 NUM_QUERY_HEADS = 32
@@ -16,10 +14,10 @@ NUM_QUERY_HEADS = 32
 
 @pytest.fixture(params=MODELS)
 def pattern_file(request):
-    path = DUO_DIR / f"{request.param}.full_attention_heads.tsv"
-    if not path.is_file():
-        pytest.skip(f"DuoAttention pattern data not found at {path} (the shared data folder is absent)")
-    return path
+    try:
+        return duo_attention_pattern(request.param)
+    except FileNotFoundError as absent:  # its message names the path and TKPY_SHARED_DATA
+        pytest.skip(str(absent))
 
 
 def raw_gates(path):

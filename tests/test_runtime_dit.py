@@ -214,12 +214,17 @@ def test_block_rejects_bad_input(rng):
 # ---------------------------------------------------------------------------------------------
 # The processor against diffusers' stock Wan processor
 
-diffusers = pytest.importorskip("diffusers")
+
+@pytest.fixture(scope="module")
+def diffusers():
+    """diffusers, or a skip of the test that asks for it: the block tests above run without it."""
+    return pytest.importorskip("diffusers")
+
 
 LATENTS = (3, 10, 14)  # (F, H, W) latents; patch (1, 2, 2) gives the odd token grid (3, 5, 7)
 
 
-def _tiny_wan(rng, **config):
+def _tiny_wan(diffusers, rng, **config):
     torch.manual_seed(torch.randint(2**31, (1,), generator=rng).item())
     model = diffusers.WanTransformer3DModel(
         num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=4, text_dim=16, freq_dim=32,
@@ -240,8 +245,8 @@ def _inputs(rng, latents=LATENTS):
 
 @pytest.mark.parametrize("install", ["set_attn_processor", "use_tkpy_attention"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_wan_processor_matches_stock(install, fused, rng):
-    stock = _tiny_wan(rng)
+def test_wan_processor_matches_stock(install, fused, rng, diffusers):
+    stock = _tiny_wan(diffusers, rng)
     if fused:
         stock.fuse_qkv_projections()
     tk = copy.deepcopy(stock)
@@ -266,9 +271,9 @@ def test_wan_processor_matches_stock(install, fused, rng):
         assert err < TOL, f"whole model: rel err {err:.3g}"
 
 
-def test_wan_processor_rope_matters(rng):
+def test_wan_processor_rope_matters(rng, diffusers):
     """Without RoPE, stock Wan's self-attention moves by far more than the tolerance."""
-    stock = _tiny_wan(rng)
+    stock = _tiny_wan(diffusers, rng)
     x = torch.randn(1, math.prod(LATENTS) // 4, 128, generator=rng)
     with torch.no_grad():
         rope = stock.rope(torch.zeros(1, 4, *LATENTS))
@@ -303,8 +308,8 @@ def _per_axis_columns(cos, sin, grid):
 # has L_test = 13 latent frames, where RIFLEx turns that component at 0.9·2π/13 instead of 1 per
 # frame: a change to one of 32 pairs, but one that moves a random Wan self-attention by 6–26%.
 @pytest.mark.parametrize("num_frames, L_test", [(21, FAST_PERIOD), (49, 13)])
-def test_wan_riflex_changes_exactly_component_k(num_frames, L_test, rng):
-    stock = _tiny_wan(rng)
+def test_wan_riflex_changes_exactly_component_k(num_frames, L_test, rng, diffusers):
+    stock = _tiny_wan(diffusers, rng)
     tk = use_tkpy_attention(copy.deepcopy(stock), num_frames=num_frames, k=1)
     inputs = _inputs(rng, latents=(7, 4, 6))
     latents, grid = inputs["hidden_states"], (7, 2, 3)
@@ -333,7 +338,7 @@ def test_wan_riflex_changes_exactly_component_k(num_frames, L_test, rng):
         assert rel_err(ours, stock(**inputs)[0]) < TOL
 
 
-def _tiny_hunyuanvideo(rng):
+def _tiny_hunyuanvideo(diffusers, rng):
     torch.manual_seed(torch.randint(2**31, (1,), generator=rng).item())
     return diffusers.HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=1, attention_head_dim=128, num_layers=1,
@@ -341,8 +346,8 @@ def _tiny_hunyuanvideo(rng):
     )
 
 
-def test_other_models_are_refused(rng):
-    hunyuan = _tiny_hunyuanvideo(rng)
+def test_other_models_are_refused(rng, diffusers):
+    hunyuan = _tiny_hunyuanvideo(diffusers, rng)
     with pytest.raises(ValueError, match="HunyuanVideoTransformer3DModel is not supported"):
         use_tkpy_attention(hunyuan)
     cog = diffusers.CogVideoXTransformer3DModel(
@@ -360,7 +365,7 @@ def test_other_models_are_refused(rng):
         hunyuan(**inputs)
 
 
-def test_wan_unsupported_uses_are_refused(rng):
+def test_wan_unsupported_uses_are_refused(rng, diffusers):
     from diffusers.models.transformers.transformer_wan import WanAttention
 
     from tkpy.integrations.diffusers import apply_riflex
@@ -376,7 +381,7 @@ def test_wan_unsupported_uses_are_refused(rng):
     with torch.no_grad(), pytest.raises(ValueError, match="head_dim in"):
         WanAttnProcessor()(narrow, torch.randn(1, 6, 64, generator=rng))
 
-    model = _tiny_wan(rng)
+    model = _tiny_wan(diffusers, rng)
     with pytest.raises(ValueError, match="mode must be"):
         use_tkpy_attention(model, num_frames=33, mode="always")
     with pytest.raises(ValueError, match="k must be in"):
@@ -391,7 +396,7 @@ def test_wan_unsupported_uses_are_refused(rng):
         use_tkpy_attention(diffusers.WanTransformer3DModel(
             num_attention_heads=2, attention_head_dim=48, in_channels=4, out_channels=4, text_dim=16,
             freq_dim=32, ffn_dim=32, num_layers=1))
-    fp64 = use_tkpy_attention(_tiny_wan(rng).double())
+    fp64 = use_tkpy_attention(_tiny_wan(diffusers, rng).double())
     inputs = _inputs(rng)
     inputs["hidden_states"], inputs["encoder_hidden_states"] = (
         inputs["hidden_states"].double(), inputs["encoder_hidden_states"].double())

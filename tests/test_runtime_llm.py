@@ -19,10 +19,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 transformers = pytest.importorskip("transformers")
 
+from tkpy._data import duo_attention_pattern  # noqa: E402
 from tkpy.runtime import LLM, LServeConfig  # noqa: E402
 
 VOCAB = 256 + 2
-DUO_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "duo_attention"
 
 # name -> (transformers class names, config overrides)
 MODELS = {
@@ -240,9 +240,10 @@ def test_lserve_small_windows_and_budget_change_the_output(llama, tmp_path):
 
 
 def test_lserve_pattern_of_another_model_is_refused(llama):
-    real = DUO_DATA / "Meta-Llama-3.1-8B-Instruct.full_attention_heads.tsv"
-    if not real.is_file():
-        pytest.skip(f"{real} not present")
+    try:
+        real = duo_attention_pattern("Meta-Llama-3.1-8B-Instruct")
+    except FileNotFoundError as absent:  # its message names the path and TKPY_SHARED_DATA
+        pytest.skip(str(absent))
     with pytest.raises(ValueError, match="does not fit the model's 2 layers x 2 kv heads"):
         LLM(llama, device="cpu", dtype=torch.float16, max_seq_len=128, lserve=LServeConfig(pattern=str(real)),
             progress=False)
