@@ -1,27 +1,32 @@
-"""Sparse prefill cases (block-sparse and LServe streaming) against dense causal tkpy."""
+"""Sparse prefill cases (block-sparse and LServe streaming) against dense causal tkpy, and on CUDA
+against FlexAttention on the same blocks."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar, NamedTuple, Optional, Union
+from typing import Any, Callable, ClassVar, NamedTuple, Optional, Union
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .. import block_sparse as tkpy_block_sparse
 from .. import flash_attn_varlen_func
+from .._data import duo_attention_pattern
 from ..lserve import HeadPattern
 from .core import ATTENTION_FLOPS_CONVENTION, CaseResult, PreparedCase, _for_device, _random_copies, check_case
+from .timing import Timing
 
 DENSITY_CONVENTION = (
-    "rho = active (query block, key block) pairs / causal pairs, 128-token blocks, over all heads; tkpy is "
-    "credited rho * dense causal FLOPs; DESIGN.md section 6 target: time <= (1.1*rho + 0.05) * dense causal time"
+    "rho = active (query block, key block) pairs / causal pairs, 128-token blocks, over all heads; tkpy and "
+    "FlexAttention are credited rho * dense causal FLOPs; DESIGN.md section 6 target: time <= (1.1*rho + 0.05) * "
+    "dense causal time"
 )
 _BLOCK = 128
-# <repo>/../shared/data/duo_attention: the checkout's sibling shared/ folder.
-_DUO_PATTERN = (Path(__file__).resolve().parents[4] / "shared" / "data" / "duo_attention"
-                / "Meta-Llama-3.1-8B-Instruct.full_attention_heads.tsv")
+_DUO_MODEL = "Meta-Llama-3.1-8B-Instruct"
+# Compiled FlexAttention on the CPU is slow and says nothing about the GPU.
+_FLEX_NOT_ON_CPU = "not run on the CPU: FlexAttention is a peer on CUDA only"
 
 # How a case's output is checked, keyed by _SparseInputs.gate.
 _GATES = {
@@ -52,6 +57,7 @@ class BlockSparseCase:
 
     metric: ClassVar[str] = "TFLOP/s"
     peer: ClassVar[str] = "tkpy.flash_attn_varlen_func (dense causal)"
+    flex_peer: ClassVar[str] = "torch.compile(flex_attention), BlockMask of the same 128-token blocks"
 
     seqlen: int
     heads_q: int
@@ -120,6 +126,26 @@ class BlockSparseCase:
     def run_peer(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: _SparseInputs) -> torch.Tensor:
         return flash_attn_varlen_func(q, k, v, x.cu_seqlens, x.cu_seqlens, self.seqlen, self.seqlen, causal=True)
 
+    def flex_block_mask(self, x: _SparseInputs) -> BlockMask:
+        """FlexAttention's mask of tkpy's token mask: causal AND each head's active block AND, on
+        streaming heads, the sink + local window. Its 128-token blocks are exactly ``x.active``."""
+        streaming, active, sink, local = x.head_mask_type == -1, x.active, self.sink, self.local
+
+        def token_mask(b, h, q_idx, kv_idx):
+            window = (kv_idx < sink) | (kv_idx > q_idx - local)
+            return (kv_idx <= q_idx) & active[h, q_idx // _BLOCK, kv_idx // _BLOCK] & (window | ~streaming[h])
+
+        # Eager create_block_mask materialises the [Hq, S, S] token mask: 512 GiB at S = 128k.
+        build = _compiled(create_block_mask) if active.is_cuda else create_block_mask
+        return build(token_mask, None, self.heads_q, self.seqlen, self.seqlen, device=active.device, BLOCK_SIZE=_BLOCK)
+
+    def run_flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+        """FlexAttention, compiled on CUDA (eager elsewhere), on ``[1, H, S, D]`` views; the output ``[S, Hq, D]``."""
+        flex = _compiled(flex_attention) if q.is_cuda else flex_attention
+        out = flex(*(t[None].transpose(1, 2) for t in (q, k, v)), block_mask=block_mask,
+                   enable_gqa=self.heads_q != self.heads_kv)
+        return out[0].transpose(0, 1)
+
     def outputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: _SparseInputs) -> tuple[tuple, tuple]:
         """tkpy's output and, per ``x.gate``, dense causal tkpy's or fp32 attention under the token mask."""
         if x.gate == "dense":
@@ -137,16 +163,28 @@ class BlockSparseCase:
 
 
 def _lserve_pattern(case: BlockSparseCase) -> tuple[HeadPattern, int, str]:
-    """DuoAttention's Llama-3.1-8B heads at 50% sparsity, the layer nearest 50%; else a seeded random half."""
-    if _DUO_PATTERN.is_file():
-        pattern = HeadPattern.load(_DUO_PATTERN, case.heads_q, 0.5, case.sink, case.local)
-        share = pattern.streaming_mask.mean(axis=1)
-        layer = min(range(pattern.num_layers), key=lambda n: abs(share[n] - 0.5))
-        streaming = f"{int(pattern.streaming_mask[layer].sum())}/{pattern.num_kv_heads} KV heads streaming"
-        return pattern, layer, f"DuoAttention {_DUO_PATTERN.name} at 50% static sparsity, layer {layer} ({streaming})"
-    split = torch.randperm(case.heads_kv, generator=torch.Generator().manual_seed(0)) < case.heads_kv // 2
-    note = f"seeded random 50% of the KV heads streaming (no DuoAttention file at {_DUO_PATTERN})"
-    return HeadPattern(split.numpy()[None], case.heads_q, case.sink, case.local), 0, note
+    """DuoAttention's Llama-3.1-8B heads at 50% sparsity, the layer nearest 50%.
+
+    A missing file raises FileNotFoundError (naming the path and TKPY_SHARED_DATA): any other
+    pattern would time a different workload under the same case name.
+    """
+    path = duo_attention_pattern(_DUO_MODEL)
+    pattern = HeadPattern.load(path, case.heads_q, 0.5, case.sink, case.local)
+    share = pattern.streaming_mask.mean(axis=1)
+    layer = min(range(pattern.num_layers), key=lambda n: abs(share[n] - 0.5))
+    streaming = f"{int(pattern.streaming_mask[layer].sum())}/{pattern.num_kv_heads} KV heads streaming"
+    return pattern, layer, f"DuoAttention {path.name} at 50% static sparsity, layer {layer} ({streaming})"
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    """``fn`` under ``torch.compile``, wrapped once, so that timed calls do not pay for wrapping.
+
+    Dynamo guards a mask's closure by its code, not its identity, so static shapes compile once per
+    sequence length (three on CUDA): within the recompile limit (8), past which FlexAttention would
+    run eagerly and materialise the [Hq, S, S] scores.
+    """
+    return torch.compile(fn, dynamic=False)
 
 
 _CUDA_BLOCK_SPARSE_CASES = (
@@ -169,11 +207,17 @@ def block_sparse_cases(device: Union[str, torch.device]) -> list[BlockSparseCase
 @dataclass(frozen=True)
 class BlockSparseResult(CaseResult):
     """Sparse prefill and dense causal attention on one :class:`BlockSparseCase`; ``rel_err`` is NaN
-    where the ``gate`` is "skipped", and tkpy is credited ``density`` times the dense FLOPs."""
+    where the ``gate`` is "skipped", and tkpy is credited ``density`` times the dense FLOPs.
+
+    ``flex`` is FlexAttention's timing on the same blocks, or why it did not run; ``flex_rel_err``
+    is ``‖tkpy − flex‖ / ‖flex‖`` (NaN when it did not run), recorded but not part of ``passed``.
+    """
 
     density: float = 1.0
     gate: str = "skipped"
     pattern: str = ""
+    flex: Union[Timing, str] = _FLEX_NOT_ON_CPU
+    flex_rel_err: float = math.nan
 
     @property
     def passed(self) -> bool:
@@ -189,6 +233,16 @@ class BlockSparseResult(CaseResult):
         return self.tkpy.median_s / self.peer.median_s
 
     @property
+    def flex_rate(self) -> Optional[float]:
+        """FlexAttention's TFLOP/s, credited like tkpy (``density`` times the dense FLOPs); None if it did not run."""
+        return self.density * self._rate(self.flex) if isinstance(self.flex, Timing) else None
+
+    @property
+    def flex_check_passed(self) -> bool:
+        """tkpy within the dtype's tolerance of FlexAttention; False when flex did not run."""
+        return self.flex_rel_err <= self.tolerance  # False for NaN
+
+    @property
     def target_ratio(self) -> float:
         return 1.1 * self.density + 0.05
 
@@ -197,23 +251,34 @@ class BlockSparseResult(CaseResult):
         return self.time_ratio <= self.target_ratio
 
     def as_extra_info(self) -> dict[str, Any]:
-        """:meth:`CaseResult.as_extra_info` (``ratio``: rho · dense time / tkpy time), rho and the target."""
+        """:meth:`CaseResult.as_extra_info` (``ratio``: rho · dense time / tkpy time), rho, the target
+        and ``flex``: ``{"peer", "median_us", "tflops", "ratio", "rel_err", "check_passed"}`` (``ratio``:
+        flex time / tkpy time) or ``{"peer", "error"}``."""
         case = self.case
+        if isinstance(self.flex, Timing):
+            flex = {
+                "median_us": self.flex.median_s * 1e6, "tflops": self.flex_rate,
+                "ratio": self.tkpy_rate / self.flex_rate,
+                "rel_err": self.flex_rel_err, "check_passed": self.flex_check_passed,
+            }
+        else:
+            flex = {"error": self.flex}
         return {
             **super().as_extra_info(),
             "ratio": self.tkpy_rate / self.peer_rate,
             "rel_err": None if self.gate == "skipped" else self.rel_err,
-            "flops_convention": f"dense: {ATTENTION_FLOPS_CONVENTION}; tkpy: rho times that",
+            "flops_convention": f"dense: {ATTENTION_FLOPS_CONVENTION}; tkpy and flex: rho times that",
             "density": self.density, "density_convention": DENSITY_CONVENTION,
             "time_vs_dense": self.time_ratio, "target_time_vs_dense": self.target_ratio,
             "meets_target": self.meets_target, "gate": _GATES[self.gate],
             "head_pattern": self.pattern, "runs": len(self.tkpy.samples_s),
             "seqlen": case.seqlen, "heads_q": case.heads_q, "heads_kv": case.heads_kv, "head_dim": case.head_dim,
+            "flex": {"peer": case.flex_peer, **flex},
         }
 
 
 def measure_block_sparse(prepared: PreparedCase, *, warmup: int, reps: int) -> BlockSparseResult:
-    """Check tkpy's sparse prefill (``_GATES``), then time it and dense causal attention."""
+    """Check tkpy's sparse prefill (``_GATES``), then time it, dense causal attention and, on CUDA, FlexAttention."""
     case = prepared.case
     if case.work() > _HEAVY_FLOPS:
         warmup, reps = min(warmup, _HEAVY_RUNS[0]), min(reps, _HEAVY_RUNS[1])
@@ -223,7 +288,36 @@ def measure_block_sparse(prepared: PreparedCase, *, warmup: int, reps: int) -> B
     density = float(inputs.active.sum()) / (case.heads_q * blocks * (blocks + 1) // 2)
     tkpy_timing = prepared.time(case.run_tkpy, warmup=warmup, reps=reps)
     peer_timing = prepared.time(case.run_peer, warmup=warmup, reps=reps)
+    flex, flex_rel_err = (_FLEX_NOT_ON_CPU, math.nan)
+    if prepared.device.type == "cuda":
+        flex, flex_rel_err = _time_flex(prepared, warmup, reps)
     return BlockSparseResult(
         case, prepared.device.type, case.work(), tkpy_timing, peer_timing, rel_err, density, inputs.gate,
-        inputs.pattern,
+        inputs.pattern, flex, flex_rel_err,
     )
+
+
+def _time_flex(prepared: PreparedCase, warmup: int, reps: int) -> tuple[Union[Timing, str], float]:
+    """FlexAttention's timing and ``‖tkpy − flex‖ / ‖flex‖`` on the first input copy; or why it could not
+    run, and NaN."""
+    case = prepared.case
+    q, k, v, inputs = prepared.arg_sets[0]
+    try:
+        block_mask = case.flex_block_mask(inputs)  # once per case, untimed, as a server builds it per layer
+
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: _SparseInputs) -> torch.Tensor:
+            return case.run_flex(q, k, v, block_mask)
+
+        rel_err = _rel_err(case.run_tkpy(q, k, v, inputs), run(q, k, v, inputs))  # the first flex call compiles
+        return prepared.time(run, warmup=warmup, reps=reps), rel_err
+    # Compilation fails with Dynamo's, Inductor's or Triton's own exception types, and a large S may
+    # run out of memory: the case keeps its other results and records why flex has none.
+    except Exception as exc:
+        first_line = str(exc).strip().partition("\n")[0]
+        return f"{type(exc).__name__}: {first_line}", math.nan
+
+
+def _rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """``‖ours − theirs‖ / ‖theirs‖`` in fp32."""
+    ours, theirs = ours.float(), theirs.float()
+    return float(torch.linalg.vector_norm(ours - theirs) / torch.linalg.vector_norm(theirs))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from .attention import AttentionResult
-from .block_sparse import _GATES, DENSITY_CONVENTION, BlockSparseResult
+from .block_sparse import _GATES, DENSITY_CONVENTION, BlockSparseCase, BlockSparseResult
 from .core import _METRICS, ATTENTION_FLOPS_CONVENTION, CaseResult, _dtype_name, _Metric
 from .timing import Timing
 
@@ -133,22 +133,31 @@ def _attention_table(rows: Sequence[AttentionResult]) -> list[str]:
 
 
 def _block_sparse_table(rows: Sequence[BlockSparseResult]) -> list[str]:
-    """One row per case: rho, tkpy and dense times, time / dense against the DESIGN §6 target, the gate."""
+    """One row per case: rho, tkpy and dense times, time / dense against the DESIGN §6 target, the gate,
+    and FlexAttention ("n/a" with the reason below the table)."""
     lines = [
         f"sparse prefill vs dense causal tkpy.flash_attn_varlen_func on the same inputs: {DENSITY_CONVENTION}",
+        f"flex: {BlockSparseCase.flex_peer}; 'vs flex' = flex time / tkpy time; "
+        "'flex err' = ||tkpy - flex|| / ||flex||",
         "",
         f"{_CASE_HEADER} rho | tkpy us | dense us | time / dense | target | meets | tkpy TFLOP/s "
-        "| dense TFLOP/s | runs | check |",
-        _CASE_RULE + "--:|--:|--:|--:|--:|---|--:|--:|--:|---|",
+        "| dense TFLOP/s | flex TFLOP/s | vs flex | flex err | runs | check |",
+        _CASE_RULE + "--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|---|",
     ]
+    notes: dict[str, list[str]] = {}
     for r in rows:
         check = "not gated" if r.gate == "skipped" else _check(r)
+        if r.flex_rate is None:
+            flex = "n/a | n/a | n/a"
+            notes.setdefault(f"flex n/a: {r.flex}", []).append(r.case.id)
+        else:
+            mismatch = "" if r.flex_check_passed else " MISMATCH"
+            flex = f"{r.flex_rate:,.4f} | {r.tkpy_rate / r.flex_rate:.2f}x | {r.flex_rel_err:.1e}{mismatch}"
         lines.append(
             f"{_case_cells(r)}| {r.density:.3f} | {_us(r.tkpy)} | {_us(r.peer)} | {r.time_ratio:.3f} "
             f"| {r.target_ratio:.3f} | {'yes' if r.meets_target else 'NO'} | {r.tkpy_rate:,.4f} | {r.peer_rate:,.4f} "
-            f"| {len(r.tkpy.samples_s)} | {check} |"
+            f"| {flex} | {len(r.tkpy.samples_s)} | {check} |"
         )
-    notes: dict[str, list[str]] = {}
     for r in rows:
         notes.setdefault(f"check: {_GATES[r.gate]}", []).append(r.case.id)
         notes.setdefault(f"heads: {r.pattern}", []).append(r.case.id)
