@@ -1,21 +1,26 @@
 #!/usr/bin/env python3
-"""Turn a ``scripts/gpu_check.sh`` run into the evidence files of DESIGN §7.
+"""Turn a ``scripts/gpu_run.py`` command's work folder into the evidence files of DESIGN §7.
 
-Reads from the run's output folder:
+Reads from the folder:
 
-- ``steps.tsv``: one row per step (step, kind, rc, seconds, log, junit), written by gpu_check.sh;
-- each test step's junit XML, for pass/fail/skip counts and the names of failed tests;
+- ``run.json``: the command (check or bench), whether it was a dry run, and whether torch saw a GPU;
+- ``steps.tsv``: one row per step (step, kind, rc, seconds, log, junit, note); rc ``-`` is a step
+  skipped for lack of time;
+- each test step's junit XML (xunit1, which names each test's file), for pass/fail/skip counts per
+  step and per test file;
+- ``journal.jsonl`` and ``failures/`` from ``scripts/pytest_gpu_harness.py``: hangs, crashes,
+  worker restarts, files given up on, and one signature line per failing test;
 - the sanitizer steps' logs, for compute-sanitizer's ERROR / RACECHECK SUMMARY lines;
-- ``bench.json`` from pytest-benchmark, whose ``extra_info`` follows the layout described in
-  ``benchmarks/conftest.py``;
+- ``bench.json`` from pytest-benchmark (``extra_info`` as ``benchmarks/conftest.py`` describes),
+  ``ceilings.json`` (copy bandwidth, matmul rate) and ``nvml.tsv`` (clocks and power while timing);
 
-and writes ``<date>-<gpu>.json`` and ``<date>-<gpu>.md`` there (the markdown also goes to stdout).
+and writes ``summary.json`` and ``summary.md`` there.
 
 It must work when tkpy failed to build, so it imports nothing from tkpy: the standard library,
 plus nvidia-ml-py and torch when they import.
 
-Exit status: 0 when the build and every test, sanitizer and benchmark step passed (a pytest run
-that selected no tests counts as passed and is flagged), 1 otherwise.
+Verdict (exit status 0 for PASS, 1 for FAIL): every step passed, none was skipped; outside a dry
+run torch saw a GPU; and the test steps ran at least one test (skips do not count).
 """
 
 from __future__ import annotations
@@ -32,12 +37,11 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Optional
 
-SCHEMA = "tkpy-gpu-run/1"
+SCHEMA = "tkpy-gpu-run/2"
 # Steps of these kinds run pytest, whose exit code 5 means that no test was selected.
 _PYTEST_KINDS = {"tests", "sanitizer"}
 # Steps of these kinds decide the exit status; "info" steps only inform.
 _GATING_KINDS = {"build", "tests", "sanitizer", "bench"}
-_OK_STATUSES = {"passed", "no tests"}
 # Exit codes of `timeout`: 124 when the limit hit, 137 (128 + SIGKILL) when the step had to be killed.
 _TIMEOUT_RC = {124: "timeout", 137: "killed"}
 _MAX_FAILED_NAMES = 20
@@ -54,7 +58,7 @@ _RACECHECK_SUMMARY = re.compile(
 
 
 def read_steps(path: Path) -> list[dict[str, Any]]:
-    """Rows of ``steps.tsv`` with ``rc`` as int and ``seconds`` as float; ``[]`` if it is missing."""
+    """Rows of ``steps.tsv`` with ``rc`` as int (None for a skipped step) and ``seconds`` as float."""
     if not path.is_file():
         return []
     with path.open(newline="") as handle:
@@ -63,40 +67,64 @@ def read_steps(path: Path) -> list[dict[str, Any]]:
         {
             "name": row["step"],
             "kind": row["kind"],
-            "rc": int(row["rc"]),
+            "rc": None if row["rc"] == "-" else int(row["rc"]),
             "seconds": float(row["seconds"]),
             "log": row["log"],
             "junit": None if row["junit"] in ("", "-") else row["junit"],
+            "note": row.get("note") or "",
         }
         for row in rows
     ]
 
 
 def junit_counts(path: Path) -> Optional[dict[str, Any]]:
-    """Test counts of a pytest junit XML, and the ids of failed tests; None if unreadable.
-
-    pytest writes one ``<testsuite>`` (under ``<testsuites>``) with tests/failures/errors/skipped
-    attributes; they are summed in case a file holds several.
-    """
+    """Test counts of a pytest junit XML, in all and per test file, and the ids of failed tests;
+    None if unreadable (a step killed before pytest wrote it)."""
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError):
         return None
-    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
-    counts = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
-    failed = [
-        f"{case.get('classname', '')}::{case.get('name', '')}"
-        for case in root.iter("testcase")
-        if case.find("failure") is not None or case.find("error") is not None
-    ]
-    return {
-        "total": counts["tests"],
-        "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
-        "failed": counts["failures"],
-        "errors": counts["errors"],
-        "skipped": counts["skipped"],
-        "failed_tests": failed[:_MAX_FAILED_NAMES],
-    }
+    per_file: dict[str, dict[str, int]] = {}
+    failed = []
+    for case in root.iter("testcase"):
+        outcome = ("failed" if case.find("failure") is not None
+                   else "errors" if case.find("error") is not None
+                   else "skipped" if case.find("skipped") is not None else "passed")
+        name = case.get("file") or case.get("classname", "").replace(".", "/") + ".py"
+        counts = per_file.setdefault(name, {"passed": 0, "failed": 0, "errors": 0, "skipped": 0})
+        counts[outcome] += 1
+        if outcome in ("failed", "errors"):
+            failed.append(f"{name}::{case.get('name', '')}")
+    total = {key: sum(c[key] for c in per_file.values()) for key in ("passed", "failed", "errors", "skipped")}
+    return {"total": sum(total.values()), **total, "per_file": per_file, "failed_tests": failed[:_MAX_FAILED_NAMES]}
+
+
+def harness_events(folder: Path) -> dict[str, Any]:
+    """Hangs, crashes, worker restarts and given-up files from the harness journal, and one
+    signature per failure file (its kind and the first line that says what went wrong)."""
+    events: dict[str, list] = {"hang": [], "crash": [], "restart": [], "skip-file": []}
+    journal = folder / "journal.jsonl"
+    if journal.is_file():
+        for line in journal.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:  # a line cut by a kill
+                continue
+            if event.get("event") in events:
+                events[event["event"]].append(event.get("test") or event.get("file"))
+    signatures = []
+    for path in sorted((folder / "failures").glob("*.txt")) if (folder / "failures").is_dir() else []:
+        text = path.read_text(errors="replace")
+        test = re.search(r"^test: (.*)$", text, re.M)
+        kind = re.search(r"^kind: (.*)$", text, re.M)
+        # The most telling line: the harness's headline, a watchdog report, the first dimension
+        # whose wrong elements are not "all" of it, the diagnosis's count, else pytest's "E " line.
+        detail = (re.search(r"^(HANG|CRASH): .*$", text, re.M) or re.search(r"^.*tk::wait watchdog.*$", text, re.M)
+                  or re.search(r"^dim \d+ \(size \d+\): .*(?<!: all)$", text, re.M)
+                  or re.search(r"^max abs err .*$", text, re.M) or re.search(r"^E +(.*)$", text, re.M))
+        signatures.append({"test": test.group(1) if test else path.stem, "kind": kind.group(1) if kind else "?",
+                           "detail": (detail.group(0) if detail else "").strip()[:300]})
+    return {**{key: value for key, value in events.items()}, "failures": signatures}
 
 
 def sanitizer_summary(log: Path) -> dict[str, Optional[int]]:
@@ -147,9 +175,38 @@ def benchmark_rows(bench: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
                 "peer_median_us": info.get("peer_median_us"),
                 "timer": info.get("timer"),
                 "pytest_benchmark_median_us": entry.get("stats", {}).get("median", 0.0) * 1e6,
+                "each_peer": _each_peer(info, info.get(f"tkpy_{suffix}") if suffix else None),
             }
         )
     return rows
+
+
+def _each_peer(info: dict[str, Any], tkpy: Optional[float]) -> dict[str, dict[str, Any]]:
+    """Every peer a case timed on its own (the attention bench's SDPA ``backends``, the block-sparse
+    bench's ``flex``): its rate and tkpy's ratio to it, or why it did not run."""
+    peers = dict(info.get("backends") or {})
+    if info.get("flex"):
+        peers["flex"] = info["flex"]
+    out = {}
+    for name, peer in peers.items():
+        rate = peer.get("tflops", peer.get("gbps"))
+        out[name] = ({"error": peer["error"]} if "error" in peer
+                     else {"value": rate, "ratio": tkpy / rate if tkpy and rate else None})
+    return out
+
+
+def nvml_samples(path: Path) -> Optional[dict[str, float]]:
+    """The range of SM clock, memory clock, power and temperature sampled while benchmarking."""
+    if not path.is_file():
+        return None
+    with path.open(newline="") as handle:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle, delimiter="\t")]
+    if not rows:
+        return None
+    out: dict[str, float] = {"samples": len(rows)}
+    for key in ("sm_mhz", "mem_mhz", "power_w", "temp_c"):
+        out[f"{key}_min"], out[f"{key}_max"] = min(r[key] for r in rows), max(r[key] for r in rows)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,8 +214,12 @@ def benchmark_rows(bench: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 
 
-def git_commit(repo: Path) -> dict[str, Any]:
-    """HEAD's hash and whether the working tree had changes; None values outside a git checkout."""
+def git_commit(repo: Path, commit_file: Optional[Path]) -> dict[str, Any]:
+    """The commit the run tested: from ``commit_file`` (written by ``gpu_run.py prep``, as the
+    device's copy of the tree may have no git), else HEAD of ``repo``; None values when neither."""
+    if commit_file is not None:
+        recorded = read_json(commit_file) or {}
+        return {"commit": recorded.get("commit"), "dirty": recorded.get("dirty")}
 
     def git(*args: str) -> Optional[str]:
         try:
@@ -222,29 +283,29 @@ def torch_versions(bench: Optional[dict[str, Any]]) -> dict[str, Optional[str]]:
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "tkpy": None}
 
 
-def slug(text: str) -> str:
-    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown-gpu"
-
-
 # --------------------------------------------------------------------------------------------
 # Summary
 # --------------------------------------------------------------------------------------------
 
 
 def step_status(step: dict[str, Any]) -> str:
-    """passed, failed, "no tests" (pytest selected nothing), timeout or killed.
+    """passed, failed, skipped (no time left), "no tests" (pytest selected nothing), "all skipped"
+    (pytest ran but every test skipped), timeout or killed.
 
     A sanitizer step passes only when its log shows compute-sanitizer's summary with 0 errors.
     """
     rc = step["rc"]
+    if rc is None:
+        return "skipped"
     if rc in _TIMEOUT_RC:
         return _TIMEOUT_RC[rc]
     if rc == 5 and step["kind"] in _PYTEST_KINDS:
-        status = "no tests"
-    else:
-        status = "passed" if rc == 0 else "failed"
-    if step["kind"] == "sanitizer" and status in _OK_STATUSES and step["sanitizer"]["errors"] != 0:
+        return "no tests"
+    status = "passed" if rc == 0 else "failed"
+    tests = step.get("tests")
+    if status == "passed" and tests is not None and tests["passed"] + tests["failed"] + tests["errors"] == 0:
+        return "all skipped"
+    if step["kind"] == "sanitizer" and status == "passed" and step["sanitizer"]["errors"] != 0:
         return "failed"
     return status
 
@@ -259,23 +320,44 @@ def summarize_step(step: dict[str, Any], out: Path) -> dict[str, Any]:
     return step
 
 
-def build_summary(out: Path, repo: Path, now: dt.datetime) -> dict[str, Any]:
+def verdict(run: dict[str, Any], steps: list[dict[str, Any]]) -> list[str]:
+    """Why the run FAILs; empty when it passes."""
+    reasons = []
+    if not steps:
+        reasons.append("no step ran")
+    if not run.get("dry_run") and not run.get("gpu_visible"):
+        reasons.append("torch saw no GPU")
+    for step in steps:
+        if step["kind"] in _GATING_KINDS and step["status"] != "passed":
+            reasons.append(f"step {step['name']}: {step['status']}")
+    if steps and not any(step["tests"] and step["tests"]["passed"] + step["tests"]["failed"] + step["tests"]["errors"]
+                         for step in steps if step["kind"] in _PYTEST_KINDS | {"bench"}):
+        reasons.append("no test ran (every selected test skipped, or none was selected)")
+    return reasons
+
+
+def build_summary(out: Path, repo: Path, commit_file: Optional[Path], now: dt.datetime) -> dict[str, Any]:
     bench = read_json(out / "bench.json")
+    run = read_json(out / "run.json") or {}
     steps = [summarize_step(step, out) for step in read_steps(out / "steps.tsv")]
     recorded_gpu = (bench or {}).get("machine_info", {}).get("tkpy", {}).get("gpu", {})
     gpu = nvml_gpu() or recorded_gpu
-    failed = [s["name"] for s in steps if s["kind"] in _GATING_KINDS and s["status"] not in _OK_STATUSES]
+    reasons = verdict(run, steps)
     return {
         "schema": SCHEMA,
         "date": now.isoformat(timespec="seconds"),
-        **git_commit(repo),
+        "run": run,
+        **git_commit(repo, commit_file),
         "python": platform.python_version(),
         **torch_versions(bench),
         "gpu": gpu,
         "steps": steps,
+        "harness": harness_events(out),
+        "ceilings": read_json(out / "ceilings.json"),
+        "nvml_while_benchmarking": nvml_samples(out / "nvml.tsv"),
         "benchmarks": benchmark_rows(bench),
-        "failed_steps": failed,
-        "ok": bool(steps) and not failed,
+        "fail_reasons": reasons,
+        "ok": not reasons,
     }
 
 
@@ -299,8 +381,6 @@ def _step_notes(step: dict[str, Any]) -> str:
         if "hazards" in san:
             notes.append(f"{san['hazards']} hazards ({san['race_errors']} errors, {san['race_warnings']} warnings)")
     tests = step.get("tests")
-    if tests and tests["total"] and tests["passed"] == 0 and not (tests["failed"] or tests["errors"]):
-        notes.append("nothing ran: every selected test skipped")
     if tests and tests["failed_tests"]:
         notes.append("failed: " + ", ".join(f"`{name}`" for name in tests["failed_tests"][:5]))
     return "; ".join(notes)
@@ -320,40 +400,80 @@ def _gpu_line(gpu: dict[str, Any]) -> str:
     )
 
 
+def _file_table(steps: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "| step | test file | passed | failed | errors | skipped |", "|---|---|--:|--:|--:|--:|"]
+    for step in steps:
+        for name, c in sorted(((step.get("tests") or {}).get("per_file") or {}).items()):
+            lines.append(f"| {step['name']} | {name} | {c['passed']} | {c['failed']} | {c['errors']} | {c['skipped']} |")
+    return lines if len(lines) > 3 else []
+
+
+def _harness_lines(harness: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, title in (("hang", "Hangs"), ("crash", "Crashes"), ("restart", "Worker restarts (broken CUDA context)"),
+                       ("skip-file", "Files given up on")):
+        if harness.get(key):
+            lines.append(f"- {title} ({len(harness[key])}): " + ", ".join(f"`{t}`" for t in harness[key][:10]))
+    if harness.get("failures"):
+        lines += ["", f"Failure signatures ({len(harness['failures'])}; full files under run/failures/):", ""]
+        lines += [f"- `{f['test']}` ({f['kind']}): {f['detail']}" for f in harness["failures"][:60]]
+    return lines
+
+
 def render_markdown(summary: dict[str, Any]) -> str:
     commit = summary["commit"] or "unknown"
+    run = summary.get("run") or {}
+    title = f"{run.get('mode', 'run')}{' (dry run)' if run.get('dry_run') else ''}"
     lines = [
-        f"# tkpy GPU run, {summary['date']}: {'PASS' if summary['ok'] else 'FAIL'}",
+        f"# tkpy GPU {title}, {summary['date']}: {'PASS' if summary['ok'] else 'FAIL'}",
         "",
         f"- commit `{commit}`{' (uncommitted changes)' if summary['dirty'] else ''}",
         f"- torch {summary['torch']}, CUDA {summary['cuda']}, tkpy {summary['tkpy']}, Python {summary['python']}",
         _gpu_line(summary["gpu"]),
+    ]
+    ceilings = summary.get("ceilings")
+    if ceilings:
+        lines.append(f"- measured ceilings: copy {ceilings['copy_gbps']:,.0f} GB/s (read + write), "
+                     f"bf16 8192³ matmul {ceilings['matmul_bf16_8192_tflops']:,.0f} TFLOP/s")
+    nvml = summary.get("nvml_while_benchmarking")
+    if nvml:
+        lines.append(f"- while benchmarking ({nvml['samples']:.0f} samples): SM {nvml['sm_mhz_min']:.0f}-"
+                     f"{nvml['sm_mhz_max']:.0f} MHz, memory {nvml['mem_mhz_min']:.0f}-{nvml['mem_mhz_max']:.0f} MHz, "
+                     f"power {nvml['power_w_min']:.0f}-{nvml['power_w_max']:.0f} W, {nvml['temp_c_max']:.0f} °C max")
+    if summary["fail_reasons"]:
+        lines.append("- FAIL because: " + "; ".join(summary["fail_reasons"]))
+    lines += [
         "",
         "| step | status | rc | seconds | passed | failed | errors | skipped | notes |",
         "|---|---|--:|--:|--:|--:|--:|--:|---|",
     ]
     for step in summary["steps"]:
         tests = step["tests"] or {}
+        notes = "; ".join(n for n in (step.get("note"), _step_notes(step)) if n)
         lines.append(
-            f"| {step['name']} | {step['status']} | {step['rc']} | {step['seconds']:.1f} "
+            f"| {step['name']} | {step['status']} | {_cell(step['rc'])} | {step['seconds']:.1f} "
             f"| {_cell(tests.get('passed'))} | {_cell(tests.get('failed'))} | {_cell(tests.get('errors'))} "
-            f"| {_cell(tests.get('skipped'))} | {_step_notes(step)} |"
+            f"| {_cell(tests.get('skipped'))} | {notes} |"
         )
+    lines += _file_table(summary["steps"])
+    harness = _harness_lines(summary.get("harness") or {})
+    if harness:
+        lines += [""] + harness
     if summary["benchmarks"]:
         lines += [
             "",
-            "| op | case | device | shape | dtype | tkpy | peer | peer value | tkpy / peer |",
-            "|---|---|---|---|---|--:|---|--:|--:|",
+            "| op | case | device | shape | dtype | tkpy | peer | peer value | tkpy / peer | tkpy / each peer |",
+            "|---|---|---|---|---|--:|---|--:|--:|---|",
         ]
         for row in summary["benchmarks"]:
             unit = f" {row['metric']}" if row["metric"] else ""
+            each = ", ".join(f"{name} {_cell(p.get('ratio'), '.2f')}x" if "error" not in p else f"{name}: did not run"
+                             for name, p in row["each_peer"].items())
             lines.append(
                 f"| {row['op']} | {row['case']} | {row['device']} | {row['shape']} | {row['dtype']} "
                 f"| {_cell(row['tkpy'], ',.1f')}{unit} | {row['peer']} | {_cell(row['peer_value'], ',.1f')}{unit} "
-                f"| {_cell(row['ratio'], '.2f')}x |"
+                f"| {_cell(row['ratio'], '.2f')}x | {each} |"
             )
-    if summary["failed_steps"]:
-        lines += ["", f"Failed steps: {', '.join(summary['failed_steps'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -364,20 +484,15 @@ def render_markdown(summary: dict[str, Any]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True,
-                        help="gpu_check.sh's output folder; the summary goes there too")
+    parser.add_argument("--out", type=Path, required=True, help="the gpu_run.py work folder; the summary goes there too")
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent,
                         help="the git checkout whose HEAD is recorded (default: this script's repository)")
+    parser.add_argument("--commit-file", type=Path, help="commit.json from `gpu_run.py prep`, instead of git")
     args = parser.parse_args(argv)
 
-    now = dt.datetime.now(dt.timezone.utc)
-    summary = build_summary(args.out, args.repo, now)
-    stem = f"{now:%Y-%m-%d-%H%M%S}-{slug(summary['gpu'].get('name') or '')}"
-    (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    markdown = render_markdown(summary)
-    (args.out / f"{stem}.md").write_text(markdown)
-    print(markdown)
-    print(f"summary: {args.out / stem}.json and .md")
+    summary = build_summary(args.out, args.repo, args.commit_file, dt.datetime.now(dt.timezone.utc))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.out / "summary.md").write_text(render_markdown(summary))
     return 0 if summary["ok"] else 1
 
 

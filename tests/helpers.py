@@ -1,16 +1,92 @@
 """Shared test helpers: error metrics and random inputs."""
 
+import os
+
 import torch
 
 # Relative-error bounds ‖out − ref‖ / ‖ref‖ of DESIGN.md §7 (fp32 for the CPU path's fp32 math).
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 3e-3}
 
 
+# The last (out, ref) pair given to rel_err, kept only under the GPU run harness
+# (scripts/pytest_gpu_harness.py), which describes it when the test fails.
+LAST_COMPARISON = None
+_UNDER_HARNESS = bool(os.environ.get("TKPY_HARNESS_DIR"))
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if _UNDER_HARNESS:
+        global LAST_COMPARISON
+        LAST_COMPARISON = (out, ref)
     out, ref = out.double(), ref.double()
     if torch.isnan(out).any():
         return float("inf")  # NaN never passes
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# An element counts as wrong in describe_mismatch when it is not finite or off by more than this
+# fraction of |ref| + rms(ref): bf16 rounding stays near 0.4%, real bugs (an unwritten tile, a
+# wrong row) are off by O(100%).
+_WRONG_FRACTION = 0.05
+# Tile sizes whose periodic patterns describe_mismatch looks for: attention's 128-row blocks and
+# 64-row warpgroup tiles, the decode chunk's 16 rows.
+_TILES = (128, 64, 16)
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8" (at most 8 runs, then a count)."""
+    runs, start = [], None
+    for i, value in enumerate(indices):
+        if start is None:
+            start = value
+        if i + 1 == len(indices) or indices[i + 1] != value + 1:
+            runs.append(f"{start}" if start == value else f"{start}-{value}")
+            start = None
+    return ", ".join(runs[:8]) + (f", ... ({len(runs)} runs)" if len(runs) > 8 else "")
+
+
+def _dim_pattern(bad: list[int], size: int) -> str:
+    """Where along one dimension the wrong elements sit: index ranges, and a tile pattern if any."""
+    if len(bad) == size:
+        return "all"
+    text = _ranges(bad)
+    for tile in _TILES:
+        if size <= tile:
+            continue
+        full = size // tile * tile
+        if size % tile and min(bad) >= full:
+            return f"{text} (only the last partial {tile}-tile, {size - full} of {tile})"
+        residues = sorted({i % tile for i in bad})
+        tiles_hit = len({i // tile for i in bad})
+        if len(residues) < tile and tiles_hit > 1:
+            return f"{text} (index mod {tile} in {_ranges(residues)}, in {tiles_hit} of {-(-size // tile)} tiles)"
+    return text
+
+
+def describe_mismatch(out: torch.Tensor, ref: torch.Tensor) -> str:
+    """Where ``out`` differs from ``ref``: the error's size, NaN counts and, per dimension, which
+    indices hold wrong elements ("rows 64-127 of every 128-row tile", "only the last partial tile")."""
+    if out.shape != ref.shape:
+        return f"shape {tuple(out.shape)} vs reference {tuple(ref.shape)}"
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+    diff = (o - r).abs()
+    scale = r.pow(2).mean().sqrt().item() if r.numel() else 0.0
+    wrong = ~torch.isfinite(o) | (diff > _WRONG_FRACTION * (r.abs() + scale))
+    finite = torch.isfinite(diff)
+    lines = [
+        f"shape {tuple(out.shape)} {out.dtype}; rel err {rel_err(out, ref):.3e}; "
+        f"NaN in out {int(torch.isnan(o).sum())}, in ref {int(torch.isnan(r).sum())}",
+        f"max abs err {diff[finite].max().item() if finite.any() else float('nan'):.3e} (rms of ref {scale:.3e}); "
+        f"wrong elements (off by > {_WRONG_FRACTION:.0%} of |ref| + rms, or not finite): "
+        f"{int(wrong.sum())} of {wrong.numel()}",
+    ]
+    if wrong.any():
+        for dim, size in enumerate(out.shape):
+            others = [d for d in range(out.dim()) if d != dim]
+            hit = wrong.any(dim=others) if others else wrong
+            bad = hit.nonzero().flatten().tolist()
+            lines.append(f"dim {dim} (size {size}): {len(bad)} indices hold wrong elements: {_dim_pattern(bad, size)}")
+    return "\n".join(lines)
 
 
 def randn(shape, dtype, generator, device="cpu"):

@@ -730,7 +730,7 @@ def test_decode_refuses_backward():
 @pytest.mark.gpu
 @pytest.mark.sanitizer
 def test_gpu_small_decode_and_append(rng):
-    """A small LServe append + decode with splits (run under compute-sanitizer by scripts/gpu_check.sh)."""
+    """A small LServe append + decode with splits (run under compute-sanitizer by scripts/gpu_run.py check)."""
     dtype, lengths = torch.bfloat16, [70, 130]
     keys = randn((2, 130, 2, 64), dtype, rng)
     values = randn((2, 130, 2, 64), dtype, rng)
