@@ -1,7 +1,9 @@
-// Synchronisation: mbarriers with phase tracking, named barriers, proxy fences and setmaxnreg.
+// Synchronisation: mbarriers with phase tracking (and a deadlock watchdog on waits), named
+// barriers, proxy fences and setmaxnreg.
 #pragma once
 
 #include "../common/base.cuh"
+#include "watchdog.cuh"
 
 namespace tk {
 
@@ -29,18 +31,85 @@ __device__ inline void arrive_expect_tx(barrier& bar, uint32_t bytes) {
                  : "memory");
 }
 
-// Blocks until the phase with this parity has completed. On a fresh barrier, wait(0) blocks and
-// wait(1) passes.
-__device__ inline void wait(barrier& bar, uint32_t parity) {
+// Tests once whether the phase with this parity has completed (try_wait may first suspend the
+// thread for a hardware-defined time).
+__device__ inline bool try_wait(barrier& bar, uint32_t parity) {
+    uint32_t done;
     asm volatile(
         "{\n"
         ".reg .pred done;\n"
-        "wait_loop:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, done;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(smem_addr(&bar)), "r"(parity)
+        : "memory");
+    return done != 0;
+}
+
+namespace detail {
+
+// The retry loops of wait(), each one asm block. Without the watchdog: spin until the phase
+// completes.
+__device__ inline void spin_wait(uint32_t bar, uint32_t parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "spin:\n"
         "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra wait_loop;\n"
-        "}\n" ::"r"(smem_addr(&bar)),
+        "@!done bra spin;\n"
+        "}\n" ::"r"(bar),
         "r"(parity)
         : "memory");
+}
+
+// With it: read the clock once, then trap when a retry finds `budget` cycles gone. The trap in
+// the asm keeps calls and C++ control flow out of the waiting kernels: on an H200 the same loop in
+// C++ with an out-of-line trap left the GEMM and the head-dim-256 attention forward 1-2% slower
+// still, and an inlined __trap() made the latter spill.
+__device__ inline void spin_wait_or_trap(uint32_t bar, uint32_t parity, uint64_t budget) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done, expired;\n"
+        ".reg .u64 start, elapsed;\n"
+        "mov.u64 start, %%clock64;\n"
+        "spin:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@done bra waited;\n"
+        "mov.u64 elapsed, %%clock64;\n"
+        "sub.u64 elapsed, elapsed, start;\n"
+        "setp.gt.u64 expired, elapsed, %2;\n"
+        "@!expired bra spin;\n"
+        "trap;\n"
+        "waited:\n"
+        "}\n" ::"r"(bar),
+        "r"(parity), "l"(budget)
+        : "memory");
+}
+
+}  // namespace detail
+
+// Blocks until the phase with this parity has completed. On a fresh barrier, wait(0) blocks and
+// wait(1) passes. Every mbarrier wait of tk goes through here, with the deadlock watchdog of
+// watchdog.cuh: the first try_wait is the fast path, and only once it fails is the clock read; a
+// wait still spinning TK_WAIT_WATCHDOG_CYCLES later traps. The defaulted arguments name the call
+// site for the watchdog's report (TK_WAIT_WATCHDOG_REPORT); callers never pass them.
+__device__ inline void wait(barrier& bar, uint32_t parity, const char* file = __builtin_FILE(),
+                            int line = __builtin_LINE(), const char* function = __builtin_FUNCTION()) {
+    if (try_wait(bar, parity)) return;
+    constexpr uint64_t budget = TK_WAIT_WATCHDOG_CYCLES;
+    if constexpr (budget == 0) {
+        detail::spin_wait(smem_addr(&bar), parity);
+    } else if constexpr (!TK_WAIT_WATCHDOG_REPORT) {
+        detail::spin_wait_or_trap(smem_addr(&bar), parity, budget);
+    } else {
+        const uint64_t start = clock64();
+        while (!try_wait(bar, parity)) {
+            if (clock64() - start > budget) {
+                detail::report_stuck_wait(smem_addr(&bar), parity, budget, file, line, function);
+            }
+        }
+    }
 }
 
 // A ring position: stage index and the parity of the phase it is in, advanced in lockstep by
