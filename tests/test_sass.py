@@ -31,6 +31,10 @@ class Family:
 
 LOCAL_MEMORY = (r"\bLDL\b", r"\bSTL\b")
 WARP_SPECIALIZED = ("HGMMA", "UTMALDG", "UTMASTG", "USETMAXREG", "SYNCS")
+# tk::wait (include/tk/pipeline/sync.cuh): an mbarrier try-wait, and on its retry path a clock read
+# and, past the cycle budget, the watchdog's trap (watchdog.cuh).
+MBARRIER_TRY_WAIT = r"SYNCS\.PHASECHK\.TRANS64\.TRYWAIT"
+WAIT_WATCHDOG = (r"CS2R R\d+, SR_CLOCKLO", r"BPT\.TRAP")
 FAMILIES = [
     # The warp-specialised wgmma GEMM on tk's pipeline template.
     Family("gemm", r"tk::pipeline::lcf_kernel<tkpy::gemm::GemmLayout<", WARP_SPECIALIZED, LOCAL_MEMORY),
@@ -100,13 +104,19 @@ def sass():
 
 
 @pytest.fixture(scope="module")
-def ptxas_spills():
-    """{demangled kernel name: (spill store bytes, spill load bytes)} from ptxas's report."""
+def ptxas_report():
+    """ptxas's verbose report of every kernel, written by the build."""
     report = Path(_C.ptxas_report)
     assert report.is_file(), f"ptxas report {report} is missing: rebuild tkpy (pip install --no-build-isolation -e .)"
+    return report.read_text()
+
+
+@pytest.fixture(scope="module")
+def ptxas_spills(ptxas_report):
+    """{demangled kernel name: (spill store bytes, spill load bytes)} from ptxas's report."""
     found = re.findall(
         r"Function properties for (\S+)\n\s*\d+ bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
-        report.read_text(),
+        ptxas_report,
     )
     names = demangle([m for m, _, _ in found])
     return {names[m]: (int(st), int(ld)) for m, st, ld in found}
@@ -132,6 +142,24 @@ def test_family_sass(family, sass):
 def test_every_kernel_belongs_to_a_family(sass):
     orphans = [name for name in sass if not any(re.search(f.kernels, name) for f in FAMILIES)]
     assert not orphans, f"kernels without declared SASS checks: {orphans}"
+
+
+def test_every_mbarrier_wait_has_the_watchdog(sass):
+    """Every kernel that waits on an mbarrier reads the clock and can trap: tk::wait's watchdog
+    (TK_WAIT_WATCHDOG_CYCLES) is compiled in wherever a wait is."""
+    waiting = {name: text for name, text in sass.items() if re.search(MBARRIER_TRY_WAIT, text)}
+    assert waiting, "no kernel waits on an mbarrier: was the try-wait renamed in SASS?"
+    for name, text in waiting.items():
+        for pattern in WAIT_WATCHDOG:
+            assert re.search(pattern, text), f"{name}: waits on an mbarrier without the watchdog ({pattern})"
+
+
+def test_no_serialized_wgmma(ptxas_report):
+    """ptxas serialises every wgmma of a kernel that calls into the CUDA runtime (printf, assert)
+    or otherwise breaks the wgmma pipeline, and says so only in its report ("C75xx Potential
+    Performance Loss"). tk::wait's watchdog traps without a call unless TK_WAIT_WATCHDOG_REPORT."""
+    serialized = sorted(set(re.findall(r"wgmma\.mma_async instructions are serialized .*", ptxas_report)))
+    assert not serialized, serialized
 
 
 def test_no_spills(sass, ptxas_spills):
