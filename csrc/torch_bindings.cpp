@@ -72,6 +72,7 @@ TORCH_LIBRARY(tkpy_selftest, m) {
     m.def("tk_register_ops(Tensor x) -> Tensor[]");
     m.def("tk_wgmma(Tensor a, Tensor b, int variant) -> Tensor");
     m.def("tk_warp_mma(Tensor a, Tensor b, int variant, int b_valid_rows=-1) -> Tensor");
+    m.def("tk_stuck_wait(Tensor(a!) reached, bool report) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tkpy_selftest, CompositeExplicitAutograd, m) {
@@ -85,6 +86,7 @@ TORCH_LIBRARY_IMPL(tkpy_selftest, CUDA, m) {
     m.impl("tk_register_ops", &tkpy::ops::tk_register_ops);
     m.impl("tk_wgmma", &tkpy::ops::tk_wgmma);
     m.impl("tk_warp_mma", &tkpy::ops::tk_warp_mma);
+    m.impl("tk_stuck_wait", &tkpy::ops::tk_stuck_wait);
 }
 #endif
 

@@ -44,6 +44,13 @@ FAMILIES = [
     Family("tk selftest: TMA", r"tk_selftest::.*tma_roundtrip_kernel<", ("UTMALDG", "UTMASTG", "UTMAREDG", "SYNCS"), LOCAL_MEMORY),
     Family("tk selftest: wgmma", r"tk_selftest::.*wgmma_kernel<", ("HGMMA", "UTMALDG", "SYNCS"), LOCAL_MEMORY),
     Family("tk selftest: register ops", r"tk_selftest::.*register_ops_kernel", (), LOCAL_MEMORY),
+    # A wait nobody arrives at, as the library builds it: the watchdog's trap, and no call (a call
+    # into the CUDA runtime would serialise a wgmma kernel's wgmma); and with the report
+    # (TK_WAIT_WATCHDOG_REPORT), which prints through the runtime's vprintf.
+    Family("tk selftest: stuck wait", r"tk_selftest::.*stuck_wait_kernel<false>", (MBARRIER_TRY_WAIT, *WAIT_WATCHDOG),
+           (*LOCAL_MEMORY, r"\bCALL\b")),
+    Family("tk selftest: stuck wait, reported", r"tk_selftest::.*stuck_wait_kernel<true>",
+           (MBARRIER_TRY_WAIT, *WAIT_WATCHDOG, r"CALL\.ABS"), LOCAL_MEMORY),
     # The decode kernel's warp-scope path on its own: cp.async (zero-filling) into swizzled tiles,
     # ldmatrix and mma.sync m16n8k16; a · bᵀ with plain ldmatrix, a · b through ldmatrix.trans.
     Family("tk selftest: warp mma, a @ b.T", r"tk_selftest::.*warp_mma_kernel<[^<>]*, false>",

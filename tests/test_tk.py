@@ -1,6 +1,12 @@
 """The tk tile library: its host index math on the CPU, and one self-test kernel per class of
 primitives on the GPU (torch.ops.tkpy_selftest), each against a host reference."""
 
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -241,3 +247,51 @@ def test_warp_mma_rejects_bad_inputs():
     for code, message in cases:
         assert_bad_call_raises(setup, code, message)
     assert_bad_calls_survive(setup, [code for code, _ in cases])
+
+
+# ---- tk::wait's deadlock watchdog (include/tk/pipeline/watchdog.cuh) ---------------------------
+
+STUCK_WAIT_SOURCE = Path(__file__).resolve().parents[1] / "csrc/kernels/tk_selftest/stuck_wait.cuh"
+
+
+def test_stuck_wait_op_is_registered():
+    """Runs without a GPU: the schema is declared, and a CUDA build registers its CUDA kernel."""
+    assert "report" in str(selftest.tk_stuck_wait.default._schema)
+    if tkpy.cuda_compiled():
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("tkpy_selftest::tk_stuck_wait", "CUDA")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("report", [False, True], ids=["default", "report"])
+def test_wait_watchdog_ends_a_deadlock(report):
+    """A wait that no thread arrives at must end its kernel with an error within seconds instead of
+    hanging. The trap leaves the CUDA context unusable, so the kernel runs in a fresh interpreter.
+    As the library builds it, the watchdog traps after 2^33 cycles (about 4 s); built with the
+    report (2^24 cycles), every stuck warp first names the wait's call site, block and barrier."""
+    script = (
+        "import torch, tkpy\n"
+        "reached = torch.zeros(1, dtype=torch.int32, device='cuda')\n"
+        f"torch.ops.tkpy_selftest.tk_stuck_wait(reached, {report})\n"
+        "torch.cuda.synchronize()\n"
+        "print('the wait returned; reached =', reached.item())\n"
+    )
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "the wait returned" not in output, output[-4000:]
+    assert "unspecified launch failure" in output, output[-4000:]
+    assert elapsed < 30, f"the watchdog took {elapsed:.1f} s"
+    if not report:
+        assert elapsed > 2, f"the watchdog fired after {elapsed:.1f} s, well before its 2^33-cycle budget"
+        assert "tk::wait watchdog" not in output
+        return
+    wait_line = next(n for n, text in enumerate(STUCK_WAIT_SOURCE.read_text().splitlines(), 1) if "tk::wait(" in text)
+    reports = re.findall(
+        rf"stuck_wait\.cuh:{wait_line}: in stuck_wait_kernel: tk::wait watchdog: block \((\d), 0, 0\) warp (\d): "
+        r"the mbarrier at shared address 0x[0-9a-f]+ has not completed the phase of parity 0 within 16777216 cycles",
+        output,
+    )
+    assert reports, output[-4000:]
+    # One line per reporting warp (its lowest active lane), never one per thread.
+    assert len(reports) == len(set(reports)) and all(int(b) < 2 and int(w) < 2 for b, w in reports), reports

@@ -63,6 +63,7 @@ void tk_tma_roundtrip(const at::Tensor& x, const at::Tensor& y, const at::Tensor
 std::vector<at::Tensor> tk_register_ops(const at::Tensor& x);
 at::Tensor tk_wgmma(const at::Tensor& a, const at::Tensor& b, int64_t variant);
 at::Tensor tk_warp_mma(const at::Tensor& a, const at::Tensor& b, int64_t variant, int64_t b_valid_rows);
+void tk_stuck_wait(const at::Tensor& reached, bool report);
 at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, bool trans_b);
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                           const std::optional<at::Tensor>& cu_seqlens_q,

@@ -170,6 +170,17 @@ at::Tensor tk_warp_mma(const at::Tensor& a, const at::Tensor& b, int64_t variant
     check_launch(op, tk_selftest::launch_warp_mma(p, c10::cuda::getCurrentCUDAStream()));
     return c;
 }
+
+void tk_stuck_wait(const at::Tensor& reached, bool report) {
+    constexpr const char* op = "tk_stuck_wait";
+    check_cuda_input(op, "reached", reached, at::kInt, 1);
+    TORCH_CHECK(reached.numel() == 1, op, ": expected reached to hold one element, got ", reached.numel());
+    const c10::cuda::CUDAGuard guard(reached.device());
+    tk_selftest::StuckWaitParams p;
+    p.reached = reached.data_ptr<int>();
+    p.report = report;
+    check_launch(op, tk_selftest::launch_stuck_wait(p, c10::cuda::getCurrentCUDAStream()));
+}
 #endif
 
 }  // namespace tkpy::ops

@@ -99,11 +99,25 @@ inline bool warp_mma_supported(DType dtype, int rows, int n, int k) {
            size_ok(n) && size_ok(k);
 }
 
+// Two blocks of two warps wait on an mbarrier that no thread arrives at, so the wait watchdog must
+// end the kernel with a trap; `reached` (one int on the device) is set to 1 if the wait ever
+// returns. report false: the kernel as the library builds by default (trap only, after
+// TK_WAIT_WATCHDOG_CYCLES = 2^33 cycles, about 4 s); true: built with TK_WAIT_WATCHDOG_REPORT and a
+// 2^24-cycle budget, so each stuck warp first prints the wait's call site. The trap leaves the
+// CUDA context unusable: run it in a process of its own.
+struct StuckWaitParams {
+    int* reached = nullptr;
+    bool report = false;
+};
+
 #if defined(TKPY_WITH_CUDA)
 cudaError_t launch_tma_roundtrip(const TmaRoundtripParams& p, cudaStream_t stream);
 cudaError_t launch_register_ops(const RegisterOpsParams& p, cudaStream_t stream);
 cudaError_t launch_wgmma(const WgmmaParams& p, cudaStream_t stream);
 cudaError_t launch_warp_mma(const WarpMmaParams& p, cudaStream_t stream);
+cudaError_t launch_stuck_wait(const StuckWaitParams& p, cudaStream_t stream);
+// The report = true kernel, in its own translation unit (stuck_wait_report.cu).
+cudaError_t launch_stuck_wait_report(int* reached, cudaStream_t stream);
 #endif
 
 }  // namespace tkpy::tk_selftest

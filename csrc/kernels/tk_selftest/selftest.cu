@@ -1,6 +1,7 @@
 // Self-test kernels of the tk tile library (see include/tkpy/tk_selftest.h).
 #include <type_traits>
 
+#include "stuck_wait.cuh"
 #include "tk/tk.cuh"
 #include "tkpy/tk_selftest.h"
 
@@ -238,6 +239,10 @@ cudaError_t launch_wgmma(const WgmmaParams& g, cudaStream_t stream) {
         case 256: return wgmma_variant<tk::bf16, 256, 64>(g, stream);
     }
     return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_stuck_wait(const StuckWaitParams& p, cudaStream_t stream) {
+    return p.report ? launch_stuck_wait_report(p.reached, stream) : launch_stuck_wait_kernel<false>(p.reached, stream);
 }
 
 }  // namespace tkpy::tk_selftest
