@@ -1,7 +1,8 @@
 """Builds tkpy._C with CMake + Ninja (the CMakeExtension/build_ext pattern of vLLM).
 
 CUDA is compiled when torch is a CUDA build and nvcc is found, unless TKPY_DISABLE_CUDA=1.
-Environment knobs: TKPY_DISABLE_CUDA, TKPY_CUDA_ARCHS (default "90a"), MAX_JOBS, CUDA_HOME.
+Environment knobs: TKPY_DISABLE_CUDA, TKPY_CUDA_ARCHS (default "90a"), TKPY_WATCHDOG_REPORT, MAX_JOBS,
+CUDA_HOME.
 """
 
 import os
@@ -73,7 +74,12 @@ class CMakeBuild(build_ext):
         flavour = "cuda" if nvcc else "cpu"
         # One build folder per (flavour, torch, python): switching any of them never reuses a stale
         # CMake cache, and rebuilding the same one is incremental. The ptxas report lives here.
-        build_dir = ROOT / "build" / f"{flavour}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+        # TKPY_WATCHDOG_REPORT=1: every deadlocked mbarrier wait prints where it is stuck before it
+        # traps (include/tk/pipeline/watchdog.cuh); printf serialises wgmma, so such a build is for
+        # locating a deadlock, never for timing, and gets a build folder of its own.
+        report = os.environ.get("TKPY_WATCHDOG_REPORT", "0") not in ("", "0") and nvcc is not None
+        build_dir = ROOT / "build" / (f"{flavour}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+                                      + ("-watchdog-report" if report else ""))
         build_dir.mkdir(parents=True, exist_ok=True)
 
         args = [
@@ -86,7 +92,8 @@ class CMakeBuild(build_ext):
         ]
         if nvcc:
             archs = os.environ.get("TKPY_CUDA_ARCHS", "90a")
-            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DTKPY_CUDA_ARCHS={archs}"]
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DTKPY_CUDA_ARCHS={archs}",
+                     f"-DTKPY_WATCHDOG_REPORT={'ON' if report else 'OFF'}"]
             print(f"tkpy: building CUDA kernels for sm_{archs} with {nvcc}", flush=True)
         else:
             print(f"tkpy: CPU-only build ({why_not})", flush=True)

@@ -104,7 +104,15 @@ PyMODINIT_FUNC PyInit__C() {
 #else
     const long cuda_enabled = 0;
 #endif
+    // A build whose deadlocked waits print their call site (TKPY_WATCHDOG_REPORT=1): its wgmma are
+    // serialised, so gpu_run.py refuses to time it.
+#if defined(TKPY_WATCHDOG_REPORT_BUILD)
+    const long watchdog_report = 1;
+#else
+    const long watchdog_report = 0;
+#endif
     if (PyModule_AddIntConstant(module, "cuda_enabled", cuda_enabled) < 0 ||
+        PyModule_AddIntConstant(module, "watchdog_report", watchdog_report) < 0 ||
         PyModule_AddStringConstant(module, "cuda_archs", TKPY_CUDA_ARCHS) < 0 ||
         PyModule_AddStringConstant(module, "cuda_version", TKPY_CUDA_VERSION) < 0 ||
         PyModule_AddStringConstant(module, "ptxas_report", TKPY_PTXAS_REPORT) < 0) {

@@ -96,6 +96,17 @@ def source_digest(root: Path = REPO) -> str:
     return digest.hexdigest()
 
 
+def watchdog_report() -> bool:
+    """TKPY_WATCHDOG_REPORT=1: build (and carry) tkpy with deadlocked waits printing their call
+    site (setup.py); such a build serialises wgmma and is for locating a deadlock only."""
+    return os.environ.get("TKPY_WATCHDOG_REPORT", "0") not in ("", "0")
+
+
+def extension_stamp() -> str:
+    """What a carried build must match: the sources, and whether it reports from its watchdog."""
+    return f"{source_digest()} {'watchdog-report' if watchdog_report() else 'default'}"
+
+
 def extension_path(python: str) -> Path:
     """python/tkpy/_C<EXT_SUFFIX> for the interpreter ``python``."""
     suffix = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))"],
@@ -120,7 +131,7 @@ def build_dir(python: str) -> Path:
     code = ("import sys, torch; flavour = 'cuda' if torch.version.cuda else 'cpu'; "
             "print(f'{flavour}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}')")
     name = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    return REPO / "build" / name
+    return REPO / "build" / (name + ("-watchdog-report" if watchdog_report() else ""))
 
 
 def prep(args: argparse.Namespace) -> int:
@@ -149,8 +160,10 @@ def prep(args: argparse.Namespace) -> int:
         report = build_dir(args.python) / "ptxas_report.txt"
         if report.is_file():
             shutil.copy2(report, CARRY / "extension" / "ptxas_report.txt")
-        (CARRY / "extension" / "sources.sha256").write_text(commit["sources"] + "\n")
-        print(f"prep: carried extension {so.name} ({so.stat().st_size >> 20} MiB), built from the current sources")
+        (CARRY / "extension" / "stamp.txt").write_text(extension_stamp() + "\n")
+        print(f"prep: carried extension {so.name} ({so.stat().st_size >> 20} MiB), built from the current sources"
+              + (" with the watchdog report on (TKPY_WATCHDOG_REPORT): for locating deadlocks, not for timing"
+                 if watchdog_report() else ""))
     size = sum(p.stat().st_size for p in CARRY.rglob("*") if p.is_file())
     print(f"prep: {CARRY} holds {size / 2**20:.1f} MiB; name .gpu-carry in the device command's carry")
     return 0
@@ -322,14 +335,15 @@ def ensure_extension(run: Run) -> bool:
     carried = next((CARRY / "extension").glob("_C*.so"), None) if (CARRY / "extension").is_dir() else None
     target = extension_path(sys.executable)
     if carried and carried.name == target.name:
-        stamp = (CARRY / "extension" / "sources.sha256").read_text().strip()
-        if stamp == source_digest():
+        stamp_file = CARRY / "extension" / "stamp.txt"
+        if stamp_file.is_file() and stamp_file.read_text().strip() == extension_stamp():
             shutil.copy2(carried, target)
             if (CARRY / "extension" / "ptxas_report.txt").is_file():
                 shutil.copy2(CARRY / "extension" / "ptxas_report.txt", run.work / "ptxas_report.txt")
             print(f"==> carried extension {carried.name} matches the sources", flush=True)
         else:
-            print("==> carried extension was built from other sources: building", flush=True)
+            print("==> carried extension was built from other sources or another watchdog setting: building",
+                  flush=True)
     check = [sys.executable, "-c", "import tkpy, sys; sys.exit(0 if tkpy.cuda_compiled() else 3)"]
     if run.step("import", "build", check, cap=60) == 0:
         return True
@@ -441,7 +455,8 @@ def check(args: argparse.Namespace) -> int:
         threads = str(max(1, (os.cpu_count() or 1) // max(args.workers, 1)))
         env = run.env(TKPY_HARNESS_TIMEOUT=str(args.timeout), OMP_NUM_THREADS=threads)
         files = ordered(tests, TEST_ORDER)
-        run_pytest(run, "gpu-tests", "tests", files, ["-m", "gpu"], cap=args.tests_cap, env=env, workers=args.workers)
+        run_pytest(run, "gpu-tests", "tests", files, ["-m", "gpu", *shlex.split(args.pytest_args)], cap=args.tests_cap,
+                   env=env, workers=args.workers)
         sanitizer = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
         for tool in ("memcheck", "racecheck"):
             # Without torch's caching allocator every tensor is its own cudaMalloc, so memcheck
@@ -474,6 +489,10 @@ print(json.dumps(out)); json.dump(out, open(sys.argv[1], "w"), indent=2)
 
 
 def bench(args: argparse.Namespace) -> int:
+    if watchdog_report():
+        print("gpu_run bench: TKPY_WATCHDOG_REPORT is set, and a build whose waits report serialises every "
+              "wgmma: its timings would not be evidence. Unset it.", file=sys.stderr)
+        return 2
     run = Run(args.out, args.deadline, "bench", args.dry_run)
     probe(run)
     if args.dry_run or ensure_extension(run):
@@ -545,13 +564,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.add_argument("--tests-cap", type=float, default=cap, help=f"seconds for the test step ({cap})")
         p.add_argument("--timeout", type=float, default=60 if name == "check" else 120,
                        help="seconds per test before it counts as a hang")
+        p.add_argument("--dry-run", action="store_true", help="no GPU: a CPU subset and the planted failures")
+        p.add_argument("--pytest-args", default="", help="more pytest arguments for the tests or benchmarks, "
+                                                          "e.g. \"-k 'not runtime'\"")
         if name == "check":
             p.add_argument("--workers", type=int, default=8, help="pytest-xdist workers (8)")
-        p.add_argument("--dry-run", action="store_true", help="no GPU: a CPU subset and the planted failures")
-        if name == "check":
             p.add_argument("--sanitizer-cap", type=float, default=60, help="seconds for each sanitizer step (60)")
-        else:
-            p.add_argument("--pytest-args", default="", help="more pytest arguments, e.g. \"-k 'not runtime'\"")
     args = parser.parse_args(argv)
     return {"prep": prep, "check": check, "bench": bench}[args.command](args)
 

@@ -175,3 +175,12 @@ def test_bench_dry_run_resumes_after_a_hang_and_keeps_every_result(tmp_path):
     cases = {(row["op"], row["case"]) for row in summary["benchmarks"]}
     assert {("planted", "before"), ("planted", "after")} <= cases  # measured before and after the hang
     assert any(op == "gemm" for op, _ in cases)
+
+
+def test_carried_build_stamp_names_the_watchdog_setting_and_bench_refuses_a_reporting_build(monkeypatch, tmp_path):
+    monkeypatch.delenv("TKPY_WATCHDOG_REPORT", raising=False)
+    default = gpu_run.extension_stamp()
+    monkeypatch.setenv("TKPY_WATCHDOG_REPORT", "1")
+    assert gpu_run.extension_stamp() != default and default.split()[0] == gpu_run.extension_stamp().split()[0]
+    assert gpu_run.main(["bench", "--dry-run", "--out", str(tmp_path)]) == 2
+    assert not any(tmp_path.iterdir())  # refused before anything ran

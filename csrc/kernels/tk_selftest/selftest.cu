@@ -242,7 +242,9 @@ cudaError_t launch_wgmma(const WgmmaParams& g, cudaStream_t stream) {
 }
 
 cudaError_t launch_stuck_wait(const StuckWaitParams& p, cudaStream_t stream) {
-    return p.report ? launch_stuck_wait_report(p.reached, stream) : launch_stuck_wait_kernel<false>(p.reached, stream);
+    // The library's own configuration: trap only, unless the whole build reports (TKPY_WATCHDOG_REPORT).
+    return p.report ? launch_stuck_wait_report(p.reached, stream)
+                    : launch_stuck_wait_kernel<bool(TK_WAIT_WATCHDOG_REPORT)>(p.reached, stream);
 }
 
 }  // namespace tkpy::tk_selftest
