@@ -104,13 +104,17 @@ def assert_bad_calls_survive(setup: str, calls) -> None:
     import subprocess
     import sys
 
+    # Each call is announced before it runs, so that a crash names the call that caused it.
     body = "\n".join(
+        f"print('calling: ' + {code!r}, flush=True)\n"
         f"try:\n    {code}\n    print('NO ERROR: ' + {code!r})\nexcept (RuntimeError, ValueError, TypeError):\n    survived += 1"
         for code in calls
     )
     script = setup + "\nsurvived = 0\n" + body + f"\nprint('survived', survived, 'of', {len(calls)})\n"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"interpreter died with {proc.returncode}: {proc.stderr[-2000:]}"
+    announced = [line for line in proc.stdout.splitlines() if line.startswith("calling: ")]
+    assert proc.returncode == 0, (f"interpreter died with {proc.returncode} in "
+                                  f"{announced[-1] if announced else 'the setup'}: {proc.stderr[-2000:]}")
     assert f"survived {len(calls)} of {len(calls)}" in proc.stdout, proc.stdout
 
 
