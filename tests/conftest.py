@@ -1,5 +1,15 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
+
+# The tests run from a checkout whichever tkpy they import (`make test-cpu-only` installs one aside,
+# where tkpy cannot find ../shared itself): point it at the checkout's sibling shared data unless
+# the caller named a folder.
+_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if not os.environ.get("TKPY_SHARED_DATA") and _SHARED_DATA.is_dir():
+    os.environ["TKPY_SHARED_DATA"] = str(_SHARED_DATA)
 
 
 def pytest_collection_modifyitems(config, items):
