@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from harness_files import append_event, failure_header, failure_path, read_events
+
 REPO = Path(__file__).resolve().parents[1]
 CARRY = REPO / ".gpu-carry"  # git-ignored; the device command names it in `carry`
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -114,16 +116,10 @@ def extension_path(python: str) -> Path:
     return REPO / "python" / "tkpy" / f"_C{suffix}"
 
 
-def build_in_place(python: str, log: Optional[Path] = None) -> int:
+def build_in_place(python: str) -> int:
     """``setup.py build_ext --inplace`` with every core; returns its exit code."""
     env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 1)))
-    out = log.open("w") if log else None
-    try:
-        return subprocess.run([python, "setup.py", "build_ext", "--inplace"], cwd=REPO, env=env,
-                              stdout=out, stderr=subprocess.STDOUT if out else None).returncode
-    finally:
-        if out:
-            out.close()
+    return subprocess.run([python, "setup.py", "build_ext", "--inplace"], cwd=REPO, env=env).returncode
 
 
 def build_dir(python: str) -> Path:
@@ -274,8 +270,7 @@ class Run:
     def finish(self) -> int:
         """Summary (printed last), final pack; the exit status is the verdict."""
         self._stop.set()
-        sys.path.insert(0, str(REPO / "scripts"))
-        import summarize_gpu_run
+        import summarize_gpu_run  # beside this script, so on sys.path
 
         commit_file = CARRY / "commit.json"
         status = summarize_gpu_run.main(["--out", str(self.work), "--repo", str(REPO)]
@@ -370,18 +365,6 @@ def pytest_cmd(run: Run, junit: str, files: Sequence[str], *extra: str, workers:
     return cmd
 
 
-def _journal(run: Run) -> list[dict]:
-    path = run.work / "journal.jsonl"
-    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
-    events = []
-    for line in lines:
-        try:
-            events.append(json.loads(line))
-        except ValueError:  # a line cut by a kill
-            continue
-    return events
-
-
 def run_pytest(run: Run, name: str, kind: str, files: Sequence[str], args: Sequence[str], *, cap: float,
                env: dict[str, str], workers: int, wrapper: Sequence[str] = ()) -> None:
     """A pytest step. Under xdist a hang or crash costs one test (the plugin and xdist see to it).
@@ -394,12 +377,12 @@ def run_pytest(run: Run, name: str, kind: str, files: Sequence[str], args: Seque
     started_at = time.monotonic()
     for attempt in range(1, 100):
         step = name if attempt == 1 else f"{name}-{attempt}"
-        seen = len(_journal(run))
+        seen = len(read_events(run.work))
         deselect = [f"--deselect={test}" for test in sorted(finished)]
         extra = [f"--benchmark-json={run.work / f'bench-raw-{attempt}.json'}"] if kind == "bench" else []
         cmd = [*wrapper, *pytest_cmd(run, f"{step}.xml", files, *args, *extra, *deselect, workers=workers)]
         rc = run.step(step, kind, cmd, cap=cap - (time.monotonic() - started_at), junit=f"{step}.xml", env=env)
-        events = _journal(run)[seen:]
+        events = read_events(run.work)[seen:]
         started = {e["test"]: e["t"] for e in events if e["event"] == "start"}
         ended = {e["test"] for e in events if e["event"] == "end"}
         finished |= ended
@@ -409,16 +392,11 @@ def run_pytest(run: Run, name: str, kind: str, files: Sequence[str], args: Seque
         test = died[-1]
         elapsed = time.time() - started[test]
         what = "hang" if elapsed >= 0.9 * timeout else "crash"
-        with (run.work / "journal.jsonl").open("a") as handle:
-            handle.write(json.dumps({"t": round(time.time(), 3), "event": what, "test": test, "worker": "main",
-                                     "seconds": round(elapsed, 1)}) + "\n")
-        (run.work / "failures").mkdir(exist_ok=True)
+        append_event(run.work, what, test=test, worker="main", seconds=round(elapsed, 1))
         headline = (f"HANG: no result after {elapsed:.0f} s (timeout {timeout:.0f} s); stacks in stacks/main.txt"
                     if what == "hang" else f"CRASH: pytest died (exit code {rc}) {elapsed:.1f} s into this test; "
                                            f"see logs/{step}.log and stacks/main.txt")
-        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in test)[:180]
-        (run.work / "failures" / f"{safe}.txt").write_text(f"test: {test}\nkind: {what}\nseed: unknown\n"
-                                                         f"worker: main\n{headline}\n")
+        failure_path(run.work, test).write_text(failure_header(test, what, "unknown", "main", headline))
         finished.add(test)
         print(f"<== [{step}] {what} in {test}; resuming without it", flush=True)
 

@@ -41,6 +41,8 @@ from typing import Callable, Optional
 
 import pytest
 
+from harness_files import append_event, failure_header, failure_path
+
 # Each probe returns None when the process can go on running tests, else why it cannot. The
 # harness's dry run appends a planted probe to show that the worker restart works without a GPU.
 context_probes: list[Callable[[], Optional[str]]] = []
@@ -65,24 +67,8 @@ def _cuda_context_error() -> Optional[str]:
 context_probes.append(_cuda_context_error)
 
 
-def _safe_name(nodeid: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", nodeid)[:180]
-
-
 def _test_file(nodeid: str) -> str:
     return nodeid.split("::", 1)[0]
-
-
-class Journal:
-    """Append-only JSON lines, each fsync'd, so a killed run keeps every line it wrote."""
-
-    def __init__(self, path: Path):
-        self._file = path.open("a", buffering=1)
-
-    def write(self, event: str, **fields) -> None:
-        self._file.write(json.dumps({"t": round(time.time(), 3), "event": event, **fields}) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
 
 
 class Controller:
@@ -91,15 +77,16 @@ class Controller:
     def __init__(self, config: pytest.Config, root: Path, timeout: float):
         self.root = root
         self.timeout = timeout
-        self.journal = Journal(root / "journal.jsonl")
         self.started: dict[str, float] = {}
         self.failed: set[str] = set()
         self.crashes: dict[str, int] = {}
-        (root / "failures").mkdir(exist_ok=True)
+
+    def _event(self, event: str, **fields) -> None:
+        append_event(self.root, event, **fields)
 
     def pytest_runtest_logstart(self, nodeid: str, location) -> None:
         self.started[nodeid] = time.time()
-        self.journal.write("start", test=nodeid)
+        self._event("start", test=nodeid)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         crash = _CRASH.search(str(report.longrepr)) if report.failed and report.when == "???" else None
@@ -109,9 +96,9 @@ class Controller:
             self.failed.add(report.nodeid)
             self._write_failure(report, kind=f"failed in {report.when}")
         elif report.when == "call" or (report.skipped and report.when == "setup"):
-            self.journal.write("end", test=report.nodeid, outcome=report.outcome, seconds=round(report.duration, 3))
+            self._event("end", test=report.nodeid, outcome=report.outcome, seconds=round(report.duration, 3))
         if report.failed and report.when != "???":
-            self.journal.write("end", test=report.nodeid, outcome="failed", when=report.when,
+            self._event("end", test=report.nodeid, outcome="failed", when=report.when,
                                seconds=round(report.duration, 3))
 
     def _crashed(self, report: pytest.TestReport, worker: str) -> None:
@@ -120,7 +107,7 @@ class Controller:
         if report.nodeid in self.failed:
             # The worker left on purpose after this test broke its CUDA context (see Worker).
             kind = "restart"
-        self.journal.write(kind, test=report.nodeid, worker=worker, seconds=round(elapsed, 1))
+        self._event(kind, test=report.nodeid, worker=worker, seconds=round(elapsed, 1))
         if kind == "restart":
             return
         what = (f"HANG: no result after {elapsed:.0f} s (timeout {self.timeout:.0f} s); the stacks of every thread "
@@ -133,17 +120,15 @@ class Controller:
         if self.crashes[path] == _MAX_CRASHES_PER_FILE:
             with (self.root / "skip_files.txt").open("a") as handle:
                 handle.write(path + "\n")
-            self.journal.write("skip-file", file=path, reason=f"{_MAX_CRASHES_PER_FILE} hangs or crashes")
+            self._event("skip-file", file=path, reason=f"{_MAX_CRASHES_PER_FILE} hangs or crashes")
 
     def _write_failure(self, report: pytest.TestReport, kind: str, headline: str = "") -> None:
         sections = "".join(f"\n----- {title} -----\n{text.rstrip()}\n" for title, text in report.sections)
         seed = re.search(r"seed=(\d+)", sections)
-        path = self.root / "failures" / f"{_safe_name(report.nodeid)}.txt"
-        with path.open("a") as handle:
-            handle.write(f"test: {report.nodeid}\nkind: {kind}\nseed: {seed.group(1) if seed else 'none printed'}\n"
-                         f"worker: {getattr(getattr(report, 'node', None), 'gateway', None) and report.node.gateway.id}\n")
-            if headline:
-                handle.write(headline + "\n")
+        worker = getattr(getattr(report, "node", None), "gateway", None)
+        with failure_path(self.root, report.nodeid).open("a") as handle:
+            handle.write(failure_header(report.nodeid, kind, seed.group(1) if seed else "none printed",
+                                        worker.id if worker else "main", headline))
             handle.write(f"\n----- traceback -----\n{report.longreprtext.rstrip()}\n{sections}\n")
 
 

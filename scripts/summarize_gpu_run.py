@@ -37,6 +37,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Optional
 
+from harness_files import read_events
+
 SCHEMA = "tkpy-gpu-run/2"
 # Steps of these kinds run pytest, whose exit code 5 means that no test was selected.
 _PYTEST_KINDS = {"tests", "sanitizer"}
@@ -103,15 +105,9 @@ def harness_events(folder: Path) -> dict[str, Any]:
     """Hangs, crashes, worker restarts and given-up files from the harness journal, and one
     signature per failure file (its kind and the first line that says what went wrong)."""
     events: dict[str, list] = {"hang": [], "crash": [], "restart": [], "skip-file": []}
-    journal = folder / "journal.jsonl"
-    if journal.is_file():
-        for line in journal.read_text(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:  # a line cut by a kill
-                continue
-            if event.get("event") in events:
-                events[event["event"]].append(event.get("test") or event.get("file"))
+    for event in read_events(folder):
+        if event.get("event") in events:
+            events[event["event"]].append(event.get("test") or event.get("file"))
     signatures = []
     for path in sorted((folder / "failures").glob("*.txt")) if (folder / "failures").is_dir() else []:
         text = path.read_text(errors="replace")
