@@ -8,6 +8,7 @@ varlen with uneven and empty sequences, GQA, head dims, the Block-Sparse-Attenti
 bad input. GPU only: poisoned outputs, large shapes, determinism, CUDA graphs.
 """
 
+import functools
 import inspect
 import itertools
 import math
@@ -56,8 +57,21 @@ def sparse_reference(q, k, v, cu_q, cu_k, types, info, mask, causal, exact):
     )
 
 
+def packed_lse(lse, cu_q, max_q):
+    """Block-Sparse-Attention's lse ``[B, Hq, max_seqlen_q]`` -> ``[Hq, total_q]`` like the reference's,
+    after checking the layout: its rows past each sequence's end are -inf."""
+    starts = cu_q.tolist()
+    assert lse.dim() == 3 and tuple(lse.shape[::2]) == (len(starts) - 1, max_q), tuple(lse.shape)
+    rows = []
+    for b in range(len(starts) - 1):
+        length = starts[b + 1] - starts[b]
+        assert torch.isneginf(lse[b, :, length:]).all(), f"sequence {b}: lse past its {length} rows is not -inf"
+        rows.append(lse[b, :, :length])
+    return torch.cat(rows, dim=1)
+
+
 def run_block_sparse(q, k, v, cu_q, cu_k, types, info, mask, max_q, max_k, causal, exact):
-    """block_sparse_attn_func on poisoned memory (GPU) -> (out, lse)."""
+    """block_sparse_attn_func on poisoned memory (GPU) -> (out, lse ``[Hq, total_q]``)."""
     if q.is_cuda:
         poison_cuda_allocator()
     out, lse, probs = block_sparse_attn_func(
@@ -65,7 +79,7 @@ def run_block_sparse(q, k, v, cu_q, cu_k, types, info, mask, max_q, max_k, causa
         is_causal=causal, exact_streaming=exact, return_attn_probs=True,
     )
     assert probs is None and out.device == q.device and lse.device == q.device
-    return out, lse
+    return out, packed_lse(lse, cu_q, max_q)
 
 
 def check_same_attention(out, lse, other_out, other_lse, dtype):
@@ -77,23 +91,97 @@ def check_same_attention(out, lse, other_out, other_lse, dtype):
 # The reference itself
 
 
-def visible_by_definition(i, j, seqlen_q, seqlen_k, head_type, sink, local, block_on, is_causal, exact_streaming):
-    """DESIGN.md §4's masks for one (query, key) pair, restated with scalars."""
+def ceil_div(x, y):
+    """C++'s ``(x + y - 1) / y`` on ints, truncating toward zero, as cute::ceil_div computes it."""
+    return math.trunc((x + y - 1) / y)
+
+
+@functools.lru_cache(maxsize=None)
+def peer_streaming_blocks(row_block, seqlen_q, seqlen_k, sink, local, is_causal, exact_streaming):
+    """The key blocks that Block-Sparse-Attention visits for a streaming head's 128-row block, restated
+    step by step from its kernel (flash_blockmask.h fwdStreaming / fwdExactStreaming, with the
+    n_block_max of flash_fwd_kernel.h): the iterator walks down from ``start`` through ``local``
+    blocks, then the ``sink`` blocks down to 0, or through every block below ``start`` when the two
+    meet; the kernel visits the steps below ``n_block_max``."""
+    n_block_max = ceil_div(seqlen_k, BLOCK)
+    if is_causal:
+        n_block_max = min(n_block_max, ceil_div((row_block + 1) * BLOCK + seqlen_k - seqlen_q, BLOCK))
+        start_row = max(math.trunc((seqlen_q - seqlen_k) / BLOCK), 0)
+        start = ceil_div(max(seqlen_k - seqlen_q, 0), BLOCK) + 1 + row_block - start_row
+    else:
+        start = n_block_max
+    if exact_streaming:  # tokens: the sink's blocks, and the local window's plus two
+        sink, local = ceil_div(sink, BLOCK), ceil_div(local, BLOCK) + 2
+    no_gap = start < sink + local
+    visited = set()
+    for step in range(min(sink + local, start)):
+        block = start - 1 - step if no_gap or step < local else sink - 1 - (step - local)
+        if 0 <= block < n_block_max:
+            visited.add(block)
+    return frozenset(visited)
+
+
+def visible_in_the_peer(i, j, seqlen_q, seqlen_k, head_type, sink, local, block_on, is_causal, exact_streaming):
+    """Whether Block-Sparse-Attention lets query i see key j: the visited blocks, then the
+    token-level masks (causal; for exact streaming also the sink and the local window)."""
     diagonal = i + seqlen_k - seqlen_q
-    if head_type == -1:
-        if j > diagonal:
-            return False
-        if exact_streaming:
-            return j < sink or j > diagonal - local
-        end = math.ceil(max(seqlen_k - seqlen_q, 0) / BLOCK) + 1 + i // BLOCK
-        return j // BLOCK < sink or end - local <= j // BLOCK < end
     if is_causal and j > diagonal:
         return False
-    return head_type == 0 or bool(block_on[i // BLOCK, j // BLOCK])
+    if head_type == 0:
+        return True
+    if head_type == 1:
+        return bool(block_on[i // BLOCK, j // BLOCK])
+    if j // BLOCK not in peer_streaming_blocks(i // BLOCK, seqlen_q, seqlen_k, sink, local, is_causal, exact_streaming):
+        return False
+    return not exact_streaming or j < sink or j >= diagonal - (local - 1)
+
+
+def peer_streaming_mask(seqlen_q, seqlen_k, sink, local, is_causal, exact_streaming):
+    """bool ``[Sq, Sk]`` from :func:`visible_in_the_peer`, one row block at a time."""
+    i = torch.arange(seqlen_q)[:, None]
+    j = torch.arange(seqlen_k)[None, :]
+    diagonal = i + seqlen_k - seqlen_q
+    blocks_of_row = torch.zeros(seqlen_q, blocks(seqlen_k), dtype=torch.bool)
+    for row_block in range(blocks(seqlen_q)):
+        for block in peer_streaming_blocks(row_block, seqlen_q, seqlen_k, sink, local, is_causal, exact_streaming):
+            blocks_of_row[row_block * BLOCK:(row_block + 1) * BLOCK, block] = True
+    visible = blocks_of_row[:, j[0] // BLOCK]
+    if is_causal:
+        visible &= j <= diagonal
+    if exact_streaming:
+        visible &= (j < sink) | (j >= diagonal - (local - 1))
+    return visible
+
+
+# Lengths on both sides of the 128-token block edges, and sequences with no tokens.
+EDGE_LENGTHS = [0, 1, 5, 127, 128, 129, 200, 256, 257, 300, 513]
+
+
+@pytest.mark.parametrize("mode", ["block_causal", "block_full", "exact_causal"])
+def test_reference_masks_are_block_sparse_attentions(mode):
+    """reference.block_sparse_mask (closed form) == the peer's iterators, step by step, for every
+    pair of edge lengths (Sq = Sk, Sq < Sk and Sq > Sk) and small sink and local windows."""
+    is_causal, exact = mode != "block_full", mode == "exact_causal"
+    windows = [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (2, 1), (1, 3), (3, 0)]
+    if exact:
+        windows = [(0, 1), (1, 0), (4, 16), (0, 129), (130, 3), (5, 200), (0, 0), (2, 256)]
+    for seqlen_q, seqlen_k, (sink, local) in itertools.product(EDGE_LENGTHS, EDGE_LENGTHS, windows):
+        expected = peer_streaming_mask(seqlen_q, seqlen_k, sink, local, is_causal, exact)
+        mask = reference.block_sparse_mask(seqlen_q, seqlen_k, -1, sink, local, None, is_causal, exact)
+        assert torch.equal(mask, expected), (
+            f"Sq={seqlen_q} Sk={seqlen_k} sink={sink} local={local}: rows "
+            f"{(mask != expected).any(dim=1).nonzero().flatten().tolist()[:10]} differ"
+        )
+
+
+def test_reference_refuses_exact_streaming_without_causal():
+    with pytest.raises(ValueError, match="exact_streaming requires is_causal"):
+        reference.block_sparse_mask(4, 4, -1, 1, 1, None, False, True)
 
 
 def block_sparse_by_loops(q, k, v, lens_q, lens_k, types, pairs, mask, is_causal, exact_streaming, scale):
-    """A second oracle for the reference: one (query, head) at a time over the list of its keys."""
+    """A second oracle for the reference: one (query, head) at a time over the list of keys that
+    Block-Sparse-Attention's iterators and masks let it see."""
     heads_q, heads_kv = q.shape[1], k.shape[1]
     sparse_column = list(itertools.accumulate(int(t == 1) for t in types))  # 1-based where type is 1
     out = torch.zeros(q.shape, dtype=torch.float64)
@@ -104,7 +192,7 @@ def block_sparse_by_loops(q, k, v, lens_q, lens_k, types, pairs, mask, is_causal
             block_on = mask[b, sparse_column[h] - 1] if types[h] == 1 else None
             keys = [
                 j for j in range(seqlen_k)
-                if visible_by_definition(i, j, seqlen_q, seqlen_k, types[h], *pairs[h], block_on, is_causal, exact_streaming)
+                if visible_in_the_peer(i, j, seqlen_q, seqlen_k, types[h], *pairs[h], block_on, is_causal, exact_streaming)
             ]
             if not keys:
                 continue
@@ -120,9 +208,12 @@ def block_sparse_by_loops(q, k, v, lens_q, lens_k, types, pairs, mask, is_causal
 # (lens_q, lens_k, types, (sink, local) per head, is_causal, exact_streaming); head dim 8, 2 kv heads
 LOOP_CASES = {
     "square_block_streaming": ([5, 0, 260], [7, 3, 260], [1, -1, 0, -1], [(0, 0), (1, 1), (0, 0), (0, 2)], True, False),
-    "sq_lt_sk_block_streaming": ([5, 140], [7, 300], [-1, 1, -1, 0], [(0, 1), (0, 0), (1, 0), (0, 0)], False, False),
+    "square_block_streaming_full": ([5, 0, 400], [7, 3, 400], [-1, 1, 0, -1], [(1, 1), (0, 0), (0, 0), (0, 2)], False, False),
+    "sq_lt_sk_block_streaming": ([5, 140], [7, 300], [-1, 1, -1, 0], [(0, 1), (0, 0), (1, 0), (0, 0)], True, False),
+    "sq_lt_sk_block_streaming_full": ([5, 140], [7, 300], [-1, 1, -1, 0], [(0, 1), (0, 0), (1, 0), (0, 0)], False, False),
     "sq_gt_sk_block_streaming": ([300, 1], [130, 0], [-1, -1, 1, 0], [(1, 1), (0, 2), (0, 0), (0, 0)], True, False),
-    "sq_lt_sk_exact": ([5, 140], [7, 300], [-1, 1, -1, 0], [(3, 5), (0, 0), (0, 1), (0, 0)], False, True),
+    "sq_gt_sk_block_streaming_full": ([300, 1], [130, 0], [-1, -1, 1, 0], [(1, 1), (0, 1), (0, 0), (0, 0)], False, False),
+    "sq_lt_sk_exact": ([5, 140], [7, 300], [-1, 1, -1, 0], [(3, 5), (0, 0), (0, 1), (0, 0)], True, True),
     "sq_gt_sk_exact": ([300, 1], [130, 0], [0, -1, 1, -1], [(0, 0), (130, 0), (0, 0), (2, 40)], True, True),
 }
 
@@ -140,22 +231,33 @@ def test_reference_agrees_with_a_loop(case, rng):
     torch.testing.assert_close(lse, expected_lse, rtol=1e-12, atol=1e-12)
 
 
-# Worked by hand from DESIGN.md §4: (Sq, Sk, exact_streaming, sink, local, {query row: keys it sees}).
+# Worked by hand from DESIGN.md §4 (Block-Sparse-Attention's masks):
+# (Sq, Sk, is_causal, exact_streaming, sink, local, {query row: keys it sees}).
 KNOWN_COUNTS = {
-    "exact_square": (10, 10, True, 2, 3, {0: 1, 1: 2, 3: 4, 4: 5, 9: 5}),
-    "exact_diagonal_only": (10, 10, True, 0, 1, {0: 1, 9: 1}),
-    "exact_sink_only": (10, 10, True, 3, 0, {0: 1, 2: 3, 9: 3}),
-    "exact_nothing": (10, 10, True, 0, 0, {0: 0, 9: 0}),
-    "exact_sq_lt_sk": (4, 10, True, 2, 3, {0: 5, 3: 5}),
-    "exact_sq_gt_sk": (10, 4, True, 1, 2, {0: 0, 5: 0, 6: 1, 7: 2, 9: 3}),
-    "block_square_local2": (300, 300, False, 0, 2, {0: 1, 200: 201, 299: 172}),
-    "block_square_sink_only": (300, 300, False, 1, 0, {5: 6, 299: 128}),
-    "block_sq_lt_sk": (200, 300, False, 1, 1, {0: 101, 127: 228, 128: 128, 199: 172}),
-    "block_sq_lt_sk_by_256": (44, 300, False, 0, 1, {0: 1, 43: 44}),
-    "block_sq_lt_sk_by_129_local1": (171, 300, False, 0, 1, {0: 0, 127: 1, 128: 0, 170: 0}),
-    "block_sq_lt_sk_by_129_local2": (171, 300, False, 0, 2, {0: 2, 170: 44}),
-    "block_sq_gt_sk_local1": (300, 130, False, 0, 1, {0: 0, 255: 0, 299: 0}),
-    "block_sq_gt_sk_sink1": (300, 130, False, 1, 1, {169: 0, 170: 1, 299: 128}),
+    "exact_square": (10, 10, True, True, 2, 3, {0: 1, 1: 2, 3: 4, 4: 5, 9: 5}),
+    "exact_diagonal_only": (10, 10, True, True, 0, 1, {0: 1, 9: 1}),
+    "exact_sink_only": (10, 10, True, True, 3, 0, {0: 1, 2: 3, 9: 3}),
+    "exact_nothing": (10, 10, True, True, 0, 0, {0: 0, 9: 0}),
+    "exact_sq_lt_sk": (4, 10, True, True, 2, 3, {0: 5, 3: 5}),
+    "exact_sq_gt_sk": (10, 4, True, True, 1, 2, {0: 0, 5: 0, 6: 1, 7: 2, 9: 3}),
+    "block_square_local2": (300, 300, True, False, 0, 2, {0: 1, 200: 201, 299: 172}),
+    "block_square_sink_only": (300, 300, True, False, 1, 0, {5: 6, 299: 128}),
+    "block_sq_lt_sk": (200, 300, True, False, 1, 1, {0: 101, 127: 228, 128: 128, 199: 172}),
+    "block_sq_lt_sk_by_256": (44, 300, True, False, 0, 1, {0: 1, 43: 44}),
+    # the window of row block 1 ends at m = 4, past the last key block (2): it sees nothing
+    "block_sq_lt_sk_by_129_local1": (171, 300, True, False, 0, 1, {0: 0, 127: 1, 128: 0, 170: 0}),
+    "block_sq_lt_sk_by_129_local2": (171, 300, True, False, 0, 2, {0: 2, 170: 44}),
+    # Sq > Sk by one block: row block 1 ends its window at m = 1, on key block 0
+    "block_sq_gt_sk_by_128": (256, 128, True, False, 0, 1, {0: 0, 127: 0, 128: 1, 200: 73, 255: 128}),
+    "block_sq_gt_sk_local1": (300, 130, True, False, 0, 1, {0: 0, 169: 0, 170: 1, 255: 86, 256: 0, 299: 2}),
+    "block_sq_gt_sk_sink1": (300, 130, True, False, 1, 1, {169: 0, 170: 1, 255: 86, 299: 130}),
+    # not causal: every row sees the sink and the last `local` of ceil(Sk/128) key blocks
+    "block_full_peer_grid": (256, 256, False, False, 1, 3, {0: 256, 255: 256}),
+    "block_full_square": (700, 700, False, False, 1, 2, {0: 316, 350: 316, 699: 316}),
+    "block_full_sink_only": (300, 300, False, False, 2, 0, {0: 256, 299: 256}),
+    "block_full_nothing": (300, 300, False, False, 0, 0, {0: 0, 299: 0}),
+    "block_full_sq_lt_sk": (200, 700, False, False, 0, 1, {0: 60, 199: 60}),
+    "block_full_sq_gt_sk": (700, 130, False, False, 0, 1, {0: 2, 699: 2}),
 }
 
 
@@ -163,20 +265,51 @@ KNOWN_COUNTS = {
 @pytest.mark.parametrize("case", KNOWN_COUNTS)
 def test_streaming_masks_worked_by_hand(device, case, rng):
     """With q = 0 every visible key scores 0, so lse is log(number of visible keys)."""
-    seqlen_q, seqlen_k, exact, sink, local, counts = KNOWN_COUNTS[case]
+    seqlen_q, seqlen_k, causal, exact, sink, local, counts = KNOWN_COUNTS[case]
     q, k, v, cu_q, cu_k = packed_inputs([seqlen_q], [seqlen_k], 2, 1, 64, torch.bfloat16, rng, device or "cpu")
     q.zero_()
-    types = int32([-1, 0], q.device)  # head 1, dense and not causal, sees every key
+    types = int32([-1, 0], q.device)  # head 1 is dense, causal or not as the call says
     info = streaming_info([(sink, local), (0, 0)], q.device)
     if device is None:
-        out, lse = reference.block_sparse_attention(q, k, v, cu_q, cu_k, types, info, None, False, exact)
+        out, lse = reference.block_sparse_attention(q, k, v, cu_q, cu_k, types, info, None, causal, exact)
     else:
-        out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, None, seqlen_q, seqlen_k, False, exact)
-        check_attention(out, lse, *sparse_reference(q, k, v, cu_q, cu_k, types, info, None, False, exact), torch.bfloat16)
+        out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, None, seqlen_q, seqlen_k, causal, exact)
+        check_attention(out, lse, *sparse_reference(q, k, v, cu_q, cu_k, types, info, None, causal, exact), torch.bfloat16)
     lse = lse.double().cpu()
     seen = {row: 0 if math.isinf(lse[0, row]) else round(math.exp(lse[0, row])) for row in counts}
     assert seen == counts
-    torch.testing.assert_close(lse[1], torch.full((seqlen_q,), math.log(seqlen_k), dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    rows = torch.arange(seqlen_q, dtype=torch.float64)
+    dense_counts = (rows + seqlen_k - seqlen_q + 1).clamp(0, seqlen_k) if causal else torch.full_like(rows, seqlen_k)
+    torch.testing.assert_close(lse[1], dense_counts.log(), rtol=1e-6, atol=1e-6)
+
+
+# Block-Sparse-Attention's own test grid (block_sparse_tests/fwd/test_correctness/full_test.py):
+# its (Sq, Sk) pairs up to 512 and its (is_causal, exact_streaming, sink, local) modes.
+PEER_SHAPES = [(113, 203), (128, 217), (108, 256), (256, 512), (512, 256), (256, 256)]
+PEER_MODES = {
+    "causal_exact_1_3": (True, True, 1, 3),
+    "causal_exact_64_256": (True, True, 64, 256),
+    "causal_blocks_1_3": (True, False, 1, 3),
+    "full_blocks_1_3": (False, False, 1, 3),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", PEER_MODES)
+@pytest.mark.parametrize("seqlen_q,seqlen_k", PEER_SHAPES, ids=[f"{q}x{k}" for q, k in PEER_SHAPES])
+def test_block_sparse_attentions_test_grid(device, mode, seqlen_q, seqlen_k, rng):
+    """Its head mix (dense, block-sparse, streaming thirds), batch 2 with padded lengths a little
+    under the maximum, against the reference (which test_reference_masks_are_block_sparse_attentions
+    holds to the peer's iterators)."""
+    causal, exact, sink, local = PEER_MODES[mode]
+    lens_q = [seqlen_q, seqlen_q - int(torch.randint(0, 20, (1,), generator=rng))]
+    lens_k = [seqlen_k - int(torch.randint(0, 20, (1,), generator=rng)), seqlen_k]
+    q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, 6, 2, 64, torch.bfloat16, rng, device)
+    types = int32([0, 0, 1, 1, -1, -1], device)
+    info = streaming_info([(sink, local)] * 6, device)
+    mask = random_blockmask(2, 2, seqlen_q, seqlen_k, 0.3, rng, device)
+    out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, mask, seqlen_q, seqlen_k, causal, exact)
+    check_attention(out, lse, *sparse_reference(q, k, v, cu_q, cu_k, types, info, mask, causal, exact), torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,17 +345,25 @@ def test_every_block_on_equals_dense(device, causal, shape, rng):
     check_same_attention(out, lse, dense_out, dense_lse, dtype)
 
 
-def covering_pairs(lens_q, lens_k, exact):
-    """(sink, local) pairs, one per head of 4, that each reach every causal key of every sequence.
+def window_end_of_last_row_block(seqlen_q, seqlen_k, causal):
+    """Where block streaming's local window of a sequence's last row block ends (DESIGN.md §4's m)."""
+    if not causal:
+        return blocks(seqlen_k)
+    return blocks(max(seqlen_k - seqlen_q, 0)) + blocks(seqlen_q) - max(seqlen_q - seqlen_k, 0) // BLOCK
+
+
+def covering_pairs(lens_q, lens_k, exact, causal):
+    """(sink, local) pairs, one per head of 4, that each reach every key the mask allows.
 
     Exact streaming counts tokens: sink + local >= Sk suffices. Block streaming counts blocks and
-    row block i ends its window at m = ceil(max(Sk-Sq, 0)/128) + 1 + i, which can pass the last key
-    block when Sq != Sk: sink + local >= m for every row block is what covers it.
+    reaches every key once sink + local >= m of the last row block. Not causal, m = ceil(Sk/128);
+    causal, m can pass the last key block when the last row block is partial (the window sits
+    where a full 128-row block's last diagonal falls).
     """
     if exact:
         n = max(lens_k)
     else:
-        n = max(blocks(max(sk - sq, 0)) + blocks(sq) for sq, sk in zip(lens_q, lens_k))
+        n = max(window_end_of_last_row_block(sq, sk, causal) for sq, sk in zip(lens_q, lens_k))
     return [(0, n), (n, 0), (1, n - 1), (n + 5, n + 5)]
 
 
@@ -236,10 +377,11 @@ STREAMING_APIS = ["block_sparse_exact", "block_sparse_blocks", "token_streaming"
 
 
 def run_streaming_api(api, q, k, v, cu_q, cu_k, types, info, mask, max_q, max_k, causal):
-    """One of the three public functions, as `api` names it -> (out, lse)."""
+    """One of the three public functions, as `api` names it -> (out, lse ``[Hq, total_q]``)."""
     if q.is_cuda:
         poison_cuda_allocator()
     if api == "token_streaming":
+        assert causal, "token_streaming_attn_func is causal"
         out, lse, _ = token_streaming_attn_func(q, k, v, cu_q, cu_k, types, info, max_q, max_k, return_attn_probs=True)
     elif api == "block_streaming":
         out, lse, _ = block_streaming_attn_func(
@@ -250,49 +392,87 @@ def run_streaming_api(api, q, k, v, cu_q, cu_k, types, info, mask, max_q, max_k,
             q, k, v, cu_q, cu_k, types, info, mask, max_q, max_k, 0.0,
             is_causal=causal, exact_streaming=api == "block_sparse_exact", return_attn_probs=True,
         )
-    return out, lse
+    return out, packed_lse(lse, cu_q, max_q)
 
 
 def is_exact(api):
     return api in ("block_sparse_exact", "token_streaming")
 
 
+# (api, is_causal): exact streaming is causal only
+STREAMING_MODES = [(api, causal) for api in STREAMING_APIS for causal in (True, False) if causal or not is_exact(api)]
+STREAMING_MODE_IDS = [f"{api}-{'causal' if causal else 'full'}" for api, causal in STREAMING_MODES]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("api", STREAMING_APIS)
+@pytest.mark.parametrize("api,causal", STREAMING_MODES, ids=STREAMING_MODE_IDS)
 @pytest.mark.parametrize("shape", COVERING_SHAPES)
-def test_streaming_that_covers_every_key_equals_dense_causal(device, api, shape, rng):
+def test_streaming_that_covers_every_key_equals_dense(device, api, causal, shape, rng):
     lens_q, lens_k = COVERING_SHAPES[shape]
     max_q, max_k = max(lens_q), max(lens_k)
     dtype = torch.bfloat16 if is_exact(api) else torch.float16
     q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, 4, 2, 64, dtype, rng, device)
     types = int32([-1] * 4, device)
-    info = streaming_info(covering_pairs(lens_q, lens_k, is_exact(api)), device)
+    info = streaming_info(covering_pairs(lens_q, lens_k, is_exact(api), causal), device)
 
-    dense_ref = reference.attention(q.cpu(), k.cpu(), v.cpu(), True, cu_seqlens_q=cu_q.cpu(), cu_seqlens_k=cu_k.cpu())
-    sparse_ref = sparse_reference(q, k, v, cu_q, cu_k, types, info, None, False, is_exact(api))
+    dense_ref = reference.attention(q.cpu(), k.cpu(), v.cpu(), causal, cu_seqlens_q=cu_q.cpu(), cu_seqlens_k=cu_k.cpu())
+    sparse_ref = sparse_reference(q, k, v, cu_q, cu_k, types, info, None, causal, is_exact(api))
     torch.testing.assert_close(sparse_ref, dense_ref, rtol=1e-12, atol=1e-12)
 
-    # is_causal=False: streaming heads are causal regardless
-    out, lse = run_streaming_api(api, q, k, v, cu_q, cu_k, types, info, None, max_q, max_k, False)
+    out, lse = run_streaming_api(api, q, k, v, cu_q, cu_k, types, info, None, max_q, max_k, causal)
     check_attention(out, lse, *dense_ref, dtype)
-    dense_out, dense_lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, return_attn_probs=True)
+    dense_out, dense_lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, return_attn_probs=True)
     check_same_attention(out, lse, dense_out, dense_lse, dtype)
 
 
-def test_block_streaming_at_exactly_the_key_blocks_equals_dense_causal(rng):
-    """With Sq == Sk, sink + local == ceil(Sk/128) blocks is the least that covers every key."""
-    lens = [300, 129, 1]
-    q, k, v, cu_q, cu_k = packed_inputs(lens, lens, 4, 2, 64, torch.bfloat16, rng, "cpu")
+# (lens_q, lens_k) whose last row blocks end their causal windows on the last key block, so that
+# sink + local = ceil(Sk/128) blocks covers every key in both causal modes
+KEY_BLOCK_SHAPES = {
+    "square": ([300, 129, 1], [300, 129, 1]),
+    "sq_lt_sk": ([100, 44], [390, 300]),
+    "sq_gt_sk": ([300, 256], [130, 128]),
+}
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", KEY_BLOCK_SHAPES)
+def test_block_streaming_over_as_many_blocks_as_keys_equals_dense(causal, shape, rng):
+    """sink + local = ceil(Sk/128) key blocks (the longest sequence's) is dense; one block fewer
+    leaves keys out of the longest sequence's rows."""
+    lens_q, lens_k = KEY_BLOCK_SHAPES[shape]
+    q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, 4, 2, 64, torch.bfloat16, rng, "cpu")
     types = int32([-1] * 4, "cpu")
-    info = streaming_info([(0, 3), (3, 0), (1, 2), (2, 1)], "cpu")
-    out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, None, 300, 300, False, False)
-    check_attention(out, lse, *reference.attention(q, k, v, True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k), torch.bfloat16)
-    # one block fewer leaves keys out of the last row block (rows 256..299 of the first sequence)
-    info = streaming_info([(0, 2), (2, 0), (1, 1), (1, 1)], "cpu")
+    n = blocks(max(lens_k))
+    assert all(window_end_of_last_row_block(sq, sk, causal) <= n for sq, sk in zip(lens_q, lens_k))
+    dense_out, dense_lse = reference.attention(q, k, v, causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    info = streaming_info([(0, n), (n, 0), (1, n - 1), (n - 1, 1)], "cpu")
+    out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, None, max(lens_q), max(lens_k), causal, False)
+    check_attention(out, lse, dense_out, dense_lse, torch.bfloat16)
+
+    fewer = [(0, n - 1), (n - 1, 0), (1, n - 2), (n - 2, 1)]
+    info = streaming_info(fewer, "cpu")
+    out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, None, max(lens_q), max(lens_k), causal, False)
+    check_attention(out, lse, *sparse_reference(q, k, v, cu_q, cu_k, types, info, None, causal, False), torch.bfloat16)
+    seqlen_q, seqlen_k = lens_q[0], lens_k[0]  # the first sequence has the most key blocks
+    dense_mask = reference.block_sparse_mask(seqlen_q, seqlen_k, 0, 0, 0, None, causal, False)
+    for sink, local in fewer:
+        mask = reference.block_sparse_mask(seqlen_q, seqlen_k, -1, sink, local, None, causal, False)
+        assert (dense_mask & ~mask).any(), f"(sink, local) = ({sink}, {local}) still sees every key"
+
+
+def test_causal_block_window_can_end_past_the_last_key_block(rng):
+    """Block-Sparse-Attention places a causal row block's window as if the block had all 128 rows:
+    with Sq = 171, Sk = 300 (3 key blocks), row block 1 ends its window at m = 4, so sink + local =
+    3 blocks misses key block 0 for rows 128..170, while rows 0..127 see every key."""
+    q, k, v, cu_q, cu_k = packed_inputs([171], [300], 2, 1, 64, torch.bfloat16, rng, "cpu")
+    types = int32([-1, -1], "cpu")
+    info = streaming_info([(0, 3), (1, 2)], "cpu")
+    out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, None, 171, 300, True, False)
+    check_attention(out, lse, *sparse_reference(q, k, v, cu_q, cu_k, types, info, None, True, False), torch.bfloat16)
     dense_out = reference.attention(q, k, v, True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)[0]
-    out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, None, 300, 300, False, False)
-    assert all(rel_err(out[256:300, h], dense_out[256:300, h]) > 0.1 for h in range(4))
-    check_attention(out, lse, *sparse_reference(q, k, v, cu_q, cu_k, types, info, None, False, False), torch.bfloat16)
+    for h in range(2):
+        assert rel_err(out[:128, h], dense_out[:128, h]) < REL_TOL[torch.bfloat16]
+        assert rel_err(out[128:, h], dense_out[128:, h]) > 0.05
 
 
 # Head types besides the head under test, in head order.
@@ -349,15 +529,14 @@ STREAMING_TYPES = [-1, -1, -1, 0, -1, -1, -1, -1]  # one dense head rides along
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("api", STREAMING_APIS)
+@pytest.mark.parametrize("api,causal", STREAMING_MODES, ids=STREAMING_MODE_IDS)
 @pytest.mark.parametrize("shape", STREAMING_SHAPES)
-def test_streaming_matches_its_mask(device, api, shape, rng):
+def test_streaming_matches_its_mask(device, api, causal, shape, rng):
     lens_q, lens_k = STREAMING_SHAPES[shape]
     dtype = torch.float16 if api in ("block_sparse_exact", "block_streaming") else torch.bfloat16
     q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, 8, 2, 64, dtype, rng, device)
     types = int32(STREAMING_TYPES, device)
     info = streaming_info(SMALL_PAIRS[is_exact(api)], device)
-    causal = True if api == "token_streaming" else shape != "sq_lt_sk"  # the dense head: causal or not
     ref = sparse_reference(q, k, v, cu_q, cu_k, types, info, None, causal, is_exact(api))
     out, lse = run_streaming_api(api, q, k, v, cu_q, cu_k, types, info, None, max(lens_q), max(lens_k), causal)
     check_attention(out, lse, *ref, dtype)
@@ -442,7 +621,7 @@ def test_softmax_scale(device, rng):
     out, lse, _ = block_sparse_attn_func(
         q, k, v, cu_q, cu_k, types, info, mask, 200, 200, 0.0, softmax_scale=0.3, is_causal=True, return_attn_probs=True
     )
-    check_attention(out, lse, *ref, torch.float16)
+    check_attention(out, packed_lse(lse, cu_q, 200), *ref, torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,7 +680,8 @@ def test_return_attn_probs_false_gives_the_tensor_and_true_the_triple(device, rn
         triple = call(return_attn_probs=True)
         assert isinstance(triple, tuple) and len(triple) == 3 and triple[2] is None, name
         assert torch.equal(triple[0], out), name
-        assert triple[1].shape == (4, 133) and triple[1].dtype == torch.float32, name
+        # Block-Sparse-Attention's lse layout: [B, Hq, max_seqlen_q]
+        assert triple[1].shape == (3, 4, 130) and triple[1].dtype == torch.float32, name
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -524,7 +704,7 @@ def test_positional_arguments_in_block_sparse_attentions_order(device, rng):
     ref = reference.block_sparse_attention(
         q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), types.cpu(), info.cpu(), mask.cpu(), True, True, 0.3
     )
-    check_attention(out, lse, *ref, torch.bfloat16)
+    check_attention(out, packed_lse(lse, cu_q, 140), *ref, torch.bfloat16)
 
     out, lse, _ = block_streaming_attn_func(
         q, k, v, cu_q, cu_k, streaming_types, info_blocks, 140, 170, 0.0, True, 0.3, False, True
@@ -537,13 +717,13 @@ def test_positional_arguments_in_block_sparse_attentions_order(device, rng):
     ref = reference.block_sparse_attention(
         q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), streaming_types.cpu(), info_blocks.cpu(), None, False, False, 0.3
     )
-    check_attention(out, lse, *ref, torch.bfloat16)
+    check_attention(out, packed_lse(lse, cu_q, 140), *ref, torch.bfloat16)
 
     out, lse, _ = token_streaming_attn_func(q, k, v, cu_q, cu_k, streaming_types, info, 140, 170, True, 0.3, True)
     ref = reference.block_sparse_attention(
         q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), streaming_types.cpu(), info.cpu(), None, True, True, 0.3
     )
-    check_attention(out, lse, *ref, torch.bfloat16)
+    check_attention(out, packed_lse(lse, cu_q, 140), *ref, torch.bfloat16)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -675,6 +855,7 @@ BAD_CALLS = [
     ("sparse(streaming_info=torch.tensor([1, 2, 1, -1, 1, 2, 1, 2], dtype=torch.int32))", "streaming_info .*must be >= 0"),
     ("sparse(streaming_info=info.long())", "streaming_info to be a contiguous int32 vector"),
     ("sparse(p_dropout=0.1)", "p_dropout=0.1 is not implemented"),
+    ("sparse(is_causal=False, exact_streaming=True)", "exact_streaming=True requires is_causal=True"),
     ("sparse(cu_seqlens_q=None)", "cu_seqlens_q and cu_seqlens_k must be int32 Tensors"),
     ("sparse(cu_seqlens_k=None)", "cu_seqlens_q and cu_seqlens_k must be int32 Tensors"),
     ("sparse(cu_seqlens_q=torch.tensor([0, 5, 11], dtype=torch.int32))", "cu_seqlens_q must start at 0.*end at (the packed length )?12"),

@@ -164,6 +164,9 @@ Prepared prepare_sparse(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         bool exact_streaming) {
     Prepared prep = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, -1,
                             is_causal ? 0 : -1, 0.0);
+    TORCH_CHECK(is_causal || !exact_streaming, kSparseOp,
+                ": exact_streaming=True requires is_causal=True (token streaming is causal; Block-Sparse-Attention "
+                "refuses it too)");
     const int64_t heads = q.size(1);
     check_int32_vector("head_mask_type", head_mask_type, q, heads);
     check_int32_vector("streaming_info", streaming_info, q, 2 * heads);

@@ -17,7 +17,8 @@ import torch
 from . import _ops  # noqa: F401  (registers torch.ops.tkpy)
 from .attention import _check_cu_seqlens
 
-__all__ = ["block_sparse_attn_func", "block_streaming_attn_func", "token_streaming_attn_func", "block_lists", "plan"]
+__all__ = ["block_sparse_attn_func", "block_streaming_attn_func", "token_streaming_attn_func", "block_lists", "plan",
+           "lse_per_sequence"]
 
 BLOCK = 128
 
@@ -111,7 +112,26 @@ def _run(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info
         q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, sparse_index,
         indices, counts, int(max_seqlen_q), int(max_seqlen_k), scale, bool(is_causal), bool(exact_streaming),
     )
-    return (out, lse, None) if return_attn_probs else out
+    return (out, lse_per_sequence(lse, cu_seqlens_q, int(max_seqlen_q)), None) if return_attn_probs else out
+
+
+def lse_per_sequence(lse: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int) -> torch.Tensor:
+    """Packed ``[Hq, total_q]`` -> Block-Sparse-Attention's ``[B, Hq, max_seqlen_q]``, with device ops
+    only (no host sync). Rows past a sequence's end are -inf; a token that cu_seqlens_q places
+    outside ``[B, max_seqlen_q)`` (bad cu_seqlens while checks are off) is dropped, never written
+    out of bounds."""
+    heads, total = lse.shape
+    batch = cu_seqlens_q.numel() - 1
+    token = torch.arange(total, dtype=cu_seqlens_q.dtype, device=lse.device)
+    seq = torch.searchsorted(cu_seqlens_q[1:].contiguous(), token, right=True).clamp(max=max(batch - 1, 0))
+    row = (token - cu_seqlens_q[seq]).long()
+    inside = (row >= 0) & (row < max_seqlen_q) & (token < cu_seqlens_q[-1])
+    head = torch.arange(heads, device=lse.device)[:, None]
+    slot = (seq[None, :] * heads + head) * max_seqlen_q + row[None, :]  # [Hq, total_q]
+    spill = batch * heads * max_seqlen_q  # one extra element takes the dropped tokens
+    padded = lse.new_full((spill + 1,), float("-inf"))
+    padded.scatter_(0, torch.where(inside[None, :], slot, spill).flatten(), lse.flatten())
+    return padded[:spill].view(batch, heads, max_seqlen_q)
 
 
 def block_sparse_attn_func(
@@ -153,13 +173,18 @@ def block_sparse_attn_func(
     softmax_scale : float, optional
         Default ``1 / sqrt(D)``.
     is_causal : bool
-        Bottom-right causal mask for dense and block-sparse heads (streaming heads are always causal).
+        Bottom-right causal mask (key j visible to query i only if ``j <= i + Sk - Sq``) for every
+        head type, streaming heads included.
     exact_streaming : bool
-        Streaming heads see keys ``j <= i + Sk - Sq`` with ``j < sink`` or ``j >= i + Sk - Sq - (local - 1)``
-        (tokens); otherwise row block i sees key blocks ``[0, sink) u [m - local, m)``,
-        ``m = ceil(max(Sk - Sq, 0) / 128) + 1 + i``, ANDed with the causal mask.
+        Requires ``is_causal``. Streaming heads see keys ``j <= i + Sk - Sq`` with ``j < sink`` or
+        ``j >= i + Sk - Sq - (local - 1)`` (tokens). Otherwise (block streaming) row block i sees
+        key blocks ``[0, sink) u [m - local, m)``: with ``is_causal``,
+        ``m = ceil(max(Sk - Sq, 0) / 128) + 1 + i - floor(max(Sq - Sk, 0) / 128)``, ANDed with the
+        causal mask; without it, ``m = ceil(Sk / 128)`` for every row (the sink and the last
+        ``local`` key blocks), keys past Sk masked.
     return_attn_probs : bool
-        Also return ``softmax_lse`` (fp32 ``[Hq, total_q]``) and None.
+        Also return ``softmax_lse``, fp32 ``[B, Hq, max_seqlen_q_]`` as Block-Sparse-Attention lays
+        it out (natural log; -inf where a row sees no key and past each sequence's end), and None.
     """
     return _run("block_sparse_attn_func", q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
                 base_blockmask, max_seqlen_q_, max_seqlen_k_, p_dropout, softmax_scale, is_causal, exact_streaming,
@@ -183,7 +208,8 @@ def block_streaming_attn_func(
     return_attn_probs=False,
 ):
     """Dense (type 0) and block-streaming (type -1) heads; ``streaming_info`` in 128-token blocks.
-    Arguments as in :func:`block_sparse_attn_func`."""
+    Causal by default; ``is_causal=False`` gives every row the sink and the last ``local`` key
+    blocks. Arguments as in :func:`block_sparse_attn_func`."""
     return _run("block_streaming_attn_func", q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
                 None, max_seqlen_q, max_seqlen_k, p_dropout, softmax_scale, is_causal, False, return_attn_probs,
                 allowed_types={-1, 0})

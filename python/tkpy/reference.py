@@ -162,19 +162,26 @@ def attention(
 SPARSE_BLOCK = 128  # the token size of Block-Sparse-Attention's mask blocks and streaming blocks
 
 
-def _block_sparse_head_mask(seqlen_q, seqlen_k, head_type, sink, local, blockmask, is_causal, exact_streaming, device):
-    """bool ``[Sq, Sk]``: which keys each query of one (sequence, head) sees, straight from the definitions."""
+def block_sparse_mask(seqlen_q, seqlen_k, head_type, sink, local, blockmask, is_causal, exact_streaming, device="cpu"):
+    """bool ``[Sq, Sk]``: which keys each query of one (sequence, head) sees, straight from the
+    definitions that :func:`block_sparse_attention` lists. ``blockmask`` is the head's bool
+    ``[QB, KB]`` for block-sparse heads, else unused."""
+    if exact_streaming and not is_causal:
+        raise ValueError("exact_streaming requires is_causal (as in Block-Sparse-Attention)")
     i = torch.arange(seqlen_q, device=device)[:, None]
     j = torch.arange(seqlen_k, device=device)[None, :]
     diagonal = i + seqlen_k - seqlen_q  # bottom-right aligned
-    causal = j <= diagonal
-    if head_type == -1:  # streaming heads are causal whatever is_causal says
-        if exact_streaming:  # sink and local count tokens; the local window holds the query itself
-            return causal & ((j < sink) | (j >= diagonal - (local - 1)))
+    visible = j <= diagonal if is_causal else torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if head_type == -1:
+        if exact_streaming:  # tokens; the local window holds the query itself
+            return visible & ((j < sink) | (j >= diagonal - (local - 1)))
         row_block, key_block = i // SPARSE_BLOCK, j // SPARSE_BLOCK
-        end = math.ceil(max(seqlen_k - seqlen_q, 0) / SPARSE_BLOCK) + 1 + row_block
-        return causal & ((key_block < sink) | ((key_block >= end - local) & (key_block < end)))
-    visible = causal if is_causal else torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+        if is_causal:  # the window ends on the block of the row block's (full, 128-row) last diagonal
+            end = (math.ceil(max(seqlen_k - seqlen_q, 0) / SPARSE_BLOCK) + 1 + row_block
+                   - max(seqlen_q - seqlen_k, 0) // SPARSE_BLOCK)
+        else:  # the last `local` key blocks of the sequence, for every row
+            end = math.ceil(seqlen_k / SPARSE_BLOCK)
+        return visible & ((key_block < sink) | ((key_block >= end - local) & (key_block < end)))
     if head_type == 1:
         visible = visible & blockmask[i // SPARSE_BLOCK, j // SPARSE_BLOCK]
     return visible
@@ -210,12 +217,14 @@ def block_sparse_attention(
     ``base_blockmask`` bool ``[B, n_block_sparse_heads, QB, KB]`` -> out ``[Tq, Hq, D]``, lse
     ``[Hq, Tq]``, both float64. Positions count from each sequence's start; with ``diag = i+Sk-Sq``:
 
-    - dense heads see ``j <= diag`` if ``is_causal``, else every key;
+    - every head type sees only ``j <= diag`` if ``is_causal``;
+    - dense heads see every other key;
     - the n-th block-sparse head (1-based, in head order) sees the 128×128 blocks that
-      ``base_blockmask[b, n-1]`` marks, ANDed with the causal mask if ``is_causal``;
-    - streaming heads are always causal. With ``exact_streaming`` they see ``j < sink`` or
-      ``j >= diag-(local-1)`` (tokens); otherwise row block ``i`` sees key blocks
-      ``[0, sink) ∪ [m-local, m)``, ``m = ceil(max(Sk-Sq, 0)/128)+1+i`` (blocks).
+      ``base_blockmask[b, n-1]`` marks;
+    - streaming heads, with ``exact_streaming`` (which requires ``is_causal``), see ``j < sink`` or
+      ``j >= diag-(local-1)`` (tokens). Otherwise row block ``i`` sees key blocks
+      ``[0, sink) ∪ [m-local, m)``, with ``m = ceil(max(Sk-Sq, 0)/128) + 1 + i - floor(max(Sq-Sk, 0)/128)``
+      if ``is_causal`` and ``m = ceil(Sk/128)`` (every row) if not.
 
     Query head h reads kv head ``h // (Hq/Hkv)``. A row that sees no key gives out 0, lse -inf.
     """
@@ -238,7 +247,7 @@ def block_sparse_attention(
         q0, q1 = starts_q[b], starts_q[b + 1]
         k0, k1 = starts_k[b], starts_k[b + 1]
         visible = torch.stack([
-            _block_sparse_head_mask(
+            block_sparse_mask(
                 q1 - q0, k1 - k0, types[h], sizes[2 * h], sizes[2 * h + 1],
                 base_blockmask[b, sparse_column[h]].to(q.device) if types[h] == 1 else None, is_causal,
                 exact_streaming, q.device,

@@ -26,17 +26,23 @@ struct SparseHeads {
     int n_sparse;
     int mask_q_blocks;  // QB = ceil(max_seqlen_q / 128)
     int mask_k_blocks;  // KB = ceil(max_seqlen_k / 128)
-    bool causal;           // dense and block-sparse heads: bottom-right causal
-    bool exact_streaming;  // streaming_info in tokens (exact mask) rather than 128-token blocks
+    bool causal;           // every head type: bottom-right causal (the call's is_causal)
+    bool exact_streaming;  // streaming_info in tokens (exact mask), not 128-token blocks; needs causal
 };
 
-TKPY_HD int ceil_blocks(int tokens) { return (tokens + kSparseBlock - 1) / kSparseBlock; }
+// Written so that no intermediate overflows for any tokens >= 0.
+TKPY_HD int ceil_blocks(int tokens) { return tokens / kSparseBlock + (tokens % kSparseBlock != 0); }
 
 TKPY_HD int diagonal(int i, int sq, int sk) { return i + sk - sq; }
 
+// The first key of the exact local window of a query on `diag`: diag - (local - 1), or 0 when that
+// is not positive (which also keeps a huge `local` from overflowing).
+TKPY_HD int local_window_start(int diag, int local) { return local - 1 >= diag ? 0 : diag - (local - 1); }
+
 // The keys query i (of a sequence with sq queries, sk keys) sees, given its head type: at most two
-// ranges. Block selection is the plan's job; this is the token-level part: causality, lengths and,
-// for exact streaming heads, the sink and the local window (which includes the query's own position).
+// ranges. Block selection is the plan's job; this is the token-level part: causality (the call's
+// is_causal, for every head type), lengths and, for exact streaming heads, the sink and the local
+// window (which includes the query's own position).
 struct KeyRanges {
     Range a;
     Range b;
@@ -45,12 +51,10 @@ struct KeyRanges {
 };
 
 TKPY_HD KeyRanges sparse_visible_keys(int i, int sq, int sk, int32_t type, int sink, int local, const SparseHeads& h) {
-    const int diag = diagonal(i, sq, sk);
-    const bool causal = type == kStreamingHead || h.causal;
-    const Range all = visible_keys(i, sq, sk, -1, causal ? 0 : -1);
+    const Range all = visible_keys(i, sq, sk, -1, h.causal ? 0 : -1);
     if (type != kStreamingHead || !h.exact_streaming) return KeyRanges{all, Range{0, 0}};
     const Range sink_keys{all.lo, sink < all.hi ? sink : all.hi};
-    const int local_lo = diag - (local - 1);
+    const int local_lo = local_window_start(diagonal(i, sq, sk), local);
     return KeyRanges{sink_keys, Range{local_lo > all.lo ? local_lo : all.lo, all.hi}};
 }
 
@@ -98,28 +102,39 @@ TKPY_HD bool sparse_tile_fully_visible(int q0, int rows, int k0, int cols, int s
                                        int local, const SparseHeads& h) {
     if (q0 + rows > sq || k0 + cols > sk) return false;
     const int last_key = k0 + cols - 1;
-    const bool causal = type == kStreamingHead || h.causal;
-    if (causal && last_key > diagonal(q0, sq, sk)) return false;  // the first row sees the least
+    if (h.causal && last_key > diagonal(q0, sq, sk)) return false;  // the first row sees the least
     if (type != kStreamingHead || !h.exact_streaming) return true;
-    return last_key < sink || k0 >= diagonal(q0 + rows - 1, sq, sk) - (local - 1);
+    return last_key < sink || k0 >= local_window_start(diagonal(q0 + rows - 1, sq, sk), local);
 }
 
-// Block streaming: row block i sees [0, sink) u [m - local, m) with m = ceil(max(sk - sq, 0) / 128) + 1 + i.
-// Exact streaming: the blocks holding keys [0, sink) and [diag(q0) - (local - 1), diag(q1 - 1)].
-TKPY_HD KeyBlockPlan streaming_plan(int qb, int sq, int sk, int sink, int local, bool exact) {
-    const Range reach = reachable_blocks(qb, sq, sk, /*causal=*/true);
+// One past the last key block of block streaming's local window for row block qb
+// (Block-Sparse-Attention's fwdStreaming). Causal: m = ceil(max(sk - sq, 0) / 128) + 1 + qb -
+// floor(max(sq - sk, 0) / 128), the block after the one holding the diagonal of the row block's
+// last row counted as if the block had all 128 rows; m <= 0 where no row of the block sees a key.
+// Not causal: m = ceil(sk / 128), the same for every row block.
+TKPY_HD int streaming_window_end(int qb, int sq, int sk, bool causal) {
+    if (!causal) return ceil_blocks(sk);
+    const int behind = sk > sq ? ceil_blocks(sk - sq) : 0;
+    const int ahead = sq > sk ? (sq - sk) / kSparseBlock : 0;
+    return behind + 1 + qb - ahead;
+}
+
+// Block streaming: row block qb sees [0, sink) u [m - local, m) with m = streaming_window_end.
+// Exact streaming (causal): the blocks holding keys [0, sink) and [diag(q0) - (local - 1),
+// diag(q1 - 1)]. Both are clamped to the blocks the token-level rules can reach.
+TKPY_HD KeyBlockPlan streaming_plan(int qb, int sq, int sk, int sink, int local, bool causal, bool exact) {
+    const Range reach = reachable_blocks(qb, sq, sk, causal);
     Range first, second;
     if (exact) {
         const int q0 = qb * kSparseBlock;
         const int q1 = (q0 + kSparseBlock < sq ? q0 + kSparseBlock : sq) - 1;
         first = Range{0, ceil_blocks(sink)};
-        const int local_lo = diagonal(q0, sq, sk) - (local - 1);
-        second = Range{local_lo < 0 ? 0 : local_lo / kSparseBlock, diagonal(q1, sq, sk) / kSparseBlock + 1};
+        const int local_lo = local_window_start(diagonal(q0, sq, sk), local);
+        second = Range{local_lo / kSparseBlock, diagonal(q1, sq, sk) / kSparseBlock + 1};
     } else {
-        const int shift = sk - sq > 0 ? sk - sq : 0;
-        const int m = ceil_blocks(shift) + 1 + qb;
+        const int m = streaming_window_end(qb, sq, sk, causal);
         first = Range{0, sink};
-        second = Range{m - local, m};
+        second = Range{local >= m ? 0 : m - local, m};
     }
     first = clamp(first, reach);
     second = clamp(second, reach);
@@ -133,7 +148,7 @@ TKPY_HD KeyBlockPlan sparse_plan(const SparseHeads& heads, int b, int h, int qb,
     const int32_t type = heads.head_mask_type[h];
     if (type == kStreamingHead) {
         return streaming_plan(qb, sq, sk, heads.streaming_info[2 * h], heads.streaming_info[2 * h + 1],
-                              heads.exact_streaming);
+                              heads.causal, heads.exact_streaming);
     }
     const Range reach = reachable_blocks(qb, sq, sk, heads.causal);
     if (type == kBlockSparseHead) {
