@@ -37,6 +37,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -250,22 +251,25 @@ class Run:
     def pack(self) -> None:
         """work/ -> OUT/run.tgz, atomically; files over 4 MiB go in as their head and tail."""
         tmp = self.out / "run.tgz.tmp"
-        with self._lock, tarfile.open(tmp, "w:gz") as tar:
-            for path in sorted(self.work.rglob("*")):
-                if not path.is_file():
-                    continue
-                name = f"run/{path.relative_to(self.work)}"
-                try:
-                    data = path.read_bytes()
-                except OSError:
-                    continue
-                if len(data) > MAX_PACKED_FILE:
-                    cut = f"\n\n[... {len(data) - MAX_PACKED_FILE} bytes cut by the harness ...]\n\n".encode()
-                    data = data[: MAX_PACKED_FILE // 4] + cut + data[-(MAX_PACKED_FILE * 3 // 4):]
-                member = tarfile.TarInfo(name)
-                member.size, member.mtime = len(data), int(path.stat().st_mtime)
-                tar.addfile(member, io.BytesIO(data))
-        os.replace(tmp, self.out / "run.tgz")
+        # The periodic packer and finish() both pack: the rename stays under the lock, or one could
+        # move the other's half-written file into place.
+        with self._lock:
+            with tarfile.open(tmp, "w:gz") as tar:
+                for path in sorted(self.work.rglob("*")):
+                    if not path.is_file():
+                        continue
+                    name = f"run/{path.relative_to(self.work)}"
+                    try:
+                        data = path.read_bytes()
+                    except OSError:
+                        continue
+                    if len(data) > MAX_PACKED_FILE:
+                        cut = f"\n\n[... {len(data) - MAX_PACKED_FILE} bytes cut by the harness ...]\n\n".encode()
+                        data = data[: MAX_PACKED_FILE // 4] + cut + data[-(MAX_PACKED_FILE * 3 // 4):]
+                    member = tarfile.TarInfo(name)
+                    member.size, member.mtime = len(data), int(path.stat().st_mtime)
+                    tar.addfile(member, io.BytesIO(data))
+            os.replace(tmp, self.out / "run.tgz")
 
     def finish(self) -> int:
         """Summary (printed last), final pack; the exit status is the verdict."""
@@ -273,8 +277,13 @@ class Run:
         import summarize_gpu_run  # beside this script, so on sys.path
 
         commit_file = CARRY / "commit.json"
-        status = summarize_gpu_run.main(["--out", str(self.work), "--repo", str(REPO)]
-                                        + (["--commit-file", str(commit_file)] if commit_file.is_file() else []))
+        try:
+            status = summarize_gpu_run.main(["--out", str(self.work), "--repo", str(REPO)]
+                                            + (["--commit-file", str(commit_file)] if commit_file.is_file() else []))
+        except Exception:  # the run's files matter more than its summary: pack them all the same
+            (self.work / "summary-error.txt").write_text(traceback.format_exc())
+            print(traceback.format_exc(), flush=True)
+            status = 1
         summary = self.work / "summary.md"
         if summary.is_file():
             shutil.copy2(summary, self.out / "summary.md")

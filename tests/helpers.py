@@ -4,6 +4,8 @@ import os
 
 import torch
 
+import tkpy
+
 # Relative-error bounds ‖out − ref‖ / ‖ref‖ of DESIGN.md §7 (fp32 for the CPU path's fp32 math).
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 3e-3}
 
@@ -96,6 +98,9 @@ def randn(shape, dtype, generator, device="cpu"):
 
 # What a rejected call may raise (NotImplementedError is a RuntimeError).
 BAD_CALL_ERRORS = (RuntimeError, ValueError, TypeError)
+# What tkpy's Python API raises for a refused call: tkpy.ArgumentError (both a ValueError and a
+# RuntimeError), TypeError for an argument of the wrong Python type, NotImplementedError.
+API_REFUSALS = (tkpy.ArgumentError, TypeError, NotImplementedError)
 
 
 def assert_bad_calls_survive(setup: str, calls) -> None:
@@ -129,11 +134,11 @@ def poison_cuda_allocator() -> None:
     del small, large
 
 
-def assert_bad_call_raises(setup: str, code: str, message: str) -> None:
-    """Run `setup`, then `code`, which must raise one of BAD_CALL_ERRORS matching `message`."""
+def assert_bad_call_raises(setup: str, code: str, message: str, errors=API_REFUSALS) -> None:
+    """Run `setup`, then `code`, which must raise one of `errors` matching `message`."""
     import pytest
 
     env = {}
     exec(setup, env)
-    with pytest.raises(BAD_CALL_ERRORS, match=message):
+    with pytest.raises(errors, match=message):
         exec(code, env)

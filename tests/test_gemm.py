@@ -89,7 +89,7 @@ BAD_CALLS = [
 def test_gemm_bad_input_raises_clear_error(code, message):
     a = torch.randn(24, 32).bfloat16()
     b = torch.randn(32, 40).bfloat16()
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(tkpy.ArgumentError, match=message):
         eval(code, {"tkpy": tkpy, "torch": torch, "a": a, "b": b})
 
 

@@ -177,6 +177,30 @@ def test_bench_dry_run_resumes_after_a_hang_and_keeps_every_result(tmp_path):
     assert any(op == "gemm" for op, _ in cases)
 
 
+def test_a_case_without_pytest_benchmark_stats_keeps_its_row(tmp_path):
+    """The harness plugin saves a case's extra_info with no median when pytest-benchmark did not time
+    it (seen when the bench's first step was cut short): the summary keeps the row, never crashes."""
+    bench = {"benchmarks": [{"name": "test_x", "stats": {"median": None},
+                             "extra_info": {"op": "gemm", "case": "c", "metric": "TFLOP/s", "tkpy_tflops": 1.0}},
+                            {"name": "test_y", "stats": {"median": 2e-6}, "extra_info": {"op": "gemm", "case": "d"}}]}
+    rows = summarize_gpu_run.benchmark_rows(bench)
+    assert [(r["case"], r["tkpy"], r["pytest_benchmark_median_us"]) for r in rows] == [("c", 1.0, None), ("d", None, 2.0)]
+
+
+def test_a_summary_that_fails_still_leaves_the_packed_files(monkeypatch, tmp_path):
+    run = gpu_run.Run(tmp_path / "out", 60, "check", dry_run=True)
+    (run.work / "logs" / "step.log").write_text("evidence")
+
+    def broken(argv):
+        raise TypeError("planted summary failure")
+
+    monkeypatch.setattr(summarize_gpu_run, "main", broken)
+    assert run.finish() == 1
+    unpacked = unpack(tmp_path / "out", tmp_path / "unpacked")
+    assert (unpacked / "logs" / "step.log").read_text() == "evidence"
+    assert "planted summary failure" in (unpacked / "summary-error.txt").read_text()
+
+
 def test_carried_build_stamp_names_the_watchdog_setting_and_bench_refuses_a_reporting_build(monkeypatch, tmp_path):
     monkeypatch.delenv("TKPY_WATCHDOG_REPORT", raising=False)
     default = gpu_run.extension_stamp()

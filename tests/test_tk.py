@@ -13,7 +13,7 @@ import torch
 import tkpy  # noqa: F401  (loads torch.ops.tkpy_selftest)
 from tkpy import reference
 
-from helpers import REL_TOL, assert_bad_call_raises, assert_bad_calls_survive, poison_cuda_allocator, randn, rel_err
+from helpers import BAD_CALL_ERRORS, REL_TOL, assert_bad_call_raises, assert_bad_calls_survive, poison_cuda_allocator, randn, rel_err
 
 selftest = torch.ops.tkpy_selftest
 
@@ -248,7 +248,7 @@ def test_warp_mma_rejects_bad_inputs():
     # test process itself, and the subprocess names the call that crashes.
     assert_bad_calls_survive(setup, [code for code, _ in cases])
     for code, message in cases:
-        assert_bad_call_raises(setup, code, message)
+        assert_bad_call_raises(setup, code, message, errors=BAD_CALL_ERRORS)
 
 
 # ---- tk::wait's deadlock watchdog (include/tk/pipeline/watchdog.cuh) ---------------------------

@@ -63,8 +63,8 @@ void rope_1d_typed(const rope::Rope1dParams& p) {
             p.positions_int64
                 ? detail::rope_position(static_cast<const int64_t*>(p.positions), p.positions_batch_stride, b, s, p.table_rows)
                 : detail::rope_position(static_cast<const int32_t*>(p.positions), p.positions_batch_stride, b, s, p.table_rows);
-        TORCH_CHECK(pos >= 0, "apply_rope_: position of token (batch ", b, ", seq ", s,
-                    ") is outside the cos/sin table of ", p.table_rows, " rows");
+        TORCH_CHECK_VALUE(pos >= 0, "apply_rope_: position of token (batch ", b, ", seq ", s,
+                          ") is outside the cos/sin table of ", p.table_rows, " rows");
         for (size_t i = 0; i < angles.size(); ++i) {
             angles[i] = {static_cast<float>(cos[pos * p.cos_row_stride + i]),
                          static_cast<float>(sin[pos * p.sin_row_stride + i])};

@@ -24,40 +24,41 @@ constexpr const char* kOp = "attention_forward";
 
 void check_qkv_tensor(const char* name, const at::Tensor& t, const at::Tensor& q, int64_t dims) {
     check_same_device(kOp, name, t, q);
-    TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, kOp, ": expected ", name,
-                " to be bfloat16 or float16, got ", t.scalar_type());
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), kOp, ": expected ", name, " to have q's dtype ", q.scalar_type(),
-                ", got ", t.scalar_type());
-    TORCH_CHECK(t.dim() == dims, kOp, ": expected ", name, " to be ", dims, "-D (",
-                dims == 4 ? "[batch, seqlen, heads, head_dim]" : "[total_tokens, heads, head_dim]", "), got ",
-                t.sizes());
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, kOp, ": expected ", name,
+                      " to be bfloat16 or float16, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), kOp, ": expected ", name, " to have q's dtype ",
+                      q.scalar_type(),
+                      ", got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == dims, kOp, ": expected ", name, " to be ", dims, "-D (",
+                      dims == 4 ? "[batch, seqlen, heads, head_dim]" : "[total_tokens, heads, head_dim]", "), got ",
+                      t.sizes());
     check_last_dim_contiguous(kOp, name, t);
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 || t.numel() == 0, kOp, ": expected ", name,
-                " to start on a 16-byte boundary (TMA's rule); got a view at an odd offset, call .contiguous()");
+    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 || t.numel() == 0, kOp, ": expected ", name,
+                      " to start on a 16-byte boundary (TMA's rule); got a view at an odd offset, call .contiguous()");
     // TMA moves rows of 16-byte units: every stride must be a whole number of them.
     for (int d = 0; d < dims - 1; ++d) {
-        TORCH_CHECK(t.stride(d) % 8 == 0 || t.size(d) <= 1, kOp, ": expected ", name,
-                    "'s strides to be multiples of 8 elements, got ", t.strides());
+        TORCH_CHECK_VALUE(t.stride(d) % 8 == 0 || t.size(d) <= 1, kOp, ": expected ", name,
+                          "'s strides to be multiples of 8 elements, got ", t.strides());
     }
 }
 
 void check_cu_seqlens(const char* name, const at::Tensor& cu, const at::Tensor& q, int64_t batch, int64_t total,
                       int64_t max_seqlen) {
     check_same_device(kOp, name, cu, q);
-    TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.is_contiguous(), kOp, ": expected ", name,
-                " to be a contiguous 1-D int32 tensor, got ", cu.scalar_type(), " ", cu.sizes());
-    TORCH_CHECK(cu.numel() == batch + 1, kOp, ": expected ", name, " of length batch + 1 = ", batch + 1, ", got ",
-                cu.numel());
+    TORCH_CHECK_VALUE(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.is_contiguous(), kOp, ": expected ", name,
+                      " to be a contiguous 1-D int32 tensor, got ", cu.scalar_type(), " ", cu.sizes());
+    TORCH_CHECK_VALUE(cu.numel() == batch + 1, kOp, ": expected ", name, " of length batch + 1 = ", batch + 1, ", got ",
+                      cu.numel());
     // Host memory costs nothing to read; on CUDA the Python API checks the values (outside graph
     // capture), since a check here would be a device sync.
     if (!cu.is_cpu()) return;
     const int32_t* v = cu.data_ptr<int32_t>();
-    TORCH_CHECK(v[0] == 0 && v[batch] == total, kOp, ": ", name, " must start at 0 and end at ", total, ", got ",
-                v[0], " .. ", v[batch]);
+    TORCH_CHECK_VALUE(v[0] == 0 && v[batch] == total, kOp, ": ", name, " must start at 0 and end at ", total, ", got ",
+                      v[0], " .. ", v[batch]);
     for (int64_t b = 0; b < batch; ++b) {
-        TORCH_CHECK(v[b + 1] >= v[b] && v[b + 1] - v[b] <= max_seqlen, kOp, ": ", name, " entry ", b,
-                    " gives a sequence of ", v[b + 1] - v[b], " tokens; lengths must be in [0, max_seqlen=",
-                    max_seqlen, "]");
+        TORCH_CHECK_VALUE(v[b + 1] >= v[b] && v[b + 1] - v[b] <= max_seqlen, kOp, ": ", name, " entry ", b,
+                          " gives a sequence of ", v[b + 1] - v[b], " tokens; lengths must be in [0, max_seqlen=",
+                          max_seqlen, "]");
     }
 }
 
@@ -72,30 +73,32 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, int64_t window_left,
                  int64_t window_right, double softcap) {
     const bool varlen = cu_seqlens_q.has_value() || cu_seqlens_k.has_value();
-    TORCH_CHECK(!varlen || (cu_seqlens_q.has_value() && cu_seqlens_k.has_value()), kOp,
-                ": pass both cu_seqlens_q and cu_seqlens_k, or neither");
+    TORCH_CHECK_VALUE(!varlen || (cu_seqlens_q.has_value() && cu_seqlens_k.has_value()), kOp,
+                      ": pass both cu_seqlens_q and cu_seqlens_k, or neither");
     const int64_t dims = varlen ? 3 : 4;
     check_qkv_tensor("q", q, q, dims);
     check_qkv_tensor("k", k, q, dims);
     check_qkv_tensor("v", v, q, dims);
-    TORCH_CHECK(k.sizes() == v.sizes(), kOp, ": expected k and v of one shape, got ", k.sizes(), " and ", v.sizes());
+    TORCH_CHECK_VALUE(k.sizes() == v.sizes(), kOp, ": expected k and v of one shape, got ", k.sizes(), " and ",
+                      v.sizes());
     const int64_t head_dim = q.size(-1);
-    TORCH_CHECK(head_dim == 64 || head_dim == 128 || head_dim == 256, kOp,
-                ": expected head_dim 64, 128 or 256, got ", head_dim);
-    TORCH_CHECK(k.size(-1) == head_dim, kOp, ": expected k and v with q's head_dim ", head_dim, ", got ", k.size(-1));
+    TORCH_CHECK_VALUE(head_dim == 64 || head_dim == 128 || head_dim == 256, kOp,
+                      ": expected head_dim 64, 128 or 256, got ", head_dim);
+    TORCH_CHECK_VALUE(k.size(-1) == head_dim, kOp, ": expected k and v with q's head_dim ", head_dim, ", got ",
+                      k.size(-1));
     const int64_t heads_q = q.size(-2);
     const int64_t heads_kv = k.size(-2);
-    TORCH_CHECK(heads_kv > 0 && heads_q % heads_kv == 0, kOp, ": expected q's heads (", heads_q,
-                ") to be a multiple of k/v's heads (", heads_kv, ") for GQA/MQA");
-    TORCH_CHECK(window_left >= -1 && window_right >= -1, kOp, ": window sizes must be >= -1, got (", window_left,
-                ", ", window_right, ")");
-    TORCH_CHECK(softcap >= 0, kOp, ": softcap must be >= 0, got ", softcap);
+    TORCH_CHECK_VALUE(heads_kv > 0 && heads_q % heads_kv == 0, kOp, ": expected q's heads (", heads_q,
+                      ") to be a multiple of k/v's heads (", heads_kv, ") for GQA/MQA");
+    TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, kOp, ": window sizes must be >= -1, got (", window_left,
+                      ", ", window_right, ")");
+    TORCH_CHECK_VALUE(softcap >= 0, kOp, ": softcap must be >= 0, got ", softcap);
 
     Prepared prep;
     attention::AttentionParams& p = prep.params;
     if (varlen) {
         const int64_t batch = cu_seqlens_q->numel() - 1;
-        TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, kOp, ": max_seqlen_q/k must be >= 0");
+        TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, kOp, ": max_seqlen_q/k must be >= 0");
         check_cu_seqlens("cu_seqlens_q", *cu_seqlens_q, q, batch, q.size(0), max_seqlen_q);
         check_cu_seqlens("cu_seqlens_k", *cu_seqlens_k, q, batch, k.size(0), max_seqlen_k);
         p.batch = int(batch);
@@ -110,7 +113,8 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         p.lse_batch_stride = 0;
         p.lse_head_stride = q.size(0);
     } else {
-        TORCH_CHECK(k.size(0) == q.size(0), kOp, ": expected k and v with q's batch ", q.size(0), ", got ", k.size(0));
+        TORCH_CHECK_VALUE(k.size(0) == q.size(0), kOp, ": expected k and v with q's batch ", q.size(0), ", got ",
+                          k.size(0));
         p.batch = int(q.size(0));
         p.seqlen_q = int(q.size(1));
         p.seqlen_k = int(k.size(1));
@@ -149,9 +153,10 @@ constexpr const char* kSparseOp = "block_sparse_attention_forward";
 
 void check_int32_vector(const char* name, const at::Tensor& t, const at::Tensor& q, int64_t length) {
     check_same_device(kSparseOp, name, t, q);
-    TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 1 && t.is_contiguous() && t.numel() == length, kSparseOp,
-                ": expected ", name, " to be a contiguous int32 vector of length ", length, ", got ", t.scalar_type(),
-                " ", t.sizes());
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kInt && t.dim() == 1 && t.is_contiguous() && t.numel() == length,
+                      kSparseOp,
+                      ": expected ", name, " to be a contiguous int32 vector of length ", length, ", got ", t.scalar_type(),
+                      " ", t.sizes());
 }
 
 // Dense-attention preparation plus LServe's per-head types and block lists (varlen only). The
@@ -164,9 +169,9 @@ Prepared prepare_sparse(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         bool exact_streaming) {
     Prepared prep = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, -1,
                             is_causal ? 0 : -1, 0.0);
-    TORCH_CHECK(is_causal || !exact_streaming, kSparseOp,
-                ": exact_streaming=True requires is_causal=True (token streaming is causal; Block-Sparse-Attention "
-                "refuses it too)");
+    TORCH_CHECK_VALUE(is_causal || !exact_streaming, kSparseOp,
+                      ": exact_streaming=True requires is_causal=True (token streaming is causal; Block-Sparse-Attention "
+                      "refuses it too)");
     const int64_t heads = q.size(1);
     check_int32_vector("head_mask_type", head_mask_type, q, heads);
     check_int32_vector("streaming_info", streaming_info, q, 2 * heads);
@@ -179,21 +184,21 @@ Prepared prepare_sparse(const at::Tensor& q, const at::Tensor& k, const at::Tens
     sp.exact_streaming = exact_streaming;
     sp.mask_q_blocks = int(detail::ceil_blocks(int(max_seqlen_q)));
     sp.mask_k_blocks = int(detail::ceil_blocks(int(max_seqlen_k)));
-    TORCH_CHECK(block_indices.has_value() == block_counts.has_value(), kSparseOp,
-                ": pass both block_indices and block_counts, or neither");
+    TORCH_CHECK_VALUE(block_indices.has_value() == block_counts.has_value(), kSparseOp,
+                      ": pass both block_indices and block_counts, or neither");
     if (block_indices.has_value()) {
         const at::Tensor& idx = *block_indices;
         const at::Tensor& cnt = *block_counts;
         const int64_t batch = prep.params.batch;
         check_same_device(kSparseOp, "block_indices", idx, q);
         check_same_device(kSparseOp, "block_counts", cnt, q);
-        TORCH_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 4 && idx.is_contiguous() && idx.size(0) == batch &&
+        TORCH_CHECK_VALUE(idx.scalar_type() == at::kInt && idx.dim() == 4 && idx.is_contiguous() && idx.size(0) == batch &&
                         idx.size(2) == sp.mask_q_blocks && idx.size(3) == sp.mask_k_blocks,
-                    kSparseOp, ": expected block_indices int32 [", batch, ", n_sparse, ", sp.mask_q_blocks, ", ",
-                    sp.mask_k_blocks, "], got ", idx.scalar_type(), " ", idx.sizes());
-        TORCH_CHECK(cnt.scalar_type() == at::kInt && cnt.is_contiguous() &&
+                          kSparseOp, ": expected block_indices int32 [", batch, ", n_sparse, ", sp.mask_q_blocks, ", ",
+                          sp.mask_k_blocks, "], got ", idx.scalar_type(), " ", idx.sizes());
+        TORCH_CHECK_VALUE(cnt.scalar_type() == at::kInt && cnt.is_contiguous() &&
                         cnt.sizes() == at::IntArrayRef({idx.size(0), idx.size(1), idx.size(2)}),
-                    kSparseOp, ": expected block_counts int32 ", idx.sizes().slice(0, 3), ", got ", cnt.sizes());
+                          kSparseOp, ": expected block_counts int32 ", idx.sizes().slice(0, 3), ", got ", cnt.sizes());
         sp.n_sparse = int(idx.size(1));
         sp.block_indices = idx.data_ptr<int32_t>();
         sp.block_counts = cnt.data_ptr<int32_t>();
@@ -217,15 +222,17 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_forward_cpu(
     int n_sparse = 0;
     for (int h = 0; h < prep.params.heads_q; ++h) {
         const int32_t type = sp.head_mask_type[h];
-        TORCH_CHECK(type >= -1 && type <= 1, kSparseOp, ": head_mask_type[", h, "] = ", type, " is not -1, 0 or 1");
-        TORCH_CHECK(sp.streaming_info[2 * h] >= 0 && sp.streaming_info[2 * h + 1] >= 0, kSparseOp,
-                    ": streaming_info of head ", h, " must be >= 0");
-        TORCH_CHECK(sp.sparse_index[h] == (type == 1 ? n_sparse : -1), kSparseOp,
-                    ": sparse_index must number the block-sparse heads 0, 1, ... in head order and be -1 elsewhere");
+        TORCH_CHECK_VALUE(type >= -1 && type <= 1, kSparseOp, ": head_mask_type[", h, "] = ", type,
+                          " is not -1, 0 or 1");
+        TORCH_CHECK_VALUE(sp.streaming_info[2 * h] >= 0 && sp.streaming_info[2 * h + 1] >= 0, kSparseOp,
+                          ": streaming_info of head ", h, " must be >= 0");
+        TORCH_CHECK_VALUE(sp.sparse_index[h] == (type == 1 ? n_sparse : -1), kSparseOp,
+                          ": sparse_index must number the block-sparse heads 0, 1, ... in head order and be -1 elsewhere");
         n_sparse += type == 1;
     }
-    TORCH_CHECK(n_sparse == sp.n_sparse, kSparseOp, ": ", n_sparse, " heads are block-sparse but the block lists have ",
-                sp.n_sparse);
+    TORCH_CHECK_VALUE(n_sparse == sp.n_sparse, kSparseOp, ": ", n_sparse,
+                      " heads are block-sparse but the block lists have ",
+                      sp.n_sparse);
     cpu::attention_forward(prep.params);
     return {prep.out, prep.lse};
 }

@@ -36,8 +36,8 @@ constexpr int64_t kMaxGroup = 32;
 
 // t on the reference tensor's device (q for decode, k for append).
 void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref, const char* ref_name) {
-    TORCH_CHECK(t.device() == ref.device(), op, ": expected ", name, " on ", ref_name, "'s device ", ref.device(),
-                ", got ", t.device());
+    TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": expected ", name, " on ", ref_name, "'s device ", ref.device(),
+                      ", got ", t.device());
 }
 
 const char* reference_name(const char* op) { return std::string_view(op) == kDecodeOp ? "q" : "k"; }
@@ -50,11 +50,11 @@ DType kv_dtype_of(at::ScalarType t) { return t == at::kChar ? DType::int8 : to_d
 void check_vector_rows(const char* op, const char* name, const at::Tensor& t) {
     check_last_dim_contiguous(op, name, t);
     const int64_t per_16_bytes = 16 / int64_t(t.element_size());
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 || t.numel() == 0, op, ": expected ", name,
-                " to start on a 16-byte boundary, got a view at an odd offset; call .contiguous()");
+    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 || t.numel() == 0, op, ": expected ", name,
+                      " to start on a 16-byte boundary, got a view at an odd offset; call .contiguous()");
     for (int64_t d = 0; d < t.dim() - 1; ++d) {
-        TORCH_CHECK(t.stride(d) % per_16_bytes == 0 || t.size(d) <= 1, op, ": expected ", name,
-                    "'s strides to be multiples of 16 bytes (", per_16_bytes, " elements), got ", t.strides());
+        TORCH_CHECK_VALUE(t.stride(d) % per_16_bytes == 0 || t.size(d) <= 1, op, ": expected ", name,
+                          "'s strides to be multiples of 16 bytes (", per_16_bytes, " elements), got ", t.strides());
     }
 }
 
@@ -62,17 +62,17 @@ void check_vector_rows(const char* op, const char* name, const at::Tensor& t) {
 void check_index_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q,
                         at::IntArrayRef shape, const char* shape_names) {
     check_device(op, name, t, q, reference_name(op));
-    TORCH_CHECK(t.scalar_type() == at::kInt, op, ": expected ", name, " to be int32, got ", t.scalar_type());
-    TORCH_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape_names, " = ", shape, ", got ",
-                t.sizes());
-    TORCH_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ", t.strides());
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, op, ": expected ", name, " to be int32, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.sizes() == shape, op, ": expected ", name, " of shape ", shape_names, " = ", shape, ", got ",
+                      t.sizes());
+    TORCH_CHECK_VALUE(t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ", t.strides());
 }
 
 void check_block_table(const char* op, const at::Tensor& t, const at::Tensor& q, int64_t batch) {
     check_device(op, "block_table", t, q, reference_name(op));
-    TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 2 && t.size(0) == batch && t.size(1) >= 1, op,
-                ": expected block_table int32 [batch=", batch, ", max_pages >= 1], got ", t.scalar_type(), " ",
-                t.sizes());
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kInt && t.dim() == 2 && t.size(0) == batch && t.size(1) >= 1, op,
+                      ": expected block_table int32 [batch=", batch, ", max_pages >= 1], got ", t.scalar_type(), " ",
+                      t.sizes());
     check_last_dim_contiguous(op, "block_table", t);
 }
 
@@ -91,20 +91,21 @@ MainPool main_pool(const char* op, const at::Tensor& k_cache, const at::Tensor& 
                    const at::Tensor& q, int64_t batch, int64_t head_dim) {
     for (const auto& [name, t] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}}) {
         check_device(op, name, *t, q, reference_name(op));
-        TORCH_CHECK(t->scalar_type() == q.scalar_type() || t->scalar_type() == at::kChar, op, ": expected ", name,
-                    " to have ", reference_name(op), "'s dtype ", q.scalar_type(), " or int8, got ", t->scalar_type());
-        TORCH_CHECK(t->dim() == 4, op, ": expected ", name, " to be 4-D (",
-                    block_table ? "[num_pages, page_size, heads, head_dim]" : "[batch_cache, seqlen_cache, heads, head_dim]",
-                    "), got ", t->sizes());
-        TORCH_CHECK(t->size(3) == head_dim, op, ": expected ", name, " with head_dim ", head_dim, ", got ",
-                    t->sizes());
+        TORCH_CHECK_VALUE(t->scalar_type() == q.scalar_type() || t->scalar_type() == at::kChar, op, ": expected ", name,
+                          " to have ", reference_name(op), "'s dtype ", q.scalar_type(), " or int8, got ", t->scalar_type());
+        TORCH_CHECK_VALUE(t->dim() == 4, op, ": expected ", name, " to be 4-D (",
+                          block_table ? "[num_pages, page_size, heads, head_dim]" : "[batch_cache, seqlen_cache, heads, head_dim]",
+                          "), got ", t->sizes());
+        TORCH_CHECK_VALUE(t->size(3) == head_dim, op, ": expected ", name, " with head_dim ", head_dim, ", got ",
+                          t->sizes());
         check_vector_rows(op, name, *t);
     }
-    TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), op, ": expected k_cache and v_cache of one dtype, got ",
-                k_cache.scalar_type(), " and ", v_cache.scalar_type());
-    TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(), op,
-                ": expected k_cache and v_cache of one shape and strides, got ", k_cache.sizes(), " ",
-                k_cache.strides(), " and ", v_cache.sizes(), " ", v_cache.strides());
+    TORCH_CHECK_VALUE(k_cache.scalar_type() == v_cache.scalar_type(), op,
+                      ": expected k_cache and v_cache of one dtype, got ",
+                      k_cache.scalar_type(), " and ", v_cache.scalar_type());
+    TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(), op,
+                      ": expected k_cache and v_cache of one shape and strides, got ", k_cache.sizes(), " ",
+                      k_cache.strides(), " and ", v_cache.sizes(), " ", v_cache.strides());
 
     MainPool m;
     m.pool.k = k_cache.data_ptr();
@@ -116,12 +117,12 @@ MainPool main_pool(const char* op, const at::Tensor& k_cache, const at::Tensor& 
     m.pool.num_pages = k_cache.size(0);
     m.table = detail::PageTable{nullptr, 0, int(k_cache.size(1)), nullptr};
     if (block_table.has_value()) {
-        TORCH_CHECK(!cache_batch_idx.has_value(), op,
-                    ": cache_batch_idx picks rows of a contiguous cache; with block_table pass None");
+        TORCH_CHECK_VALUE(!cache_batch_idx.has_value(), op,
+                          ": cache_batch_idx picks rows of a contiguous cache; with block_table pass None");
         check_block_table(op, *block_table, q, batch);
-        TORCH_CHECK(k_cache.size(1) % 16 == 0 && k_cache.size(1) > 0, op,
-                    ": expected a paged cache's page_size (k_cache.shape[1]) to be a positive multiple of 16, got ",
-                    k_cache.size(1));
+        TORCH_CHECK_VALUE(k_cache.size(1) % 16 == 0 && k_cache.size(1) > 0, op,
+                          ": expected a paged cache's page_size (k_cache.shape[1]) to be a positive multiple of 16, got ",
+                          k_cache.size(1));
         m.table.table = block_table->data_ptr<int32_t>();
         m.table.table_stride = block_table->stride(0);
         m.table.max_pages = int(block_table->size(1));
@@ -130,8 +131,8 @@ MainPool main_pool(const char* op, const at::Tensor& k_cache, const at::Tensor& 
             check_index_tensor(op, "cache_batch_idx", *cache_batch_idx, q, {batch}, "[batch]");
             m.table.batch_idx = cache_batch_idx->data_ptr<int32_t>();
         } else {
-            TORCH_CHECK(k_cache.size(0) >= batch, op, ": expected a contiguous cache with at least batch=", batch,
-                        " rows (or pass cache_batch_idx), got ", k_cache.sizes());
+            TORCH_CHECK_VALUE(k_cache.size(0) >= batch, op, ": expected a contiguous cache with at least batch=", batch,
+                              " rows (or pass cache_batch_idx), got ", k_cache.sizes());
         }
         m.table.max_pages = 1;
     }
@@ -175,40 +176,46 @@ LServeHeads lserve_heads(const char* op, const std::optional<at::Tensor>& kv_hea
     l.heads_kv = main.pool.heads;
     const bool any_ring = k_ring.has_value() || v_ring.has_value() || ring_table.has_value();
     if (!kv_head_slot.has_value()) {
-        TORCH_CHECK(!any_ring, op, ": k_ring, v_ring and ring_table are LServe's streaming heads; pass kv_head_slot "
-                    "with them, or None for all three");
+        TORCH_CHECK_VALUE(!any_ring, op,
+                          ": k_ring, v_ring and ring_table are LServe's streaming heads; pass kv_head_slot "
+                          "with them, or None for all three");
         return l;
     }
-    TORCH_CHECK(k_ring.has_value() && v_ring.has_value() && ring_table.has_value(), op,
-                ": with kv_head_slot, pass k_ring, v_ring and ring_table (the streaming heads' ring)");
-    TORCH_CHECK(main.table.table != nullptr && main.table.page_size == detail::kLServePage, op,
-                ": with kv_head_slot (LServe), expected a paged cache with block_table and page_size ",
-                detail::kLServePage, ", got ", main.table.table ? "page_size " : "a contiguous cache of seqlen ",
-                main.table.page_size);
-    TORCH_CHECK(sink >= 0 && local >= 0 && sink % detail::kLServePage == 0 && local % detail::kLServePage == 0, op,
-                ": expected sink and local to be multiples of ", detail::kLServePage, " and >= 0, got sink=", sink,
-                ", local=", local);
-    TORCH_CHECK(sink <= (int64_t(1) << 30) && local <= (int64_t(1) << 30), op, ": sink/local too large: ", sink, ", ",
-                local);
+    TORCH_CHECK_VALUE(k_ring.has_value() && v_ring.has_value() && ring_table.has_value(), op,
+                      ": with kv_head_slot, pass k_ring, v_ring and ring_table (the streaming heads' ring)");
+    TORCH_CHECK_VALUE(main.table.table != nullptr && main.table.page_size == detail::kLServePage, op,
+                      ": with kv_head_slot (LServe), expected a paged cache with block_table and page_size ",
+                      detail::kLServePage, ", got ", main.table.table ? "page_size " : "a contiguous cache of seqlen ",
+                      main.table.page_size);
+    TORCH_CHECK_VALUE(sink >= 0 && local >= 0 && sink % detail::kLServePage == 0 && local % detail::kLServePage == 0,
+                      op,
+                      ": expected sink and local to be multiples of ", detail::kLServePage, " and >= 0, got sink=", sink,
+                      ", local=", local);
+    TORCH_CHECK_VALUE(sink <= (int64_t(1) << 30) && local <= (int64_t(1) << 30), op, ": sink/local too large: ", sink,
+                      ", ",
+                      local);
     const at::Tensor& slot = *kv_head_slot;
     check_device(op, "kv_head_slot", slot, q, reference_name(op));
-    TORCH_CHECK(slot.scalar_type() == at::kInt && slot.dim() == 1 && slot.numel() >= 1 && slot.is_contiguous(), op,
-                ": expected kv_head_slot to be a contiguous int32 [heads_kv], got ", slot.scalar_type(), " ",
-                slot.sizes());
+    TORCH_CHECK_VALUE(slot.scalar_type() == at::kInt && slot.dim() == 1 && slot.numel() >= 1 && slot.is_contiguous(),
+                      op,
+                      ": expected kv_head_slot to be a contiguous int32 [heads_kv], got ", slot.scalar_type(), " ",
+                      slot.sizes());
     l.heads_kv = slot.numel();
 
     for (const auto& [name, t] : {std::pair{"k_ring", &*k_ring}, std::pair{"v_ring", &*v_ring}}) {
         check_device(op, name, *t, q, reference_name(op));
-        TORCH_CHECK(t->scalar_type() == k_cache.scalar_type(), op, ": expected ", name, " to have k_cache's dtype ",
-                    k_cache.scalar_type(), ", got ", t->scalar_type());
-        TORCH_CHECK(t->dim() == 4 && t->size(1) == detail::kLServePage && t->size(3) == head_dim, op, ": expected ",
-                    name, " of shape [ring_pool_pages, ", detail::kLServePage, ", streaming_heads, ", head_dim,
-                    "], got ", t->sizes());
+        TORCH_CHECK_VALUE(t->scalar_type() == k_cache.scalar_type(), op, ": expected ", name,
+                          " to have k_cache's dtype ",
+                          k_cache.scalar_type(), ", got ", t->scalar_type());
+        TORCH_CHECK_VALUE(t->dim() == 4 && t->size(1) == detail::kLServePage && t->size(3) == head_dim, op,
+                          ": expected ",
+                          name, " of shape [ring_pool_pages, ", detail::kLServePage, ", streaming_heads, ", head_dim,
+                          "], got ", t->sizes());
         check_vector_rows(op, name, *t);
     }
-    TORCH_CHECK(k_ring->sizes() == v_ring->sizes() && k_ring->strides() == v_ring->strides(), op,
-                ": expected k_ring and v_ring of one shape and strides, got ", k_ring->sizes(), " ", k_ring->strides(),
-                " and ", v_ring->sizes(), " ", v_ring->strides());
+    TORCH_CHECK_VALUE(k_ring->sizes() == v_ring->sizes() && k_ring->strides() == v_ring->strides(), op,
+                      ": expected k_ring and v_ring of one shape and strides, got ", k_ring->sizes(), " ", k_ring->strides(),
+                      " and ", v_ring->sizes(), " ", v_ring->strides());
 
     detail::DecodeHeads& h = l.heads;
     h.kv_head_slot = slot.data_ptr<int32_t>();
@@ -233,19 +240,19 @@ void check_lserve_values(const char* op, const LServeHeads& l, const MainPool& m
     for (int64_t h = 0; h < l.heads_kv; ++h) {
         const int32_t slot = l.heads.kv_head_slot[h];
         if (slot >= 0) {
-            TORCH_CHECK(slot < main.pool.heads, op, ": kv_head_slot[", h, "] = ", slot,
-                        " names a retrieval head, but k_cache holds ", main.pool.heads, " heads");
+            TORCH_CHECK_VALUE(slot < main.pool.heads, op, ": kv_head_slot[", h, "] = ", slot,
+                              " names a retrieval head, but k_cache holds ", main.pool.heads, " heads");
         } else {
-            TORCH_CHECK(-1 - int64_t(slot) < l.ring.heads, op, ": kv_head_slot[", h, "] = ", slot,
-                        " names streaming head ", -1 - int64_t(slot), ", but k_ring holds ", l.ring.heads, " heads");
+            TORCH_CHECK_VALUE(-1 - int64_t(slot) < l.ring.heads, op, ": kv_head_slot[", h, "] = ", slot,
+                              " names streaming head ", -1 - int64_t(slot), ", but k_ring holds ", l.ring.heads, " heads");
         }
     }
     const int64_t entries = batch * l.heads.ring.pages();
     for (int64_t i = 0; i < entries; ++i) {
         const int32_t page = l.heads.ring_table[i];
-        TORCH_CHECK(page >= 0 && page < l.ring_pool_pages, op, ": ring_table[", i / l.heads.ring.pages(), ", ",
-                    i % l.heads.ring.pages(), "] = ", page, " is outside the ring pool's ", l.ring_pool_pages,
-                    " pages");
+        TORCH_CHECK_VALUE(page >= 0 && page < l.ring_pool_pages, op, ": ring_table[", i / l.heads.ring.pages(), ", ",
+                          i % l.heads.ring.pages(), "] = ", page, " is outside the ring pool's ", l.ring_pool_pages,
+                          " pages");
     }
 }
 
@@ -255,16 +262,17 @@ void check_pages_in_pool(const char* op, const MainPool& main, int64_t b, int64_
         if (main.table.batch_idx != nullptr) {
             const int64_t rows = main.pool.num_pages / main.table.max_pages;
             const int32_t row = main.table.batch_idx[b];
-            TORCH_CHECK(row >= 0 && row < rows, op, ": cache_batch_idx[", b, "] = ", row, " is outside the cache's ",
-                        rows, " rows");
+            TORCH_CHECK_VALUE(row >= 0 && row < rows, op, ": cache_batch_idx[", b, "] = ", row,
+                              " is outside the cache's ",
+                              rows, " rows");
         }
         return;
     }
     for (int64_t n = first_page; n < end_page; ++n) {
         const int32_t page = main.table.table[b * main.table.table_stride + n];
-        TORCH_CHECK(page >= 0 && page < main.pool.num_pages, op, ": block_table[", b, ", ", n, "] = ", page,
-                    " is outside the pool's ", main.pool.num_pages, " pages (sequence ", b, " uses its first ",
-                    end_page, " entries)");
+        TORCH_CHECK_VALUE(page >= 0 && page < main.pool.num_pages, op, ": block_table[", b, ", ", n, "] = ", page,
+                          " is outside the pool's ", main.pool.num_pages, " pages (sequence ", b, " uses its first ",
+                          end_page, " entries)");
     }
 }
 
@@ -287,14 +295,14 @@ struct DecodePrepared {
 
 DecodePrepared prepare_decode(TKPY_DECODE_ATTENTION_ARGS) {
     constexpr const char* op = kDecodeOp;
-    TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
-                ": expected q to be bfloat16 or float16, got ", q.scalar_type());
-    TORCH_CHECK(q.dim() == 4, op, ": expected q to be 4-D [batch, seqlen_q, heads_q, head_dim], got ", q.sizes());
+    TORCH_CHECK_VALUE(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
+                      ": expected q to be bfloat16 or float16, got ", q.scalar_type());
+    TORCH_CHECK_VALUE(q.dim() == 4, op, ": expected q to be 4-D [batch, seqlen_q, heads_q, head_dim], got ", q.sizes());
     check_vector_rows(op, "q", q);
     const int64_t batch = q.size(0), seqlen_q = q.size(1), heads_q = q.size(2), head_dim = q.size(3);
-    TORCH_CHECK(is_head_dim_supported(head_dim), op, ": expected head_dim 64, 128 or 256, got ", head_dim);
-    TORCH_CHECK(seqlen_q >= 1 && heads_q >= 1, op, ": expected q with seqlen_q >= 1 and heads_q >= 1, got ",
-                q.sizes());
+    TORCH_CHECK_VALUE(is_head_dim_supported(head_dim), op, ": expected head_dim 64, 128 or 256, got ", head_dim);
+    TORCH_CHECK_VALUE(seqlen_q >= 1 && heads_q >= 1, op, ": expected q with seqlen_q >= 1 and heads_q >= 1, got ",
+                      q.sizes());
 
     DecodePrepared prep;
     prep.main = main_pool(op, k_cache, v_cache, block_table, cache_batch_idx, q, batch, head_dim);
@@ -302,24 +310,25 @@ DecodePrepared prepare_decode(TKPY_DECODE_ATTENTION_ARGS) {
                                batch, head_dim);
     page_contiguous_rows(prep.main);
     const int64_t heads_kv = prep.lserve.heads_kv;
-    TORCH_CHECK(heads_kv >= 1 && heads_q % heads_kv == 0, op, ": expected q's heads (", heads_q,
-                ") to be a multiple of the kv heads (", heads_kv, kv_head_slot ? ", kv_head_slot's length" : ", k_cache's heads",
-                ") for GQA/MQA");
-    TORCH_CHECK(heads_q / heads_kv <= kMaxGroup, op, ": expected at most ", kMaxGroup,
-                " query heads per kv head, got ", heads_q / heads_kv);
-    TORCH_CHECK(!kv_head_slot.has_value() || seqlen_q == 1, op,
-                ": LServe decode (kv_head_slot given) takes one query row per sequence, got seqlen_q = ", seqlen_q);
+    TORCH_CHECK_VALUE(heads_kv >= 1 && heads_q % heads_kv == 0, op, ": expected q's heads (", heads_q,
+                      ") to be a multiple of the kv heads (", heads_kv, kv_head_slot ? ", kv_head_slot's length" : ", k_cache's heads",
+                      ") for GQA/MQA");
+    TORCH_CHECK_VALUE(heads_q / heads_kv <= kMaxGroup, op, ": expected at most ", kMaxGroup,
+                      " query heads per kv head, got ", heads_q / heads_kv);
+    TORCH_CHECK_VALUE(!kv_head_slot.has_value() || seqlen_q == 1, op,
+                      ": LServe decode (kv_head_slot given) takes one query row per sequence, got seqlen_q = ", seqlen_q);
     check_seqlens_tensor(op, seqlens, q, batch);
 
     const bool selected = page_indices.has_value() || page_counts.has_value() || head_bits.has_value();
     detail::DecodeHeads& heads = prep.lserve.heads;
     if (selected) {
-        TORCH_CHECK(kv_head_slot.has_value(), op,
-                    ": page_indices, page_counts and head_bits select retrieval heads' pages; pass kv_head_slot too");
-        TORCH_CHECK(page_indices.has_value() && page_counts.has_value() && head_bits.has_value(), op,
-                    ": pass page_indices, page_counts and head_bits together, or none of them");
-        TORCH_CHECK(page_indices->dim() == 3, op, ": expected page_indices int32 [batch, heads_kv, max_selected], got ",
-                    page_indices->sizes());
+        TORCH_CHECK_VALUE(kv_head_slot.has_value(), op,
+                          ": page_indices, page_counts and head_bits select retrieval heads' pages; pass kv_head_slot too");
+        TORCH_CHECK_VALUE(page_indices.has_value() && page_counts.has_value() && head_bits.has_value(), op,
+                          ": pass page_indices, page_counts and head_bits together, or none of them");
+        TORCH_CHECK_VALUE(page_indices->dim() == 3, op,
+                          ": expected page_indices int32 [batch, heads_kv, max_selected], got ",
+                          page_indices->sizes());
         const int64_t max_selected = page_indices->size(2);
         check_index_tensor(op, "page_indices", *page_indices, q, {batch, heads_kv, max_selected},
                            "[batch, heads_kv, max_selected]");
@@ -333,15 +342,16 @@ DecodePrepared prepare_decode(TKPY_DECODE_ATTENTION_ARGS) {
     }
 
     const bool int8 = k_cache.scalar_type() == at::kChar;
-    TORCH_CHECK(!int8 || (k_scale > 0 && v_scale > 0 && std::isfinite(k_scale) && std::isfinite(v_scale)), op,
-                ": an int8 cache needs finite k_scale, v_scale > 0, got ", k_scale, ", ", v_scale);
-    TORCH_CHECK(int8 || (k_scale == 1.0 && v_scale == 1.0), op, ": k_scale/v_scale dequantise an int8 cache; a ",
-                k_cache.scalar_type(), " cache needs 1.0, got ", k_scale, ", ", v_scale);
-    TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window sizes must be >= -1, got (", window_left, ", ",
-                window_right, ")");
-    TORCH_CHECK(softcap >= 0, op, ": softcap must be >= 0, got ", softcap);
-    TORCH_CHECK(num_splits >= 0 && num_splits <= detail::kMaxSplits, op, ": expected num_splits in [0, ",
-                detail::kMaxSplits, "] (0 = auto), got ", num_splits);
+    TORCH_CHECK_VALUE(!int8 || (k_scale > 0 && v_scale > 0 && std::isfinite(k_scale) && std::isfinite(v_scale)), op,
+                      ": an int8 cache needs finite k_scale, v_scale > 0, got ", k_scale, ", ", v_scale);
+    TORCH_CHECK_VALUE(int8 || (k_scale == 1.0 && v_scale == 1.0), op, ": k_scale/v_scale dequantise an int8 cache; a ",
+                      k_cache.scalar_type(), " cache needs 1.0, got ", k_scale, ", ", v_scale);
+    TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op, ": window sizes must be >= -1, got (", window_left,
+                      ", ",
+                      window_right, ")");
+    TORCH_CHECK_VALUE(softcap >= 0, op, ": softcap must be >= 0, got ", softcap);
+    TORCH_CHECK_VALUE(num_splits >= 0 && num_splits <= detail::kMaxSplits, op, ": expected num_splits in [0, ",
+                      detail::kMaxSplits, "] (0 = auto), got ", num_splits);
 
     // The most pages a plan has: dense heads every page of the table; retrieval heads their list
     // plus the newest page; streaming heads the ring.
@@ -404,24 +414,26 @@ void check_decode_values(const DecodePrepared& prep) {
     const detail::DecodeHeads& heads = p.heads;
     for (int b = 0; b < p.batch; ++b) {
         const int32_t len = p.seqlens[b];
-        TORCH_CHECK(len >= 0 && len <= prep.main.capacity, op, ": seqlens[", b, "] = ", len,
-                    " is outside [0, ", prep.main.capacity, "], the tokens the cache holds per sequence (",
-                    prep.main.table.max_pages, " pages of ", p.table.page_size, ")");
+        TORCH_CHECK_VALUE(len >= 0 && len <= prep.main.capacity, op, ": seqlens[", b, "] = ", len,
+                          " is outside [0, ", prep.main.capacity, "], the tokens the cache holds per sequence (",
+                          prep.main.table.max_pages, " pages of ", p.table.page_size, ")");
         check_pages_in_pool(op, prep.main, b, 0, detail::ceil_div_int(len, p.table.page_size));
         if (heads.page_indices == nullptr) continue;
         for (int h = 0; h < p.heads_kv; ++h) {
             if (heads.kv_head_slot[h] < 0) continue;  // streaming heads ignore their rows
             const int64_t row = int64_t(b) * p.heads_kv + h;
             const int32_t count = heads.page_counts[row];
-            TORCH_CHECK(count >= 0 && count <= heads.max_selected, op, ": page_counts[", b, ", ", h, "] = ", count,
-                        " is outside [0, ", heads.max_selected, "] (page_indices' last dim)");
+            TORCH_CHECK_VALUE(count >= 0 && count <= heads.max_selected, op, ": page_counts[", b, ", ", h, "] = ",
+                              count,
+                              " is outside [0, ", heads.max_selected, "] (page_indices' last dim)");
             const int32_t* list = heads.page_indices + row * heads.max_selected;
             for (int32_t n = 0; n < count; ++n) {
-                TORCH_CHECK(list[n] >= 0 && list[n] < prep.main.table.max_pages, op, ": page_indices[", b, ", ", h, ", ", n,
-                            "] = ", list[n], " is outside the sequence's ", prep.main.table.max_pages,
-                            " pages (block_table's columns)");
-                TORCH_CHECK(n == 0 || list[n] > list[n - 1], op, ": page_indices[", b, ", ", h,
-                            "] must list ascending, distinct pages; got ", list[n - 1], " then ", list[n]);
+                TORCH_CHECK_VALUE(list[n] >= 0 && list[n] < prep.main.table.max_pages, op, ": page_indices[", b, ", ",
+                                  h, ", ", n,
+                                  "] = ", list[n], " is outside the sequence's ", prep.main.table.max_pages,
+                                  " pages (block_table's columns)");
+                TORCH_CHECK_VALUE(n == 0 || list[n] > list[n - 1], op, ": page_indices[", b, ", ", h,
+                                  "] must list ascending, distinct pages; got ", list[n - 1], " then ", list[n]);
             }
         }
     }
@@ -439,74 +451,78 @@ void check_stats(const char* name, const at::Tensor& t, const at::Tensor& k, con
     constexpr const char* op = kAppendOp;
     check_device(op, name, t, k, "k");
     const int64_t page_size = main.table.page_size;
-    TORCH_CHECK(page_size % detail::kLogicalPage == 0, op, ": page stats cover logical pages of ",
-                detail::kLogicalPage, " tokens; the cache's page (", page_size, " tokens) must be a multiple");
+    TORCH_CHECK_VALUE(page_size % detail::kLogicalPage == 0, op, ": page stats cover logical pages of ",
+                      detail::kLogicalPage, " tokens; the cache's page (", page_size, " tokens) must be a multiple");
     const std::vector<int64_t> shape{main.pool.num_pages, page_size / detail::kLogicalPage, main.pool.heads,
                                      k.size(3)};
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.sizes() == at::IntArrayRef(shape), op, ": expected ", name,
-                " float32 [num_pages, page_size/16, heads, head_dim] = ", at::IntArrayRef(shape), ", got ",
-                t.scalar_type(), " ", t.sizes());
-    TORCH_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ", t.strides());
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.sizes() == at::IntArrayRef(shape), op, ": expected ", name,
+                      " float32 [num_pages, page_size/16, heads, head_dim] = ", at::IntArrayRef(shape), ", got ",
+                      t.scalar_type(), " ", t.sizes());
+    TORCH_CHECK_VALUE(t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ", t.strides());
 }
 
 AppendPrepared prepare_append(TKPY_KV_APPEND_ARGS) {
     constexpr const char* op = kAppendOp;
     for (const auto& [name, t] : {std::pair{"k", &k}, std::pair{"v", &v}}) {
         check_device(op, name, *t, k, "k");
-        TORCH_CHECK(t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf, op, ": expected ", name,
-                    " to be bfloat16 or float16, got ", t->scalar_type());
-        TORCH_CHECK(t->dim() == 4, op, ": expected ", name, " to be 4-D [batch, seqlen_new, heads_kv, head_dim], got ",
-                    t->sizes());
+        TORCH_CHECK_VALUE(t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf, op, ": expected ", name,
+                          " to be bfloat16 or float16, got ", t->scalar_type());
+        TORCH_CHECK_VALUE(t->dim() == 4, op, ": expected ", name,
+                          " to be 4-D [batch, seqlen_new, heads_kv, head_dim], got ",
+                          t->sizes());
         check_vector_rows(op, name, *t);
     }
-    TORCH_CHECK(k.scalar_type() == v.scalar_type() && k.sizes() == v.sizes(), op,
-                ": expected k and v of one dtype and shape, got ", k.scalar_type(), " ", k.sizes(), " and ",
-                v.scalar_type(), " ", v.sizes());
+    TORCH_CHECK_VALUE(k.scalar_type() == v.scalar_type() && k.sizes() == v.sizes(), op,
+                      ": expected k and v of one dtype and shape, got ", k.scalar_type(), " ", k.sizes(), " and ",
+                      v.scalar_type(), " ", v.sizes());
     const int64_t batch = k.size(0), seqlen_new = k.size(1), heads_kv = k.size(2), head_dim = k.size(3);
-    TORCH_CHECK(is_head_dim_supported(head_dim), op, ": expected head_dim 64, 128 or 256, got ", head_dim);
+    TORCH_CHECK_VALUE(is_head_dim_supported(head_dim), op, ": expected head_dim 64, 128 or 256, got ", head_dim);
 
     AppendPrepared prep;
     prep.main = main_pool(op, k_cache, v_cache, block_table, cache_batch_idx, k, batch, head_dim);
     prep.lserve = lserve_heads(op, kv_head_slot, k_ring, v_ring, ring_table, sink, local, k, prep.main, k_cache,
                                batch, head_dim);
-    TORCH_CHECK(prep.lserve.heads_kv == heads_kv, op, ": expected k/v with ", prep.lserve.heads_kv, " heads (",
-                kv_head_slot ? "kv_head_slot's length" : "k_cache's heads", "), got ", heads_kv);
+    TORCH_CHECK_VALUE(prep.lserve.heads_kv == heads_kv, op, ": expected k/v with ", prep.lserve.heads_kv, " heads (",
+                      kv_head_slot ? "kv_head_slot's length" : "k_cache's heads", "), got ", heads_kv);
     for (const auto& [name, t] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}}) {
         check_no_internal_overlap(op, name, *t);
     }
     check_seqlens_tensor(op, seqlens, k, batch);
 
     const bool int8 = k_cache.scalar_type() == at::kChar;
-    TORCH_CHECK(!int8 || (k_scale > 0 && v_scale > 0 && std::isfinite(k_scale) && std::isfinite(v_scale)), op,
-                ": an int8 cache needs finite k_scale, v_scale > 0, got ", k_scale, ", ", v_scale);
-    TORCH_CHECK(int8 || (k_scale == 1.0 && v_scale == 1.0), op, ": k_scale/v_scale quantise into an int8 cache; a ",
-                k_cache.scalar_type(), " cache needs 1.0, got ", k_scale, ", ", v_scale);
+    TORCH_CHECK_VALUE(!int8 || (k_scale > 0 && v_scale > 0 && std::isfinite(k_scale) && std::isfinite(v_scale)), op,
+                      ": an int8 cache needs finite k_scale, v_scale > 0, got ", k_scale, ", ", v_scale);
+    TORCH_CHECK_VALUE(int8 || (k_scale == 1.0 && v_scale == 1.0), op,
+                      ": k_scale/v_scale quantise into an int8 cache; a ",
+                      k_cache.scalar_type(), " cache needs 1.0, got ", k_scale, ", ", v_scale);
 
     decode::AppendParams& p = prep.params;
-    TORCH_CHECK(k_min.has_value() == k_max.has_value(), op, ": pass both k_min and k_max, or neither");
+    TORCH_CHECK_VALUE(k_min.has_value() == k_max.has_value(), op, ": pass both k_min and k_max, or neither");
     if (k_min.has_value()) {
         check_stats("k_min", *k_min, k, prep.main);
         check_stats("k_max", *k_max, k, prep.main);
         p.k_min = k_min->data_ptr<float>();
         p.k_max = k_max->data_ptr<float>();
     }
-    TORCH_CHECK(rotary_cos.has_value() == rotary_sin.has_value(), op,
-                ": pass both rotary_cos and rotary_sin, or neither");
+    TORCH_CHECK_VALUE(rotary_cos.has_value() == rotary_sin.has_value(), op,
+                      ": pass both rotary_cos and rotary_sin, or neither");
     if (rotary_cos.has_value()) {
         const at::Tensor& cos = *rotary_cos;
         const at::Tensor& sin = *rotary_sin;
         for (const auto& [name, t] : {std::pair{"rotary_cos", &cos}, std::pair{"rotary_sin", &sin}}) {
             check_device(op, name, *t, k, "k");
-            TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == k.scalar_type(), op, ": expected ", name,
-                        " to be float32 or k's dtype ", k.scalar_type(), ", got ", t->scalar_type());
-            TORCH_CHECK(t->dim() == 2 && t->size(1) >= 1 && 2 * t->size(1) <= head_dim, op, ": expected ", name,
-                        " of shape [rows, rotary_dim/2] with an even rotary_dim <= head_dim ", head_dim, ", got ",
-                        t->sizes());
-            TORCH_CHECK(t->is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ", t->strides());
+            TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat || t->scalar_type() == k.scalar_type(), op, ": expected ",
+                              name,
+                              " to be float32 or k's dtype ", k.scalar_type(), ", got ", t->scalar_type());
+            TORCH_CHECK_VALUE(t->dim() == 2 && t->size(1) >= 1 && 2 * t->size(1) <= head_dim, op, ": expected ", name,
+                              " of shape [rows, rotary_dim/2] with an even rotary_dim <= head_dim ", head_dim, ", got ",
+                              t->sizes());
+            TORCH_CHECK_VALUE(t->is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ",
+                              t->strides());
         }
-        TORCH_CHECK(cos.sizes() == sin.sizes() && cos.scalar_type() == sin.scalar_type(), op,
-                    ": expected rotary_cos and rotary_sin of one shape and dtype, got ", cos.sizes(), " ",
-                    cos.scalar_type(), " and ", sin.sizes(), " ", sin.scalar_type());
+        TORCH_CHECK_VALUE(cos.sizes() == sin.sizes() && cos.scalar_type() == sin.scalar_type(), op,
+                          ": expected rotary_cos and rotary_sin of one shape and dtype, got ", cos.sizes(), " ",
+                          cos.scalar_type(), " and ", sin.sizes(), " ", sin.scalar_type());
         p.rotary_cos = cos.data_ptr();
         p.rotary_sin = sin.data_ptr();
         p.rotary_rows = int(cos.size(0));
@@ -547,15 +563,16 @@ void check_append_values(const AppendPrepared& prep) {
     for (int b = 0; b < p.batch; ++b) {
         const int64_t old_len = p.seqlens[b];
         const int64_t new_len = old_len + p.seqlen_new;
-        TORCH_CHECK(old_len >= 0 && new_len <= prep.main.capacity, op, ": seqlens[", b, "] = ", old_len, " plus ",
-                    p.seqlen_new, " new tokens must fit in [0, ", prep.main.capacity,
-                    "], the tokens the cache holds per sequence (", prep.main.table.max_pages, " pages of ",
-                    p.table.page_size, ")");
+        TORCH_CHECK_VALUE(old_len >= 0 && new_len <= prep.main.capacity, op, ": seqlens[", b, "] = ", old_len, " plus ",
+                          p.seqlen_new, " new tokens must fit in [0, ", prep.main.capacity,
+                          "], the tokens the cache holds per sequence (", prep.main.table.max_pages, " pages of ",
+                          p.table.page_size, ")");
         if (p.seqlen_new == 0) continue;
         check_pages_in_pool(op, prep.main, b, old_len / p.table.page_size,
                             detail::ceil_div_int(int(new_len), p.table.page_size));
-        TORCH_CHECK(p.rotary_cos == nullptr || new_len <= p.rotary_rows, op, ": sequence ", b, " writes positions up to ",
-                    new_len - 1, " but rotary_cos/sin have ", p.rotary_rows, " rows");
+        TORCH_CHECK_VALUE(p.rotary_cos == nullptr || new_len <= p.rotary_rows, op, ": sequence ", b,
+                          " writes positions up to ",
+                          new_len - 1, " but rotary_cos/sin have ", p.rotary_rows, " rows");
     }
 }
 

@@ -22,16 +22,16 @@ constexpr const char* kOp = "gemm";
 // The shape and layout rules of the CUDA kernel (TMA needs 16-byte aligned bases and row strides),
 // applied on every device so that a call valid on the CPU is valid on the GPU.
 void check_gemm_operand(const char* name, const at::Tensor& t) {
-    TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, kOp, ": expected ", name,
-                " to be bfloat16 or float16, got ", t.scalar_type());
-    TORCH_CHECK(t.dim() == 2, kOp, ": expected ", name, " to be 2-D, got shape ", t.sizes());
-    TORCH_CHECK(t.size(0) % 8 == 0 && t.size(1) % 8 == 0, kOp, ": expected ", name,
-                "'s dims to be multiples of 8, got ", t.sizes());
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, kOp, ": expected ", name,
+                      " to be bfloat16 or float16, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 2, kOp, ": expected ", name, " to be 2-D, got shape ", t.sizes());
+    TORCH_CHECK_VALUE(t.size(0) % 8 == 0 && t.size(1) % 8 == 0, kOp, ": expected ", name,
+                      "'s dims to be multiples of 8, got ", t.sizes());
     if (t.numel() == 0) return;  // no memory to address: strides and alignment do not matter
     check_last_dim_contiguous(kOp, name, t);
-    TORCH_CHECK(t.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, kOp, ": expected ",
-                name, " with a 16-byte aligned start and a row stride that is a multiple of 8 elements, got stride ",
-                t.strides());
+    TORCH_CHECK_VALUE(t.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, kOp, ": expected ",
+                      name, " with a 16-byte aligned start and a row stride that is a multiple of 8 elements, got stride ",
+                      t.strides());
 }
 
 // (M, N, K) of a valid call.
@@ -39,11 +39,12 @@ std::array<int64_t, 3> check_gemm(const at::Tensor& a, const at::Tensor& b, bool
     check_gemm_operand("a", a);
     check_gemm_operand("b", b);
     check_same_device(kOp, "b", b, a);
-    TORCH_CHECK(a.scalar_type() == b.scalar_type(), kOp, ": expected a and b of one dtype, got ", a.scalar_type(),
-                " and ", b.scalar_type());
+    TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type(), kOp, ": expected a and b of one dtype, got ", a.scalar_type(),
+                      " and ", b.scalar_type());
     const int64_t k_b = trans_b ? b.size(1) : b.size(0);
-    TORCH_CHECK(a.size(1) == k_b, kOp, ": a is ", a.sizes(), " but b", trans_b ? " (transposed, [N, K])" : " ([K, N])",
-                " is ", b.sizes(), "; their K differ");
+    TORCH_CHECK_VALUE(a.size(1) == k_b, kOp, ": a is ", a.sizes(), " but b",
+                      trans_b ? " (transposed, [N, K])" : " ([K, N])",
+                      " is ", b.sizes(), "; their K differ");
     return {a.size(0), trans_b ? b.size(0) : b.size(1), a.size(1)};
 }
 

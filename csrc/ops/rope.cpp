@@ -29,14 +29,14 @@ using rope::RotatedTensor;
 RopeTensors rope_tensors(const char* op, const at::Tensor& q, const std::optional<at::Tensor>& k, int64_t rotary_dim,
                          bool allow_3d_q) {
     check_float_dtype(op, "q", q);
-    TORCH_CHECK(q.dim() == 4 || (allow_3d_q && q.dim() == 3), op, ": expected q of shape ",
-                allow_3d_q ? "[B, S, H, D] or [T, H, D]" : "[B, S, H, D]", ", got ", q.sizes());
+    TORCH_CHECK_VALUE(q.dim() == 4 || (allow_3d_q && q.dim() == 3), op, ": expected q of shape ",
+                      allow_3d_q ? "[B, S, H, D] or [T, H, D]" : "[B, S, H, D]", ", got ", q.sizes());
     check_last_dim_contiguous(op, "q", q);
     check_no_internal_overlap(op, "q", q);
     const int64_t head_dim = q.size(-1);
-    TORCH_CHECK(head_dim <= kMaxHeadDim, op, ": expected head_dim <= ", kMaxHeadDim, ", got ", head_dim);
-    TORCH_CHECK(rotary_dim % 2 == 0 && rotary_dim <= head_dim, op, ": expected an even rotary dim <= head_dim ",
-                head_dim, ", got ", rotary_dim);
+    TORCH_CHECK_VALUE(head_dim <= kMaxHeadDim, op, ": expected head_dim <= ", kMaxHeadDim, ", got ", head_dim);
+    TORCH_CHECK_VALUE(rotary_dim % 2 == 0 && rotary_dim <= head_dim, op, ": expected an even rotary dim <= head_dim ",
+                      head_dim, ", got ", rotary_dim);
 
     const bool batched = q.dim() == 4;
     const auto describe = [&](const at::Tensor& t) {
@@ -53,18 +53,18 @@ RopeTensors rope_tensors(const char* op, const at::Tensor& q, const std::optiona
     if (k.has_value()) {
         const at::Tensor& kt = *k;
         check_same_device(op, "k", kt, q);
-        TORCH_CHECK(kt.scalar_type() == q.scalar_type(), op, ": expected k to have q's dtype ", q.scalar_type(),
-                    ", got ", kt.scalar_type());
-        TORCH_CHECK(kt.dim() == q.dim() && kt.size(-1) == head_dim && kt.size(-3) == q.size(-3) &&
+        TORCH_CHECK_VALUE(kt.scalar_type() == q.scalar_type(), op, ": expected k to have q's dtype ", q.scalar_type(),
+                          ", got ", kt.scalar_type());
+        TORCH_CHECK_VALUE(kt.dim() == q.dim() && kt.size(-1) == head_dim && kt.size(-3) == q.size(-3) &&
                         (!batched || kt.size(0) == q.size(0)),
-                    op, ": expected k with q's token dims and head_dim (q ", q.sizes(), "), got ", kt.sizes());
+                          op, ": expected k with q's token dims and head_dim (q ", q.sizes(), "), got ", kt.sizes());
         check_last_dim_contiguous(op, "k", kt);
         check_no_internal_overlap(op, "k", kt);
         // Strided views (q and k sliced out of one qkv buffer) come back TooHard; only a proven
         // overlap is an error.
         const at::MemOverlapStatus overlap = at::get_overlap_status(q, kt);
-        TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
-                    ": q and k overlap in memory; each would be rotated twice");
+        TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
+                          ": q and k overlap in memory; each would be rotated twice");
         x.k = describe(kt);
     }
     return x;
@@ -75,15 +75,17 @@ rope::Rope1dParams rope_1d_params(const at::Tensor& q, const std::optional<at::T
     constexpr const char* op = "apply_rope_";
     for (const auto& [name, table] : {std::pair{"cos", &cos}, std::pair{"sin", &sin}}) {
         check_same_device(op, name, *table, q);
-        TORCH_CHECK(table->dim() == 2, op, ": expected ", name, " of shape [max_pos, rotary_dim/2], got ", table->sizes());
-        TORCH_CHECK(table->scalar_type() == at::kFloat || table->scalar_type() == q.scalar_type(), op, ": expected ",
-                    name, " to be float32 or q's dtype ", q.scalar_type(), ", got ", table->scalar_type());
+        TORCH_CHECK_VALUE(table->dim() == 2, op, ": expected ", name, " of shape [max_pos, rotary_dim/2], got ",
+                          table->sizes());
+        TORCH_CHECK_VALUE(table->scalar_type() == at::kFloat || table->scalar_type() == q.scalar_type(), op,
+                          ": expected ",
+                          name, " to be float32 or q's dtype ", q.scalar_type(), ", got ", table->scalar_type());
         check_last_dim_contiguous(op, name, *table);
     }
-    TORCH_CHECK(cos.sizes() == sin.sizes() && cos.scalar_type() == sin.scalar_type(), op,
-                ": expected cos and sin of one shape and dtype, got ", cos.sizes(), " ", cos.scalar_type(), " and ",
-                sin.sizes(), " ", sin.scalar_type());
-    TORCH_CHECK(cos.size(1) >= 1, op, ": expected cos/sin with at least one column, got ", cos.sizes());
+    TORCH_CHECK_VALUE(cos.sizes() == sin.sizes() && cos.scalar_type() == sin.scalar_type(), op,
+                      ": expected cos and sin of one shape and dtype, got ", cos.sizes(), " ", cos.scalar_type(), " and ",
+                      sin.sizes(), " ", sin.scalar_type());
+    TORCH_CHECK_VALUE(cos.size(1) >= 1, op, ": expected cos/sin with at least one column, got ", cos.sizes());
 
     rope::Rope1dParams p;
     p.x = rope_tensors(op, q, k, 2 * cos.size(1), /*allow_3d_q=*/true);
@@ -97,19 +99,19 @@ rope::Rope1dParams rope_1d_params(const at::Tensor& q, const std::optional<at::T
     if (positions.has_value()) {
         const at::Tensor& pos = *positions;
         check_same_device(op, "positions", pos, q);
-        TORCH_CHECK(pos.scalar_type() == at::kInt || pos.scalar_type() == at::kLong, op,
-                    ": expected positions to be int32 or int64, got ", pos.scalar_type());
+        TORCH_CHECK_VALUE(pos.scalar_type() == at::kInt || pos.scalar_type() == at::kLong, op,
+                          ": expected positions to be int32 or int64, got ", pos.scalar_type());
         const bool per_batch = pos.dim() == 2;
-        TORCH_CHECK((pos.dim() == 1 && pos.size(0) == p.x.seqlen) ||
+        TORCH_CHECK_VALUE((pos.dim() == 1 && pos.size(0) == p.x.seqlen) ||
                         (per_batch && q.dim() == 4 && pos.size(0) == p.x.batch && pos.size(1) == p.x.seqlen),
-                    op, ": expected positions of shape [S] or [B, S] matching q ", q.sizes(), ", got ", pos.sizes());
-        TORCH_CHECK(pos.is_contiguous(), op, ": expected contiguous positions");
+                          op, ": expected positions of shape [S] or [B, S] matching q ", q.sizes(), ", got ", pos.sizes());
+        TORCH_CHECK_VALUE(pos.is_contiguous(), op, ": expected contiguous positions");
         p.positions = pos.data_ptr();
         p.positions_int64 = pos.scalar_type() == at::kLong;
         p.positions_batch_stride = per_batch ? pos.stride(0) : 0;
     } else {
-        TORCH_CHECK(p.x.seqlen <= p.table_rows, op, ": seqlen ", p.x.seqlen, " exceeds the ", p.table_rows,
-                    " rows of cos/sin (pass positions to pick rows)");
+        TORCH_CHECK_VALUE(p.x.seqlen <= p.table_rows, op, ": seqlen ", p.x.seqlen, " exceeds the ", p.table_rows,
+                          " rows of cos/sin (pass positions to pick rows)");
     }
     return p;
 }
@@ -117,9 +119,9 @@ rope::Rope1dParams rope_1d_params(const at::Tensor& q, const std::optional<at::T
 rope::Rope3dParams rope_3d_params(const at::Tensor& q, const std::optional<at::Tensor>& k, at::IntArrayRef grid_thw,
                                   const at::Tensor& freqs_t, const at::Tensor& freqs_h, const at::Tensor& freqs_w) {
     constexpr const char* op = "apply_rope_3d_";
-    TORCH_CHECK(grid_thw.size() == 3, op, ": expected grid_thw = (T, H, W), got ", grid_thw);
-    TORCH_CHECK(grid_thw[0] > 0 && grid_thw[1] > 0 && grid_thw[2] > 0, op, ": expected a positive grid_thw, got ",
-                grid_thw);
+    TORCH_CHECK_VALUE(grid_thw.size() == 3, op, ": expected grid_thw = (T, H, W), got ", grid_thw);
+    TORCH_CHECK_VALUE(grid_thw[0] > 0 && grid_thw[1] > 0 && grid_thw[2] > 0, op, ": expected a positive grid_thw, got ",
+                      grid_thw);
 
     rope::Rope3dParams p;
     const at::Tensor* tables[3] = {&freqs_t, &freqs_h, &freqs_w};
@@ -128,13 +130,14 @@ rope::Rope3dParams rope_3d_params(const at::Tensor& q, const std::optional<at::T
     for (int axis = 0; axis < 3; ++axis) {
         const at::Tensor& table = *tables[axis];
         check_same_device(op, names[axis], table, q);
-        TORCH_CHECK(table.scalar_type() == at::kFloat && table.dim() == 3 && table.size(2) == 2, op, ": expected ",
-                    names[axis], " as complex [L, d/2] or float32 [L, d/2, 2], got ", table.scalar_type(), " ",
-                    table.sizes());
-        TORCH_CHECK(table.stride(2) == 1 && table.stride(1) == 2, op, ": expected ", names[axis],
-                    " with contiguous (cos, sin) pairs, got strides ", table.strides());
-        TORCH_CHECK(table.size(0) >= grid_thw[axis], op, ": ", names[axis], " has ", table.size(0),
-                    " rows but the grid needs ", grid_thw[axis]);
+        TORCH_CHECK_VALUE(table.scalar_type() == at::kFloat && table.dim() == 3 && table.size(2) == 2, op,
+                          ": expected ",
+                          names[axis], " as complex [L, d/2] or float32 [L, d/2, 2], got ", table.scalar_type(), " ",
+                          table.sizes());
+        TORCH_CHECK_VALUE(table.stride(2) == 1 && table.stride(1) == 2, op, ": expected ", names[axis],
+                          " with contiguous (cos, sin) pairs, got strides ", table.strides());
+        TORCH_CHECK_VALUE(table.size(0) >= grid_thw[axis], op, ": ", names[axis], " has ", table.size(0),
+                          " rows but the grid needs ", grid_thw[axis]);
         p.table[axis] = table.data_ptr<float>();
         p.table_row_stride[axis] = table.stride(0);
         p.pairs[axis] = static_cast<int>(table.size(1));
@@ -142,8 +145,8 @@ rope::Rope3dParams rope_3d_params(const at::Tensor& q, const std::optional<at::T
         rotary_dim += 2 * table.size(1);
     }
     p.x = rope_tensors(op, q, k, rotary_dim, /*allow_3d_q=*/false);
-    TORCH_CHECK(grid_thw[0] * grid_thw[1] * grid_thw[2] == p.x.seqlen, op, ": grid_thw ", grid_thw, " has ",
-                grid_thw[0] * grid_thw[1] * grid_thw[2], " tokens but q has seqlen ", p.x.seqlen);
+    TORCH_CHECK_VALUE(grid_thw[0] * grid_thw[1] * grid_thw[2] == p.x.seqlen, op, ": grid_thw ", grid_thw, " has ",
+                      grid_thw[0] * grid_thw[1] * grid_thw[2], " tokens but q has seqlen ", p.x.seqlen);
     return p;
 }
 
@@ -156,8 +159,8 @@ void apply_rope_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, con
     if (positions.has_value() && positions->numel() > 0) {
         const int64_t lo = positions->min().item<int64_t>();
         const int64_t hi = positions->max().item<int64_t>();
-        TORCH_CHECK(lo >= 0 && hi < p.table_rows, "apply_rope_: expected positions in [0, ", p.table_rows,
-                    ") (the rows of cos/sin), got values in [", lo, ", ", hi, "]");
+        TORCH_CHECK_VALUE(lo >= 0 && hi < p.table_rows, "apply_rope_: expected positions in [0, ", p.table_rows,
+                          ") (the rows of cos/sin), got values in [", lo, ", ", hi, "]");
     }
     cpu::rope_1d(p);
 }

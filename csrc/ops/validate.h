@@ -1,5 +1,6 @@
 // Input checks shared by every binding. Each message names the op and the argument, and says what
-// was expected and what was received.
+// was expected and what was received. A refused argument throws c10::ValueError (Python ValueError,
+// which the Python API raises as tkpy.ArgumentError); a failed launch, c10::Error (RuntimeError).
 #pragma once
 
 #include <ATen/MemoryOverlap.h>
@@ -21,32 +22,32 @@ inline DType to_dtype(at::ScalarType t) {
         case at::kBFloat16: return DType::bf16;
         case at::kHalf: return DType::fp16;
         case at::kFloat: return DType::fp32;
-        default: TORCH_CHECK(false, "tkpy: no kernel for dtype ", t);
+        default: TORCH_CHECK_VALUE(false, "tkpy: no kernel for dtype ", t);
     }
 }
 
 inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
     const auto s = t.scalar_type();
-    TORCH_CHECK(s == at::kBFloat16 || s == at::kHalf || s == at::kFloat, op, ": expected ", name,
-                " to be bfloat16, float16 or float32, got ", s);
+    TORCH_CHECK_VALUE(s == at::kBFloat16 || s == at::kHalf || s == at::kFloat, op, ": expected ", name,
+                      " to be bfloat16, float16 or float32, got ", s);
 }
 
 inline void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
-    TORCH_CHECK(t.dim() >= 1 && (t.stride(-1) == 1 || t.size(-1) <= 1), op, ": expected ", name,
-                " to have a contiguous last dim (stride 1), got strides ", t.strides(),
-                "; call .contiguous() first");
+    TORCH_CHECK_VALUE(t.dim() >= 1 && (t.stride(-1) == 1 || t.size(-1) <= 1), op, ": expected ", name,
+                      " to have a contiguous last dim (stride 1), got strides ", t.strides(),
+                      "; call .contiguous() first");
 }
 
 // An in-place op on an expanded (broadcast) view would write one element several times.
 inline void check_no_internal_overlap(const char* op, const char* name, const at::Tensor& t) {
-    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
-                " has elements that share memory (an expanded view?); pass a tensor that owns each element, "
-                "e.g. .clone()");
+    TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
+                      " has elements that share memory (an expanded view?); pass a tensor that owns each element, "
+                      "e.g. .clone()");
 }
 
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
-    TORCH_CHECK(t.device() == q.device(), op, ": expected ", name, " on q's device ", q.device(), ", got ",
-                t.device());
+    TORCH_CHECK_VALUE(t.device() == q.device(), op, ": expected ", name, " on q's device ", q.device(), ", got ",
+                      t.device());
 }
 
 // A window edge (-1 unbounded) as the params structs hold it: edges wider than any sequence are

@@ -4,12 +4,14 @@ from . import _ops, lserve, riflex, rope
 from ._ops import cuda_compiled
 from .attention import flash_attn_func, flash_attn_varlen_func
 from .block_sparse import block_sparse_attn_func, block_streaming_attn_func, token_streaming_attn_func
+from .errors import ArgumentError
 from .kvcache import flash_attn_with_kvcache
 from .matmul import gemm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "block_sparse_attn_func",
     "block_streaming_attn_func",
     "cuda_compiled",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import ArgumentError
+
 try:
     from . import _C  # noqa: F401  (static initialisers register torch.ops.tkpy)
 except ImportError as exc:  # pragma: no cover - only hit on a broken install
@@ -24,12 +26,23 @@ def cuda_compiled() -> bool:
     return bool(_C.cuda_enabled)
 
 
+def call(op: str, *args):
+    """``torch.ops.tkpy.<op>(*args)``, with a refused argument (the bindings' ValueError) raised as
+    :class:`ArgumentError`, so that it is also a RuntimeError like flash-attn's."""
+    try:
+        return getattr(torch.ops.tkpy, op)(*args)
+    except ArgumentError:
+        raise
+    except ValueError as exc:
+        raise ArgumentError(str(exc)) from None
+
+
 def _check_same_device(op: str, q: torch.Tensor, **others) -> None:
     # The compiled kernels check this too; the fakes repeat it so that a traced graph (and a call
     # on meta tensors) fails the same way instead of passing silently.
     for name, t in others.items():
         if t is not None and t.device != q.device:
-            raise RuntimeError(f"{op}: expected {name} on q's device {q.device}, got {t.device}")
+            raise ArgumentError(f"{op}: expected {name} on q's device {q.device}, got {t.device}")
 
 
 @torch.library.register_fake("tkpy::apply_rope_")
@@ -46,7 +59,7 @@ def _apply_rope_3d_fake(q, k, grid_thw, freqs_t, freqs_h, freqs_w):
 def _gemm_fake(a, b, trans_b=False):
     _check_same_device("gemm", a, b=b)
     if a.dim() != 2 or b.dim() != 2:
-        raise RuntimeError(f"gemm: expected 2-D a and b, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ArgumentError(f"gemm: expected 2-D a and b, got {tuple(a.shape)} and {tuple(b.shape)}")
     return a.new_empty((a.shape[0], b.shape[0] if trans_b else b.shape[1]))
 
 
@@ -80,7 +93,7 @@ def _decode_attention_fake(q, k_cache, v_cache, block_table, seqlens, cache_batc
                        v_ring=v_ring, ring_table=ring_table, page_indices=page_indices, page_counts=page_counts,
                        head_bits=head_bits)
     if q.dim() != 4:
-        raise RuntimeError(f"decode_attention: expected q to be 4-D [batch, seqlen_q, heads_q, head_dim], got {tuple(q.shape)}")
+        raise ArgumentError(f"decode_attention: expected q to be 4-D [batch, seqlen_q, heads_q, head_dim], got {tuple(q.shape)}")
     # q [B, Sq, Hq, D] -> out like q, lse [B, Hq, Sq]
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 

@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from . import _ops  # noqa: F401  (registers torch.ops.tkpy)
+from . import _ops
+from .errors import ArgumentError
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 
@@ -21,9 +22,9 @@ def _window(causal: bool, window_size) -> tuple[int, int]:
     try:
         left, right = (int(w) for w in window_size)
     except (TypeError, ValueError):
-        raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}") from None
+        raise ArgumentError(f"window_size must be a pair of ints (left, right), got {window_size!r}") from None
     if left < -1 or right < -1:
-        raise ValueError(f"window_size entries must be >= -1 (-1 is unbounded), got {window_size!r}")
+        raise ArgumentError(f"window_size entries must be >= -1 (-1 is unbounded), got {window_size!r}")
     # flash-attn: causal is a window whose right edge is the diagonal.
     return left, 0 if causal else right
 
@@ -42,7 +43,7 @@ def _check_cu_seqlens(name: str, cu, q: torch.Tensor, total: int, max_seqlen: in
     sequence longer than max_seqlen. Reading them costs a host sync on CUDA, so it is skipped
     while a CUDA graph is being captured and while torch.compile traces."""
     if cu is None:
-        raise ValueError(f"flash_attn_varlen_func: {name} is required (int32 [batch + 1])")
+        raise ArgumentError(f"flash_attn_varlen_func: {name} is required (int32 [batch + 1])")
     if not isinstance(cu, torch.Tensor) or cu.device != q.device or q.dim() != 3:
         return  # the op reports type, device and rank errors itself, with their names
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
@@ -52,11 +53,11 @@ def _check_cu_seqlens(name: str, cu, q: torch.Tensor, total: int, max_seqlen: in
     lengths = cu[1:] - cu[:-1]
     first, last, shortest, longest = torch.stack([cu[0], cu[-1], lengths.min(), lengths.max()]).tolist()
     if first != 0 or last != total or shortest < 0:
-        raise ValueError(
+        raise ArgumentError(
             f"{name} must start at 0, never decrease and end at the packed length {total}; got {cu.tolist()}"
         )
     if longest > max_seqlen:
-        raise ValueError(f"{name} has a sequence of {longest} tokens but max_seqlen is {max_seqlen}")
+        raise ArgumentError(f"{name} has a sequence of {longest} tokens but max_seqlen is {max_seqlen}")
 
 
 def _scale(q: torch.Tensor, softmax_scale: Optional[float]) -> float:
@@ -107,8 +108,8 @@ def flash_attn_func(
     """
     _refuse_unimplemented("flash_attn_func", dropout_p, alibi_slopes)
     left, right = _window(causal, window_size)
-    out, lse = torch.ops.tkpy.attention_forward(
-        q, k, v, None, None, 0, 0, _scale(q, softmax_scale), left, right, float(softcap)
+    out, lse = _ops.call(
+        "attention_forward", q, k, v, None, None, 0, 0, _scale(q, softmax_scale), left, right, float(softcap)
     )
     return (out, lse, None) if return_attn_probs else out
 
@@ -151,8 +152,8 @@ def flash_attn_varlen_func(
     left, right = _window(causal, window_size)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q, q.shape[0], int(max_seqlen_q))
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q, k.shape[0], int(max_seqlen_k))
-    out, lse = torch.ops.tkpy.attention_forward(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+    out, lse = _ops.call(
+        "attention_forward", q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
         _scale(q, softmax_scale), left, right, float(softcap),
     )
     return (out, lse, None) if return_attn_probs else out

@@ -14,8 +14,9 @@ from typing import Optional
 
 import torch
 
-from . import _ops  # noqa: F401  (registers torch.ops.tkpy)
+from . import _ops
 from .attention import _check_cu_seqlens
+from .errors import ArgumentError
 
 __all__ = ["block_sparse_attn_func", "block_streaming_attn_func", "token_streaming_attn_func", "block_lists", "plan",
            "lse_per_sequence"]
@@ -65,23 +66,23 @@ def _host_checks_allowed(t: torch.Tensor) -> bool:
 def _check_heads(fn: str, q: torch.Tensor, head_mask_type, streaming_info, base_blockmask, allowed_types) -> None:
     heads = q.shape[-2]
     if not isinstance(head_mask_type, torch.Tensor) or head_mask_type.shape != (heads,):
-        raise ValueError(f"{fn}: head_mask_type must be an int32 Tensor [{heads}] (one type per query head)")
+        raise ArgumentError(f"{fn}: head_mask_type must be an int32 Tensor [{heads}] (one type per query head)")
     if not isinstance(streaming_info, torch.Tensor) or streaming_info.shape != (2 * heads,):
-        raise ValueError(f"{fn}: streaming_info must be an int32 Tensor [{2 * heads}] ((sink, local) per head)")
+        raise ArgumentError(f"{fn}: streaming_info must be an int32 Tensor [{2 * heads}] ((sink, local) per head)")
     if not _host_checks_allowed(head_mask_type) or head_mask_type.device != q.device:
         return  # the op reports device and dtype errors itself
     types = head_mask_type.tolist()
     bad = sorted({t for t in types if t not in allowed_types})
     if bad:
-        raise ValueError(f"{fn}: head_mask_type values must be in {sorted(allowed_types)}, got {bad}")
+        raise ArgumentError(f"{fn}: head_mask_type values must be in {sorted(allowed_types)}, got {bad}")
     if streaming_info.device == q.device and min(streaming_info.tolist()) < 0:
-        raise ValueError(f"{fn}: streaming_info (sink, local) sizes must be >= 0, got {streaming_info.tolist()}")
+        raise ArgumentError(f"{fn}: streaming_info (sink, local) sizes must be >= 0, got {streaming_info.tolist()}")
     n_sparse = types.count(1)
     if base_blockmask is None:
         if n_sparse:
-            raise ValueError(f"{fn}: {n_sparse} heads are block-sparse (type 1) but base_blockmask is None")
+            raise ArgumentError(f"{fn}: {n_sparse} heads are block-sparse (type 1) but base_blockmask is None")
     elif base_blockmask.dim() != 4 or base_blockmask.shape[1] != n_sparse:
-        raise ValueError(
+        raise ArgumentError(
             f"{fn}: base_blockmask must be [batch, n_sparse_heads={n_sparse}, ceil(Sq/128), ceil(Sk/128)], "
             f"got {tuple(base_blockmask.shape)}"
         )
@@ -92,7 +93,7 @@ def _run(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info
     if p_dropout != 0.0:
         raise NotImplementedError(f"{fn}: p_dropout={p_dropout} is not implemented; use 0.0")
     if not isinstance(cu_seqlens_q, torch.Tensor) or not isinstance(cu_seqlens_k, torch.Tensor):
-        raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must be int32 Tensors [batch + 1]")
+        raise ArgumentError(f"{fn}: cu_seqlens_q and cu_seqlens_k must be int32 Tensors [batch + 1]")
     if streaming_info is None:
         streaming_info = torch.zeros(2 * q.shape[-2], dtype=torch.int32, device=q.device)
     # Sequence lengths index the block lists: they must be within max_seqlen, or the plan would
@@ -102,13 +103,14 @@ def _run(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info
     _check_heads(fn, q, head_mask_type, streaming_info, base_blockmask, allowed_types)
     if base_blockmask is not None:
         if base_blockmask.device != q.device:
-            raise ValueError(f"{fn}: base_blockmask must be on q's device {q.device}, got {base_blockmask.device}")
+            raise ArgumentError(f"{fn}: base_blockmask must be on q's device {q.device}, got {base_blockmask.device}")
         expected = (cu_seqlens_q.numel() - 1, base_blockmask.shape[1], math.ceil(max_seqlen_q / BLOCK), math.ceil(max_seqlen_k / BLOCK))
         if base_blockmask.dtype != torch.bool or tuple(base_blockmask.shape) != expected:
-            raise ValueError(f"{fn}: base_blockmask must be bool {list(expected)}, got {base_blockmask.dtype} {list(base_blockmask.shape)}")
+            raise ArgumentError(f"{fn}: base_blockmask must be bool {list(expected)}, got {base_blockmask.dtype} {list(base_blockmask.shape)}")
     sparse_index, indices, counts = plan(head_mask_type, base_blockmask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    out, lse = torch.ops.tkpy.block_sparse_attention_forward(
+    out, lse = _ops.call(
+        "block_sparse_attention_forward",
         q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, sparse_index,
         indices, counts, int(max_seqlen_q), int(max_seqlen_k), scale, bool(is_causal), bool(exact_streaming),
     )

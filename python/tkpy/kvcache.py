@@ -12,9 +12,10 @@ from typing import Optional
 
 import torch
 
-from . import _ops  # noqa: F401  (registers torch.ops.tkpy)
+from . import _ops
 from .attention import _scale, _window
 from .block_sparse import _host_checks_allowed
+from .errors import ArgumentError
 from .rope import apply_rope_
 
 __all__ = ["flash_attn_with_kvcache"]
@@ -24,7 +25,7 @@ def _require_tensor(fn: str, name: str, t, dims: int, layout: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a Tensor {layout}, got {type(t).__name__}")
     if t.dim() != dims:
-        raise ValueError(f"{fn}: {name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
+        raise ArgumentError(f"{fn}: {name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
 
 
 def _seqlens_tensor(fn: str, cache_seqlens, batch: int, device: torch.device) -> torch.Tensor:
@@ -33,12 +34,12 @@ def _seqlens_tensor(fn: str, cache_seqlens, batch: int, device: torch.device) ->
         raise TypeError(f"{fn}: cache_seqlens must be an int or an int32 Tensor [{batch}], got {type(cache_seqlens).__name__}")
     if isinstance(cache_seqlens, int):
         if cache_seqlens < 0:
-            raise ValueError(f"{fn}: cache_seqlens must be >= 0, got {cache_seqlens}")
+            raise ArgumentError(f"{fn}: cache_seqlens must be >= 0, got {cache_seqlens}")
         return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
     if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"{fn}: cache_seqlens must be int32, got {cache_seqlens.dtype}")
+        raise ArgumentError(f"{fn}: cache_seqlens must be int32, got {cache_seqlens.dtype}")
     if cache_seqlens.shape != (batch,):
-        raise ValueError(f"{fn}: cache_seqlens must be [batch={batch}], got shape {tuple(cache_seqlens.shape)}")
+        raise ArgumentError(f"{fn}: cache_seqlens must be [batch={batch}], got shape {tuple(cache_seqlens.shape)}")
     return cache_seqlens
 
 
@@ -68,9 +69,9 @@ def check_cache_values(fn: str, seqlens: torch.Tensor, new_tokens: int, capacity
     values = torch.stack([c.long() for c in checks]).tolist()
     shortest, longest = values[0], values[1]
     if shortest < 0:
-        raise ValueError(f"{fn}: cache_seqlens must be >= 0, got {seqlens.tolist()}")
+        raise ArgumentError(f"{fn}: cache_seqlens must be >= 0, got {seqlens.tolist()}")
     if longest > capacity:
-        raise ValueError(
+        raise ArgumentError(
             f"{fn}: a sequence would hold {longest} tokens (cache_seqlens + {new_tokens} new) but the cache holds "
             f"at most {capacity} per sequence (block_table columns x page_size, or the cache's seqlen)"
         )
@@ -78,7 +79,7 @@ def check_cache_values(fn: str, seqlens: torch.Tensor, new_tokens: int, capacity
     if block_table is not None:
         if values[index]:
             b, n = (int(i) for i in out_of_pool.nonzero()[0].tolist())
-            raise ValueError(
+            raise ArgumentError(
                 f"{fn}: block_table[{b}, {n}] = {int(block_table[b, n])} is outside the pool of {num_pages} pages "
                 f"(page {n} holds tokens of sequence {b})"
             )
@@ -86,10 +87,10 @@ def check_cache_values(fn: str, seqlens: torch.Tensor, new_tokens: int, capacity
     if cache_batch_idx is not None:
         low, high = values[index], values[index + 1]
         if low < 0 or high >= cache_rows:
-            raise ValueError(f"{fn}: cache_batch_idx entries must be in [0, {cache_rows}), got {cache_batch_idx.tolist()}")
+            raise ArgumentError(f"{fn}: cache_batch_idx entries must be in [0, {cache_rows}), got {cache_batch_idx.tolist()}")
         index += 2
     if ring_table is not None and values[index]:
-        raise ValueError(f"{fn}: ring_table entries must be in [0, {ring_pool_pages}) (the ring pool's pages)")
+        raise ArgumentError(f"{fn}: ring_table entries must be in [0, {ring_pool_pages}) (the ring pool's pages)")
 
 
 def _q_rotary_positions(cache_seqlens: torch.Tensor, seqlen_q: int, progressive: bool) -> torch.Tensor:
@@ -183,36 +184,36 @@ def flash_attn_with_kvcache(
     if alibi_slopes is not None:
         raise NotImplementedError(f"{fn}: alibi_slopes are not implemented yet")
     if (k is None) != (v is None):
-        raise ValueError(f"{fn}: pass both k and v (the tokens to append), or neither")
+        raise ArgumentError(f"{fn}: pass both k and v (the tokens to append), or neither")
     if (rotary_cos is None) != (rotary_sin is None):
-        raise ValueError(f"{fn}: pass both rotary_cos and rotary_sin, or neither")
+        raise ArgumentError(f"{fn}: pass both rotary_cos and rotary_sin, or neither")
     if rotary_cos is not None and k is None:
-        raise ValueError(f"{fn}: rotary_cos/rotary_sin rotate the appended keys: they need k and v")
+        raise ArgumentError(f"{fn}: rotary_cos/rotary_sin rotate the appended keys: they need k and v")
     _require_tensor(fn, "q", q, 4, "[batch, seqlen_q, heads_q, head_dim]")
     layout = "[num_pages, page_size, heads_kv, head_dim]" if block_table is not None else "[batch_cache, seqlen_cache, heads_kv, head_dim]"
     _require_tensor(fn, "k_cache", k_cache, 4, layout)
     _require_tensor(fn, "v_cache", v_cache, 4, layout)
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if cache.dtype != q.dtype:
-            raise TypeError(f"{fn}: {name} must have q's dtype {q.dtype}, got {cache.dtype} (INT8 caches: tkpy.lserve)")
+            raise ArgumentError(f"{fn}: {name} must have q's dtype {q.dtype}, got {cache.dtype} (INT8 caches: tkpy.lserve)")
     if block_table is not None:
         if cache_batch_idx is not None:
-            raise ValueError(f"{fn}: a paged cache (block_table) does not take cache_batch_idx")
+            raise ArgumentError(f"{fn}: a paged cache (block_table) does not take cache_batch_idx")
         _require_tensor(fn, "block_table", block_table, 2, "[batch, max_pages]")
         if block_table.dtype != torch.int32:
-            raise TypeError(f"{fn}: block_table must be int32, got {block_table.dtype}")
+            raise ArgumentError(f"{fn}: block_table must be int32, got {block_table.dtype}")
         capacity = block_table.shape[1] * k_cache.shape[1]
     else:
         capacity = k_cache.shape[1]
     if cache_batch_idx is not None:
         _require_tensor(fn, "cache_batch_idx", cache_batch_idx, 1, "[batch]")
         if cache_batch_idx.dtype != torch.int32:
-            raise TypeError(f"{fn}: cache_batch_idx must be int32, got {cache_batch_idx.dtype}")
+            raise ArgumentError(f"{fn}: cache_batch_idx must be int32, got {cache_batch_idx.dtype}")
     batch, seqlen_q = q.shape[0], q.shape[1]
     new_tokens = 0
     if k is not None:
         if cache_seqlens is None:
-            raise ValueError(f"{fn}: appending k/v needs cache_seqlens (where the new tokens go)")
+            raise ArgumentError(f"{fn}: appending k/v needs cache_seqlens (where the new tokens go)")
         _require_tensor(fn, "k", k, 4, "[batch, seqlen_new, heads_kv, head_dim]")
         _require_tensor(fn, "v", v, 4, "[batch, seqlen_new, heads_kv, head_dim]")
         new_tokens = k.shape[1]
@@ -234,7 +235,8 @@ def flash_attn_with_kvcache(
     )
 
     if k is not None:
-        torch.ops.tkpy.kv_append_(
+        _ops.call(
+            "kv_append_",
             k_cache, v_cache, k, v, block_table, seqlens_before, cache_batch_idx, None, None, rotary_cos,
             rotary_sin, bool(rotary_interleaved), 1.0, 1.0, None, None, None, None, 0, 0,
         )
@@ -247,7 +249,8 @@ def flash_attn_with_kvcache(
         q = q.clone(memory_format=torch.contiguous_format)
         apply_rope_(q, None, rotary_cos, rotary_sin, _q_rotary_positions(seqlens_before, seqlen_q, progressive),
                     interleaved=bool(rotary_interleaved))
-    out, lse = torch.ops.tkpy.decode_attention(
+    out, lse = _ops.call(
+        "decode_attention",
         q, k_cache, v_cache, block_table, seqlens, cache_batch_idx, None, None, None, None, 0, 0, None, None, None,
         1.0, 1.0, _scale(q, softmax_scale), left, right, float(softcap), int(num_splits),
     )

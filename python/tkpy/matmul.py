@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ops  # noqa: F401  (registers torch.ops.tkpy)
+from . import _ops
 
 __all__ = ["gemm"]
 
@@ -24,4 +24,4 @@ def gemm(a: torch.Tensor, b: torch.Tensor, trans_b: bool = False) -> torch.Tenso
     -------
     Tensor ``[M, N]`` in a's dtype.
     """
-    return torch.ops.tkpy.gemm(a, b, trans_b)
+    return _ops.call("gemm", a, b, trans_b)

@@ -18,6 +18,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .errors import ArgumentError
+
 __all__ = [
     "identify_k",
     "get_1d_rotary_pos_embed_riflex",
@@ -53,9 +55,9 @@ def identify_k(b: float, d: int, N: int) -> tuple[int, int]:
         The first closest wins on ties. HunyuanVideo: ``identify_k(256, 16, 48) == (4, 50)``.
     """
     if d < 2 or d % 2:
-        raise ValueError(f"identify_k: d must be a positive even number of dims, got {d}")
+        raise ArgumentError(f"identify_k: d must be a positive even number of dims, got {d}")
     if b <= 1:
-        raise ValueError(f"identify_k: the RoPE base b must be > 1, got {b}")
+        raise ArgumentError(f"identify_k: the RoPE base b must be > 1, got {b}")
     periods = _periods(b, d)
     distances = [abs(n_j - N) for n_j in periods]
     k = distances.index(min(distances)) + 1
@@ -90,7 +92,7 @@ def get_1d_rotary_pos_embed_riflex(
         ``0.9 · 2π / L_test``.
     """
     if dim <= 0 or dim % 2:
-        raise ValueError(f"get_1d_rotary_pos_embed_riflex: dim must be a positive even number, got {dim}")
+        raise ArgumentError(f"get_1d_rotary_pos_embed_riflex: dim must be a positive even number, got {dim}")
     if isinstance(pos, int):
         pos = torch.arange(pos)
     elif isinstance(pos, np.ndarray):
@@ -101,9 +103,9 @@ def get_1d_rotary_pos_embed_riflex(
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, device=pos.device)[: dim // 2].float() / dim))
     if k is not None:
         if not 1 <= k <= dim // 2:
-            raise ValueError(f"get_1d_rotary_pos_embed_riflex: k must be in [1, {dim // 2}], got {k}")
+            raise ArgumentError(f"get_1d_rotary_pos_embed_riflex: k must be in [1, {dim // 2}], got {k}")
         if L_test is None or L_test <= 0:
-            raise ValueError(f"get_1d_rotary_pos_embed_riflex: k={k} needs a positive L_test, got {L_test}")
+            raise ArgumentError(f"get_1d_rotary_pos_embed_riflex: k={k} needs a positive L_test, got {L_test}")
         freqs[k - 1] = 0.9 * 2 * math.pi / L_test
 
     angles = torch.outer(pos, freqs)  # [S, dim/2]
@@ -147,28 +149,28 @@ def axis_split(model: str, head_dim: int) -> AxisSplit:
     """
     model = model.lower()
     if head_dim <= 0:
-        raise ValueError(f"axis_split: head_dim must be positive, got {head_dim}")
+        raise ArgumentError(f"axis_split: head_dim must be positive, got {head_dim}")
     if model == "cogvideox":
         if head_dim % 8:
-            raise ValueError(f"axis_split: CogVideoX needs head_dim % 8 == 0, got {head_dim}")
+            raise ArgumentError(f"axis_split: CogVideoX needs head_dim % 8 == 0, got {head_dim}")
         return AxisSplit(head_dim // 4, head_dim // 8 * 3, head_dim // 8 * 3, 10000.0, 2)
     if model == "hunyuanvideo":
         if head_dim != 128:
-            raise ValueError(f"axis_split: HunyuanVideo's split (16, 56, 56) needs head_dim 128, got {head_dim}")
+            raise ArgumentError(f"axis_split: HunyuanVideo's split (16, 56, 56) needs head_dim 128, got {head_dim}")
         return AxisSplit(16, 56, 56, 256.0, 4)
     if model == "wan":
         spatial = 2 * (head_dim // 6)
         split = AxisSplit(head_dim - 2 * spatial, spatial, spatial, 10000.0, 6)
         if min(split.t, split.h) <= 0 or split.t % 2 or split.t // 2 < split.riflex_k:
-            raise ValueError(f"axis_split: Wan's split is undefined for head_dim {head_dim}")
+            raise ArgumentError(f"axis_split: Wan's split is undefined for head_dim {head_dim}")
         return split
-    raise ValueError(f"axis_split: unknown model {model!r}; expected one of {_MODELS}")
+    raise ArgumentError(f"axis_split: unknown model {model!r}; expected one of {_MODELS}")
 
 
 def latent_frames(num_frames: int, temporal_compression: int = 4) -> int:
     """Latent frames of a clip of ``num_frames`` frames: ``(num_frames - 1) // 4 + 1``."""
     if num_frames < 1:
-        raise ValueError(f"latent_frames: num_frames must be >= 1, got {num_frames}")
+        raise ArgumentError(f"latent_frames: num_frames must be >= 1, got {num_frames}")
     return (num_frames - 1) // temporal_compression + 1
 
 
@@ -182,14 +184,14 @@ def riflex_frequency_index(split: AxisSplit, L_test: int, mode: str = "training_
       - ``"off"``: never change RoPE.
     """
     if L_test < 1:
-        raise ValueError(f"riflex_frequency_index: L_test must be >= 1, got {L_test}")
+        raise ArgumentError(f"riflex_frequency_index: L_test must be >= 1, got {L_test}")
     if mode == "off":
         return None, None
     if mode == "training_free":
         return (split.riflex_k, L_test) if L_test > split.period else (None, None)
     if mode == "fine_tuned":
         return split.riflex_k, split.period
-    raise ValueError(f"riflex_frequency_index: mode must be 'training_free', 'fine_tuned' or 'off', got {mode!r}")
+    raise ArgumentError(f"riflex_frequency_index: mode must be 'training_free', 'fine_tuned' or 'off', got {mode!r}")
 
 
 def rope_3d_freqs(
@@ -222,7 +224,7 @@ def rope_3d_freqs(
     """
     t_len, h_len, w_len = (int(x) for x in grid_thw)
     if min(t_len, h_len, w_len) < 1:
-        raise ValueError(f"rope_3d_freqs: grid_thw must be positive, got {tuple(grid_thw)}")
+        raise ArgumentError(f"rope_3d_freqs: grid_thw must be positive, got {tuple(grid_thw)}")
     k, L = riflex_frequency_index(split, t_len if L_test is None else L_test, mode)
     pos_t = torch.arange(t_len, device=device, dtype=torch.float32)
     if positions_hw is None:
@@ -231,7 +233,7 @@ def rope_3d_freqs(
     else:
         pos_h, pos_w = (p.to(device=device, dtype=torch.float32) for p in positions_hw)
         if pos_h.shape != (h_len,) or pos_w.shape != (w_len,):
-            raise ValueError(f"rope_3d_freqs: positions_hw must be [H]={h_len} and [W]={w_len}, got {tuple(pos_h.shape)}, {tuple(pos_w.shape)}")
+            raise ArgumentError(f"rope_3d_freqs: positions_hw must be [H]={h_len} and [W]={w_len}, got {tuple(pos_h.shape)}, {tuple(pos_w.shape)}")
     freqs_t = get_1d_rotary_pos_embed_riflex(split.t, pos_t, split.theta, k=k, L_test=L)
     freqs_h = get_1d_rotary_pos_embed_riflex(split.h, pos_h, split.theta)
     freqs_w = get_1d_rotary_pos_embed_riflex(split.w, pos_w, split.theta)

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _ops  # noqa: F401  (registers torch.ops.tkpy)
+from . import _ops
 
 __all__ = ["apply_rope_", "apply_rope_3d_", "as_cos_sin_table"]
 
@@ -60,7 +60,7 @@ def apply_rope_(
     -------
     (q, k) : the same tensors, rotated.
     """
-    torch.ops.tkpy.apply_rope_(q, k, cos, sin, positions, interleaved)
+    _ops.call("apply_rope_", q, k, cos, sin, positions, interleaved)
     return q, k
 
 
@@ -94,7 +94,8 @@ def apply_rope_3d_(
     (q, k) : the same tensors, rotated.
     """
     grid = [int(x) for x in grid_thw]
-    torch.ops.tkpy.apply_rope_3d_(
+    _ops.call(
+        "apply_rope_3d_",
         q,
         k,
         grid,

@@ -23,6 +23,7 @@ import diffusers
 import torch
 from torch import nn
 
+from tkpy.errors import ArgumentError
 from tkpy.riflex import axis_split, get_1d_rotary_pos_embed_riflex, latent_frames, riflex_frequency_index
 
 __all__ = ["apply_riflex"]
@@ -102,7 +103,7 @@ def _temporal_riflex(
     split = axis_split(model, head_dim)
     if k is not None:
         if not 1 <= k <= split.t // 2:
-            raise ValueError(f"apply_riflex: k must be in [1, {split.t // 2}] for {model}'s temporal axis, got {k}")
+            raise ArgumentError(f"apply_riflex: k must be in [1, {split.t // 2}] for {model}'s temporal axis, got {k}")
         split = dataclasses.replace(split, riflex_k=k)
     # RoPE positions count patched latent frames, so L_test is measured in them too.
     L_test = -(-latent_frames(num_frames, temporal_compression) // patch_size_t)
@@ -116,7 +117,7 @@ def _rope_module_model(transformer) -> Optional[tuple[str, int]]:
         config = transformer.config
         split = axis_split("hunyuanvideo", config.attention_head_dim)
         if tuple(config.rope_axes_dim) != (split.t, split.h, split.w) or config.rope_theta != split.theta:
-            raise ValueError(
+            raise ArgumentError(
                 f"apply_riflex: HunyuanVideo with rope_axes_dim={tuple(config.rope_axes_dim)} and "
                 f"rope_theta={config.rope_theta} is not supported; RIFLEx's k is known for "
                 f"({split.t}, {split.h}, {split.w}) and theta {split.theta}"
@@ -190,14 +191,14 @@ def apply_riflex(target, num_frames: int, mode: str = "training_free", k: Option
     if _isinstance(transformer, "CogVideoXTransformer3DModel"):
         config = transformer.config
         if not is_pipeline:
-            raise ValueError(
+            raise ArgumentError(
                 "apply_riflex: a CogVideoXTransformer3DModel receives its rotary embedding from its pipeline; "
                 "pass the CogVideoX pipeline instead"
             )
         if not hasattr(type(target), _COGVIDEOX_METHOD):
-            raise ValueError(f"apply_riflex: unsupported target {type(target).__name__}; it has no {_COGVIDEOX_METHOD}")
+            raise ArgumentError(f"apply_riflex: unsupported target {type(target).__name__}; it has no {_COGVIDEOX_METHOD}")
         if not config.use_rotary_positional_embeddings:
-            raise ValueError("apply_riflex: this CogVideoX model uses no rotary embedding, so RIFLEx does not apply")
+            raise ArgumentError("apply_riflex: this CogVideoX model uses no rotary embedding, so RIFLEx does not apply")
         riflex = _temporal_riflex(
             "cogvideox", config.attention_head_dim, config.patch_size_t or 1, num_frames, temporal_compression, mode, k
         )
@@ -216,7 +217,7 @@ def apply_riflex(target, num_frames: int, mode: str = "training_free", k: Option
             received = type(target).__name__
             if is_pipeline:
                 received += f" with transformer {type(t).__name__}"
-            raise ValueError(f"apply_riflex: unsupported target {received}; expected {_SUPPORTED}")
+            raise ArgumentError(f"apply_riflex: unsupported target {received}; expected {_SUPPORTED}")
         model, patch_size_t = found
         riflex = _temporal_riflex(
             model, t.config.attention_head_dim, patch_size_t, num_frames, temporal_compression, mode, k

@@ -32,6 +32,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from tkpy.attention import flash_attn_func, flash_attn_varlen_func
+from tkpy.errors import ArgumentError
 
 __all__ = ["NAME", "register", "tkpy_attention_forward"]
 
@@ -115,7 +116,7 @@ def tkpy_attention_forward(
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"attn_implementation='tkpy' does not support {what}; use 'eager' or 'sdpa'")
     if query.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(
+        raise ArgumentError(
             f"attn_implementation='tkpy' needs a bfloat16 or float16 model, got {query.dtype} activations; "
             "load it with dtype=torch.bfloat16"
         )
@@ -154,7 +155,7 @@ def _padded_attention(q, k, v, mask: torch.Tensor, options: dict) -> torch.Tenso
     """
     batch, seqlen_q = q.shape[:2]
     if mask.dim() != 2 or not seqlen_q <= mask.shape[1] <= k.shape[1]:
-        raise ValueError(
+        raise ArgumentError(
             "attn_implementation='tkpy' takes transformers' 2-D padding mask [batch, kv_len] with "
             f"{seqlen_q} <= kv_len <= {k.shape[1]}; got a mask of shape {tuple(mask.shape)} "
             "(a custom 4-D mask needs attn_implementation='eager' or 'sdpa')"

@@ -7,8 +7,9 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from .. import _ops  # noqa: F401  (registers torch.ops.tkpy)
+from .. import _ops
 from ..block_sparse import _host_checks_allowed
+from ..errors import ArgumentError
 from ..kvcache import check_cache_values
 from .config import LOGICAL_PAGE_TOKENS, PAGE_TOKENS, LServeConfig
 
@@ -95,11 +96,11 @@ class LServeCache:
             raise TypeError(f"LServeCache: config must be an LServeConfig, got {type(config).__name__}")
         for name, value in (("num_pages", num_pages), ("max_seqs", max_seqs)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LServeCache: {name} must be an int >= 1, got {value!r}")
+                raise ArgumentError(f"LServeCache: {name} must be an int >= 1, got {value!r}")
         if head_dim not in HEAD_DIMS:
-            raise ValueError(f"LServeCache: head_dim must be one of {HEAD_DIMS}, got {head_dim!r}")
+            raise ArgumentError(f"LServeCache: head_dim must be one of {HEAD_DIMS}, got {head_dim!r}")
         if dtype not in (torch.bfloat16, torch.float16):
-            raise TypeError(f"LServeCache: dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+            raise ArgumentError(f"LServeCache: dtype must be torch.bfloat16 or torch.float16, got {dtype}")
         streaming = _streaming_flags(kv_head_streaming)
         retrieval_slots = iter(range(len(streaming)))
         ring_slots = iter(range(len(streaming)))
@@ -145,7 +146,7 @@ class LServeCache:
         if not isinstance(slots, torch.Tensor) or slots.dim() != 1 or slots.dtype not in (torch.int32, torch.int64):
             raise TypeError("LServeCache.ring_table: slots must be a 1-D int32 Tensor [batch]")
         if _host_checks_allowed(slots) and slots.numel() and not 0 <= int(slots.min()) <= int(slots.max()) < self.max_seqs:
-            raise ValueError(f"LServeCache.ring_table: slots must be in [0, {self.max_seqs}), got {slots.tolist()}")
+            raise ArgumentError(f"LServeCache.ring_table: slots must be in [0, {self.max_seqs}), got {slots.tolist()}")
         pages = torch.arange(self.ring_pages, dtype=torch.int64, device=slots.device)
         return (slots.long()[:, None] * self.ring_pages + pages[None, :]).to(torch.int32)
 
@@ -156,15 +157,15 @@ class LServeCache:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{fn}: {name} must be an int32 Tensor, got {type(t).__name__}")
             if t.dtype != torch.int32:
-                raise TypeError(f"{fn}: {name} must be int32, got {t.dtype}")
+                raise ArgumentError(f"{fn}: {name} must be int32, got {t.dtype}")
         batch = cache_seqlens.shape[0] if cache_seqlens.dim() == 1 else -1
         if cache_seqlens.dim() != 1 or block_table.dim() != 2 or block_table.shape[0] != batch:
-            raise ValueError(
+            raise ArgumentError(
                 f"{fn}: expected cache_seqlens [batch] and block_table [batch, max_pages], got "
                 f"{tuple(cache_seqlens.shape)} and {tuple(block_table.shape)}"
             )
         if tuple(ring_table.shape) != (batch, self.ring_pages):
-            raise ValueError(f"{fn}: ring_table must be [batch={batch}, ring_pages={self.ring_pages}], got {tuple(ring_table.shape)}")
+            raise ArgumentError(f"{fn}: ring_table must be [batch={batch}, ring_pages={self.ring_pages}], got {tuple(ring_table.shape)}")
         check_cache_values(fn, cache_seqlens, new_tokens, block_table.shape[1] * PAGE_TOKENS, block_table,
                            PAGE_TOKENS, self.num_pages, ring_table=ring_table,
                            ring_pool_pages=self.k_ring.shape[0])
@@ -190,12 +191,13 @@ class LServeCache:
         fn = "LServeCache.append"
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
-                raise ValueError(f"{fn}: {name} must be a 4-D Tensor [batch, seqlen_new, heads_kv, head_dim]")
+                raise ArgumentError(f"{fn}: {name} must be a 4-D Tensor [batch, seqlen_new, heads_kv, head_dim]")
             if t.dtype != self.dtype:
-                raise TypeError(f"{fn}: {name} must have the cache's model dtype {self.dtype}, got {t.dtype}")
+                raise ArgumentError(f"{fn}: {name} must have the cache's model dtype {self.dtype}, got {t.dtype}")
         self.check_tables(fn, cache_seqlens, k.shape[1], block_table, ring_table)
         k_min, k_max = (None, None) if self.stats is None else (self.stats.k_min, self.stats.k_max)
-        torch.ops.tkpy.kv_append_(
+        _ops.call(
+            "kv_append_",
             self.k, self.v, k, v, block_table, cache_seqlens, None, k_min, k_max, rotary_cos,
             rotary_sin, bool(rotary_interleaved), self.k_scale, self.v_scale, self.kv_head_slot, self.k_ring,
             self.v_ring, ring_table, self.sink, self.local,

@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..errors import ArgumentError
 from .head_pattern import HeadPattern
 
 __all__ = ["LServeConfig", "PAGE_TOKENS", "LOGICAL_PAGE_TOKENS"]
@@ -59,40 +60,40 @@ class LServeConfig:
 
     def __post_init__(self):
         if not isinstance(self.static_sparsity, (int, float)) or not 0.0 <= self.static_sparsity <= 1.0:
-            raise ValueError(f"LServeConfig: static_sparsity must be in [0, 1], got {self.static_sparsity!r}")
+            raise ArgumentError(f"LServeConfig: static_sparsity must be in [0, 1], got {self.static_sparsity!r}")
         for name in ("sink", "local", "prefill_sink", "prefill_local", "token_budget", "reuse_interval"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"LServeConfig: {name} must be an int, got {type(value).__name__}")
         if self.sink < 0 or self.sink % PAGE_TOKENS:
-            raise ValueError(f"LServeConfig: sink must be a multiple of {PAGE_TOKENS} tokens >= 0, got {self.sink}")
+            raise ArgumentError(f"LServeConfig: sink must be a multiple of {PAGE_TOKENS} tokens >= 0, got {self.sink}")
         if self.local < PAGE_TOKENS or self.local % PAGE_TOKENS:
-            raise ValueError(f"LServeConfig: local must be a multiple of {PAGE_TOKENS} tokens >= {PAGE_TOKENS}, got {self.local}")
+            raise ArgumentError(f"LServeConfig: local must be a multiple of {PAGE_TOKENS} tokens >= {PAGE_TOKENS}, got {self.local}")
         if self.prefill_sink < 0 or self.prefill_local < 1:
-            raise ValueError(
+            raise ArgumentError(
                 f"LServeConfig: expected prefill_sink >= 0 and prefill_local >= 1 tokens, got "
                 f"{self.prefill_sink} and {self.prefill_local}"
             )
         if self.token_budget < 1:
-            raise ValueError(f"LServeConfig: token_budget must be >= 1 token, got {self.token_budget}")
+            raise ArgumentError(f"LServeConfig: token_budget must be >= 1 token, got {self.token_budget}")
         if self.reuse_interval < 1:
-            raise ValueError(f"LServeConfig: reuse_interval must be >= 1 step, got {self.reuse_interval}")
+            raise ArgumentError(f"LServeConfig: reuse_interval must be >= 1 step, got {self.reuse_interval}")
         if self.kv_dtype not in (None, torch.int8):
-            raise ValueError(f"LServeConfig: kv_dtype must be None (the model's dtype) or torch.int8, got {self.kv_dtype}")
+            raise ArgumentError(f"LServeConfig: kv_dtype must be None (the model's dtype) or torch.int8, got {self.kv_dtype}")
         if self.kv_dtype == torch.int8:
             for name in ("k_scale", "v_scale"):
                 value = getattr(self, name)
                 if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) \
                         or not math.isfinite(value) or value <= 0:
-                    raise ValueError(f"LServeConfig: INT8 KV needs a static {name} > 0 (finite float), got {value!r}")
+                    raise ArgumentError(f"LServeConfig: INT8 KV needs a static {name} > 0 (finite float), got {value!r}")
         elif self.k_scale is not None or self.v_scale is not None:
-            raise ValueError("LServeConfig: k_scale/v_scale are for kv_dtype=torch.int8 only")
+            raise ArgumentError("LServeConfig: k_scale/v_scale are for kv_dtype=torch.int8 only")
 
     def head_pattern(self, num_query_heads: int, seed: int = 0) -> HeadPattern:
         """The streaming heads of every layer from :attr:`pattern`, at :attr:`static_sparsity`, with
         the prefill window (``prefill_sink``, ``prefill_local``)."""
         if self.pattern is None:
-            raise ValueError("LServeConfig.head_pattern: no pattern file was given (pattern=None)")
+            raise ArgumentError("LServeConfig.head_pattern: no pattern file was given (pattern=None)")
         return HeadPattern.load(self.pattern, num_query_heads, self.static_sparsity, self.prefill_sink,
                                 self.prefill_local, seed)
 

@@ -8,7 +8,8 @@ from typing import Optional
 
 import torch
 
-from .. import _ops  # noqa: F401  (registers torch.ops.tkpy)
+from .. import _ops
+from ..errors import ArgumentError
 from .cache import LServeCache
 from .selection import PageSelection
 
@@ -48,10 +49,10 @@ def sparse_decode(q: torch.Tensor, cache: LServeCache, block_table: torch.Tensor
     if not isinstance(cache, LServeCache):
         raise TypeError(f"{fn}: cache must be an LServeCache, got {type(cache).__name__}")
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[1] != 1:
-        raise ValueError(f"{fn}: q must be a Tensor [batch, 1, heads_q, head_dim] (one decode token), got "
+        raise ArgumentError(f"{fn}: q must be a Tensor [batch, 1, heads_q, head_dim] (one decode token), got "
                          f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
     if q.dtype != cache.dtype:
-        raise TypeError(f"{fn}: q must have the cache's model dtype {cache.dtype}, got {q.dtype}")
+        raise ArgumentError(f"{fn}: q must have the cache's model dtype {cache.dtype}, got {q.dtype}")
     if selection is not None and not isinstance(selection, PageSelection):
         raise TypeError(f"{fn}: selection must be a PageSelection or None, got {type(selection).__name__}")
     cache.check_tables(fn, cache_seqlens, 0, block_table, ring_table)
@@ -61,9 +62,10 @@ def sparse_decode(q: torch.Tensor, cache: LServeCache, block_table: torch.Tensor
         page_indices, page_counts, head_bits = selection.page_indices, selection.page_counts, selection.head_bits
         expected = (q.shape[0], cache.num_kv_heads)
         if tuple(page_counts.shape) != expected or tuple(page_indices.shape[:2]) != expected:
-            raise ValueError(f"{fn}: selection is for {tuple(page_counts.shape)} (batch, kv heads), expected {expected}")
+            raise ArgumentError(f"{fn}: selection is for {tuple(page_counts.shape)} (batch, kv heads), expected {expected}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    out, lse = torch.ops.tkpy.decode_attention(
+    out, lse = _ops.call(
+        "decode_attention",
         q, cache.k, cache.v, block_table, cache_seqlens, None, cache.kv_head_slot, cache.k_ring, cache.v_ring,
         ring_table, cache.sink, cache.local, page_indices, page_counts, head_bits, cache.k_scale, cache.v_scale,
         scale, -1, -1, 0.0, int(num_splits),

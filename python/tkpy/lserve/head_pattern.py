@@ -16,6 +16,8 @@ from typing import Union
 import numpy as np
 import torch
 
+from ..errors import ArgumentError
+
 __all__ = ["HeadPattern"]
 
 # Block-Sparse-Attention counts non-exact streaming windows in blocks of this many tokens.
@@ -43,18 +45,18 @@ def _read_gates(path: Union[str, PathLike]) -> np.ndarray:
             try:
                 gate = float(token)
             except ValueError:
-                raise ValueError(f"{path}:{line_no}: column {column}: {token!r} is not a number") from None
+                raise ArgumentError(f"{path}:{line_no}: column {column}: {token!r} is not a number") from None
             if not -GATE_SLACK <= gate <= 1.0 + GATE_SLACK:  # also false for NaN
-                raise ValueError(f"{path}:{line_no}: column {column}: gate {token!r} is not in [0, 1]")
+                raise ArgumentError(f"{path}:{line_no}: column {column}: gate {token!r} is not in [0, 1]")
             row.append(min(max(gate, 0.0), 1.0))
         if rows and len(row) != len(rows[0]):
-            raise ValueError(
+            raise ArgumentError(
                 f"{path}:{line_no}: expected {len(rows[0])} tab-separated gates (one per KV head, as in "
                 f"the first row), got {len(row)}"
             )
         rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no gate rows (expected one row per layer)")
+        raise ArgumentError(f"{path}: no gate rows (expected one row per layer)")
     return np.array(rows, dtype=np.float64)
 
 
@@ -85,21 +87,21 @@ class HeadPattern:
     def __post_init__(self):
         mask = np.array(self.streaming_mask)
         if mask.dtype != np.bool_ or mask.ndim != 2 or mask.size == 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"streaming_mask: expected a non-empty bool [num_layers, num_kv_heads] array, "
                 f"got dtype {mask.dtype} and shape {mask.shape}"
             )
         mask.setflags(write=False)
         object.__setattr__(self, "streaming_mask", mask)
         if self.num_query_heads <= 0 or self.num_query_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ArgumentError(
                 f"num_query_heads must be a positive multiple of num_kv_heads={self.num_kv_heads} "
                 f"(GQA), got {self.num_query_heads}"
             )
         if self.sink < 0 or self.local < 1:
-            raise ValueError(f"expected sink >= 0 and local >= 1 tokens, got sink={self.sink}, local={self.local}")
+            raise ArgumentError(f"expected sink >= 0 and local >= 1 tokens, got sink={self.sink}, local={self.local}")
         if not self.exact_streaming and (self.sink % BLOCK_TOKENS or self.local % BLOCK_TOKENS):
-            raise ValueError(
+            raise ArgumentError(
                 f"block streaming (exact_streaming=False) counts {BLOCK_TOKENS}-token blocks: sink and "
                 f"local must be multiples of {BLOCK_TOKENS}, got sink={self.sink}, local={self.local}"
             )
@@ -142,7 +144,7 @@ class HeadPattern:
             Seed of the tie-breaking noise; the same seed gives the same pattern.
         """
         if not 0.0 <= static_sparsity <= 1.0:  # also false for NaN
-            raise ValueError(f"static_sparsity must be in [0, 1], got {static_sparsity}")
+            raise ArgumentError(f"static_sparsity must be in [0, 1], got {static_sparsity}")
         gates = _read_gates(path)
         noisy = gates + np.random.default_rng(seed).uniform(0.0, TIE_NOISE, size=gates.shape)
         if static_sparsity == 1.0:
@@ -187,5 +189,5 @@ class HeadPattern:
 
     def _check_layer(self, layer: int) -> int:
         if not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+            raise ArgumentError(f"layer must be in [0, {self.num_layers}), got {layer}")
         return layer

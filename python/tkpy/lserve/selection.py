@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..errors import ArgumentError
 from .cache import LOGICAL_PER_PAGE, PageStats
 from .config import LOGICAL_PAGE_TOKENS, PAGE_TOKENS
 
@@ -41,7 +42,7 @@ class PageSelection(NamedTuple):
 def _check_inputs(fn: str, q, stats, block_table, cache_seqlens) -> torch.Tensor:
     """q as ``[B, Hq, D]`` after checking shapes, dtypes and devices (no values: that would sync)."""
     if not isinstance(q, torch.Tensor) or q.dim() not in (3, 4) or (q.dim() == 4 and q.shape[1] != 1):
-        raise ValueError(f"{fn}: q must be a Tensor [batch, heads_q, head_dim] or [batch, 1, heads_q, head_dim]"
+        raise ArgumentError(f"{fn}: q must be a Tensor [batch, heads_q, head_dim] or [batch, 1, heads_q, head_dim]"
                          f"{'' if not isinstance(q, torch.Tensor) else f', got {tuple(q.shape)}'}")
     q = q[:, 0] if q.dim() == 4 else q
     if not isinstance(stats, PageStats):
@@ -52,20 +53,20 @@ def _check_inputs(fn: str, q, stats, block_table, cache_seqlens) -> torch.Tensor
             raise TypeError(f"{fn}: {name} must be an int32 Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
     batch, heads_q, head_dim = q.shape
     if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.shape[1] < 1:
-        raise ValueError(f"{fn}: block_table must be [batch={batch}, max_pages >= 1], got {tuple(block_table.shape)}")
+        raise ArgumentError(f"{fn}: block_table must be [batch={batch}, max_pages >= 1], got {tuple(block_table.shape)}")
     if tuple(cache_seqlens.shape) != (batch,):
-        raise ValueError(f"{fn}: cache_seqlens must be [batch={batch}], got {tuple(cache_seqlens.shape)}")
+        raise ArgumentError(f"{fn}: cache_seqlens must be [batch={batch}], got {tuple(cache_seqlens.shape)}")
     if stats.k_max.dim() != 4 or stats.k_max.shape[1] != LOGICAL_PER_PAGE or stats.k_max.shape[3] != head_dim \
             or stats.k_min.shape != stats.k_max.shape:
-        raise ValueError(f"{fn}: stats must be [num_pages, {LOGICAL_PER_PAGE}, heads, head_dim={head_dim}], "
+        raise ArgumentError(f"{fn}: stats must be [num_pages, {LOGICAL_PER_PAGE}, heads, head_dim={head_dim}], "
                          f"got {tuple(stats.k_min.shape)} and {tuple(stats.k_max.shape)}")
     heads_kv = stats.num_kv_heads
     if heads_q % heads_kv or heads_q // heads_kv > MAX_GROUP:
-        raise ValueError(f"{fn}: q's {heads_q} heads must be a multiple of the {heads_kv} kv heads, "
+        raise ArgumentError(f"{fn}: q's {heads_q} heads must be a multiple of the {heads_kv} kv heads, "
                          f"at most {MAX_GROUP} per kv head")
     for name, t in (("stats", stats.k_max), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
         if t.device != q.device:
-            raise ValueError(f"{fn}: {name} must be on q's device {q.device}, got {t.device}")
+            raise ArgumentError(f"{fn}: {name} must be on q's device {q.device}, got {t.device}")
     return q
 
 
@@ -176,7 +177,7 @@ def select_pages(q: torch.Tensor, stats: PageStats, block_table: torch.Tensor, c
     PageSelection; its lists feed :func:`tkpy.lserve.sparse_decode`.
     """
     if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
-        raise ValueError(f"select_pages: token_budget must be an int >= 1, got {token_budget!r}")
+        raise ArgumentError(f"select_pages: token_budget must be an int >= 1, got {token_budget!r}")
     q = _check_inputs("select_pages", q, stats, block_table, cache_seqlens)
     batch, heads_q, _ = q.shape
     heads_kv = stats.num_kv_heads
@@ -221,9 +222,9 @@ class PageSelector:
 
     def __init__(self, token_budget: int = 4096, reuse_interval: int = 4):
         if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
-            raise ValueError(f"PageSelector: token_budget must be an int >= 1, got {token_budget!r}")
+            raise ArgumentError(f"PageSelector: token_budget must be an int >= 1, got {token_budget!r}")
         if isinstance(reuse_interval, bool) or not isinstance(reuse_interval, int) or reuse_interval < 1:
-            raise ValueError(f"PageSelector: reuse_interval must be an int >= 1, got {reuse_interval!r}")
+            raise ArgumentError(f"PageSelector: reuse_interval must be an int >= 1, got {reuse_interval!r}")
         self.token_budget = token_budget
         self.reuse_interval = reuse_interval
         self.selection: Optional[PageSelection] = None
