@@ -21,7 +21,7 @@ def bf16(*shape):
     return torch.randn(*shape).bfloat16()
 
 
-# (call, message): refused in Python (the first of each pair) and in the compiled op's binding
+# (call, message): refused by the Python API, or (the "_in_the_op" cases) by the compiled op's binding
 REFUSED = {
     "flash_attn_func_window": (lambda: tkpy.flash_attn_func(bf16(1, 8, 2, 64), bf16(1, 8, 2, 64), bf16(1, 8, 2, 64),
                                                             window_size=(-2, 0)), "window_size"),
