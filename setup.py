@@ -1,8 +1,12 @@
 """Builds tkpy._C with CMake + Ninja (the CMakeExtension/build_ext pattern of vLLM).
 
 CUDA is compiled when torch is a CUDA build and nvcc is found, unless TKPY_DISABLE_CUDA=1.
-Environment knobs: TKPY_DISABLE_CUDA, TKPY_CUDA_ARCHS (default "90a"), TKPY_WATCHDOG_REPORT, MAX_JOBS,
-CUDA_HOME.
+Environment knobs: TKPY_DISABLE_CUDA, TKPY_CUDA_ARCHS (default "90a"), TKPY_WATCHDOG_REPORT,
+TKPY_SELFTEST, MAX_JOBS, CUDA_HOME.
+
+The package also carries tkpy's C++ API for servers that embed the kernels without torch: the
+headers of include/ in tkpy/include and, for CUDA builds, the kernels in tkpy/lib/libtkpy_kernels.a
+(tkpy.include_dir(), tkpy.library_dir()).
 """
 
 import os
@@ -17,6 +21,13 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+KERNEL_LIBRARY = "libtkpy_kernels.a"
+# include/tkpy/tk_selftest.h declares the self-test launchers, which only a TKPY_SELFTEST build has.
+TEST_ONLY_HEADERS = ("tk_selftest.h",)
+
+
+def env_flag(name):
+    return os.environ.get(name, "0") not in ("", "0")
 
 
 def find_nvcc():
@@ -44,7 +55,7 @@ def cuda_build_nvcc():
     """The nvcc to build CUDA with, or None for a CPU-only build (and why)."""
     import torch
 
-    if os.environ.get("TKPY_DISABLE_CUDA", "0") not in ("", "0"):
+    if env_flag("TKPY_DISABLE_CUDA"):
         return None, "TKPY_DISABLE_CUDA is set"
     if torch.version.cuda is None:
         return None, f"torch {torch.__version__} is a CPU-only build"
@@ -77,7 +88,7 @@ class CMakeBuild(build_ext):
         # TKPY_WATCHDOG_REPORT=1: every deadlocked mbarrier wait prints where it is stuck before it
         # traps (include/tk/pipeline/watchdog.cuh); printf serialises wgmma, so such a build is for
         # locating a deadlock, never for timing, and gets a build folder of its own.
-        report = os.environ.get("TKPY_WATCHDOG_REPORT", "0") not in ("", "0") and nvcc is not None
+        report = env_flag("TKPY_WATCHDOG_REPORT") and nvcc is not None
         build_dir = ROOT / "build" / (f"{flavour}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
                                       + ("-watchdog-report" if report else ""))
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -89,6 +100,10 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}",
             f"-DTKPY_ENABLE_CUDA={'ON' if nvcc else 'OFF'}",
+            # TKPY_SELFTEST=1 (make build, the GPU harness) adds torch.ops.tkpy_selftest, the tile
+            # library's test instruments; `pip install .` leaves them out. Passed on every
+            # configure, so switching it reconfigures this folder instead of keeping the last value.
+            f"-DTKPY_BUILD_SELFTEST={'ON' if env_flag('TKPY_SELFTEST') else 'OFF'}",
         ]
         if nvcc:
             archs = os.environ.get("TKPY_CUDA_ARCHS", "90a")
@@ -104,6 +119,23 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
         print(f"tkpy: build took {time.perf_counter() - start:.1f} s ({jobs} jobs) in {build_dir}", flush=True)
+        self.install_cpp_api(extdir, build_dir if nvcc else None)
+
+    def install_cpp_api(self, extdir, kernel_build_dir):
+        """Headers into tkpy/include and the kernel library into tkpy/lib of the package being built.
+        An editable or in-place build runs from the checkout, whose include/ tkpy.include_dir() finds
+        itself; it gets the library in python/tkpy/lib."""
+        in_tree = self.editable_mode or self.inplace
+        package = ROOT / "python" / "tkpy" if in_tree else extdir
+        if not in_tree:
+            headers = package / "include"
+            shutil.rmtree(headers, ignore_errors=True)
+            shutil.copytree(ROOT / "include", headers, ignore=shutil.ignore_patterns(*TEST_ONLY_HEADERS))
+        lib = package / "lib"
+        shutil.rmtree(lib, ignore_errors=True)
+        if kernel_build_dir is not None:
+            lib.mkdir(parents=True)
+            shutil.copy2(kernel_build_dir / KERNEL_LIBRARY, lib / KERNEL_LIBRARY)
 
 
 setup(ext_modules=[CMakeExtension("tkpy._C")], cmdclass={"build_ext": CMakeBuild})

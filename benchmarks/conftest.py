@@ -1,38 +1,58 @@
-"""pytest-benchmark suites of tkpy's ops: ``pytest benchmarks/``.
+"""The pytest-benchmark suite of tkpy's ops: ``pytest benchmarks --head-pattern PATH``.
 
-``pytest tests/`` never collects these (``testpaths = ["tests"]`` in pyproject.toml), so the
-main test run stays fast. CPU cases run everywhere; CUDA cases carry ``@pytest.mark.gpu`` and are
-skipped without a GPU.
-
-Every benchmark fills ``benchmark.extra_info`` in the layout that ``scripts/summarize_gpu_run.py``
-reads (:meth:`tkpy.bench.CaseResult.as_extra_info` writes it for RoPE):
-
-- ``op``, ``case``, ``shape``, ``dtype``, ``device``;
-- ``peer``: what tkpy is compared with (e.g. ``"torch eager"``);
-- ``metric``: ``"GB/s"`` or ``"TFLOP/s"``, with ``tkpy_gbps``/``peer_gbps`` or
-  ``tkpy_tflops``/``peer_tflops`` to match;
-- ``ratio``: tkpy's throughput over the peer's;
-- ``tkpy_median_us``, ``peer_median_us``: CUDA-event medians on the GPU (perf_counter on the CPU),
-  which the throughputs come from.
+``pytest tests`` never collects it (``testpaths``). Its cases are cases.py's, which
+``python -m tkpy bench`` runs too; CUDA cases carry ``@pytest.mark.gpu`` and skip without a GPU.
+``--head-pattern PATH`` is DuoAttention's Llama-3.1-8B-Instruct head pattern: the LServe cases fail
+without it, since no other pattern stands in for it. ``--benchmark-json`` output holds each case's
+record in ``extra_info`` (``cases.measure``) and the environment in ``machine_info["tkpy"]``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
+import pytest
 import torch
 
-from tkpy import bench
+import cases
+import tkpy
+
+GPU_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not (torch.cuda.is_available() and tkpy.cuda_compiled()),
+                                                 reason="needs a CUDA device and a tkpy build with CUDA kernels")]
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--head-pattern", type=Path, help=cases.HEAD_PATTERN_HELP)
 
 
-def pytest_report_header(config) -> str:
-    if _device() == "cpu":
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if _device().type == "cpu":
         return "tkpy benchmarks: NO GPU present; only the CPU-path cases run, and they say nothing about GPU speed"
     return f"tkpy benchmarks: {torch.cuda.get_device_name()}"
 
 
-def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
-    """Put versions, the GPU and its clocks in the header of ``--benchmark-json`` output."""
-    machine_info["tkpy"] = bench.environment_info(_device())
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    machine_info["tkpy"] = cases.environment(_device())
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``(device, case)``: every case of cases.py, the CPU's then the GPU's, each in the cases' order."""
+    if "case" not in metafunc.fixturenames:
+        return
+    pattern = metafunc.config.getoption("head_pattern")
+    metafunc.parametrize(("device", "case"), [
+        pytest.param(torch.device(device), case, id=f"{device}-{case.op}-{case.id}",
+                     marks=GPU_MARKS if device == "cuda" else [])
+        for device in ("cpu", "cuda") for case in cases.all_cases(device, pattern)
+    ])
+
+
+@pytest.fixture(scope="session")
+def head_pattern(request: pytest.FixtureRequest) -> Optional[Path]:
+    """``--head-pattern``, unchecked: a case that needs it calls ``cases.require_head_pattern``."""
+    return request.config.getoption("head_pattern")

@@ -3,11 +3,10 @@ dense against LServe.
 
 - GPU (``gpu`` mark): a Llama-3.1-8B-shaped model with random bf16 weights at 8k-128k context; a
   context whose model, KV pool or activations do not fit is skipped. LServe uses the released
-  DuoAttention pattern of Llama-3.1-8B-Instruct (50% streaming heads), found through
-  ``tkpy._data`` (``$TKPY_SHARED_DATA``, else ``../shared/data``; a missing file is an error),
-  and a token budget of 4096.
-- CPU: the built-in tiny-random model at short contexts, a few seconds in all; it checks that the
-  suite runs and says nothing about GPU speed.
+  DuoAttention pattern of Llama-3.1-8B-Instruct (50% streaming heads), ``--head-pattern`` (without
+  it those cases fail), and a token budget of 4096.
+- CPU: the built-in tiny-random model at short contexts, a few seconds in all, LServe with random
+  gates written for it; it checks that the suite runs and says nothing about GPU speed.
 
 Each row is one ``generate`` of ``context`` prompt tokens plus the new tokens, batch 1.
 ``extra_info`` holds ``prefill_tokens_per_s`` and ``decode_tokens_per_s`` (medians over the timed
@@ -19,13 +18,14 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
 import torch
 
+import cases
 import tkpy
-from tkpy._data import duo_attention_pattern
 from tkpy.runtime import LLM, LServeConfig, ModelConfig
 
 NEW_TOKENS = {"cpu": 8, "cuda": 64}
@@ -45,10 +45,11 @@ def llama31_8b() -> ModelConfig:
     }, eos_token_id=[])
 
 
-def pattern_file(folder: Path, layers: int, kv_heads: int) -> str:
-    """Llama-3.1-8B's released pattern (32 x 8), which must be present; random gates for the tiny model."""
+def pattern_file(folder: Path, layers: int, kv_heads: int, head_pattern: Optional[Path]) -> str:
+    """Llama-3.1-8B's released pattern (32 x 8), ``--head-pattern``, which must be given; random gates
+    for the tiny model."""
     if (layers, kv_heads) == (32, 8):
-        return str(duo_attention_pattern("Meta-Llama-3.1-8B-Instruct"))
+        return str(cases.require_head_pattern(head_pattern))
     path = folder / f"gates_{layers}x{kv_heads}.tsv"
     gates = np.random.default_rng(0).uniform(size=(layers, kv_heads))
     path.write_text("\n".join("\t".join(f"{g:.6f}" for g in row) for row in gates) + "\n")
@@ -68,8 +69,8 @@ def params():
 class Models:
     """One LLM held at a time (an 8B model and a 128k KV pool fill most of an H100)."""
 
-    def __init__(self, folder: Path):
-        self.folder, self.key, self.llm = folder, None, None
+    def __init__(self, folder: Path, head_pattern: Optional[Path]):
+        self.folder, self.head_pattern, self.key, self.llm = folder, head_pattern, None, None
 
     def get(self, device: str, mode: str) -> LLM:
         if self.key != (device, mode):
@@ -80,7 +81,7 @@ class Models:
             config = llama31_8b() if device == "cuda" else "tiny-random"
             layers, kv_heads = (32, 8) if device == "cuda" else (4, 2)
             lserve = None if mode == "dense" else LServeConfig(
-                static_sparsity=0.5, pattern=pattern_file(self.folder, layers, kv_heads),
+                static_sparsity=0.5, pattern=pattern_file(self.folder, layers, kv_heads, self.head_pattern),
                 token_budget=4096 if device == "cuda" else 256)
             contexts = GPU_CONTEXTS if device == "cuda" else CPU_CONTEXTS
             self.key = None  # until the new model is built: a failed build must not look loaded
@@ -91,8 +92,8 @@ class Models:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return Models(tmp_path_factory.mktemp("runtime_bench"))
+def models(tmp_path_factory, head_pattern):
+    return Models(tmp_path_factory.mktemp("runtime_bench"), head_pattern)
 
 
 @pytest.fixture(scope="module")

@@ -17,77 +17,58 @@
 #define TKPY_PTXAS_REPORT ""
 #endif
 
+// Inputs first, then options with their defaults; the Python API passes every option by keyword.
+// (Not keyword-only: torch.library.register_autograd refuses keyword-only tensors.)
+// softmax_scale=None is 1/sqrt(head_dim); window edges of -1 are unbounded.
 TORCH_LIBRARY(tkpy, m) {
     m.def("apply_rope_(Tensor(a!) q, Tensor(b!)? k, Tensor cos, Tensor sin, Tensor? positions=None, "
           "bool interleaved=False) -> ()");
     m.def("apply_rope_3d_(Tensor(a!) q, Tensor(b!)? k, int[] grid_thw, Tensor freqs_t, Tensor freqs_h, "
           "Tensor freqs_w) -> ()");
     m.def("gemm(Tensor a, Tensor b, bool trans_b=False) -> Tensor");
-    m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
-          "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, "
-          "float softcap) -> (Tensor out, Tensor lse)");
+    m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q=None, "
+          "Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, float? softmax_scale=None, "
+          "int window_left=-1, int window_right=-1, float softcap=0.0) -> (Tensor out, Tensor lse)");
+    // The block lists come from tkpy.block_sparse.plan(base_blockmask): built once per layer and
+    // step, they let a CUDA graph replay the launch without re-sorting the mask.
     m.def("block_sparse_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-          "Tensor head_mask_type, Tensor streaming_info, Tensor sparse_index, Tensor? block_indices, "
-          "Tensor? block_counts, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool is_causal, "
-          "bool exact_streaming) -> (Tensor out, Tensor lse)");
-    m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? block_table, Tensor seqlens, "
-          "Tensor? cache_batch_idx, Tensor? kv_head_slot, Tensor? k_ring, Tensor? v_ring, Tensor? ring_table, "
-          "int sink, int local, Tensor? page_indices, Tensor? page_counts, Tensor? head_bits, float k_scale, "
-          "float v_scale, float softmax_scale, int window_left, int window_right, float softcap, int num_splits) "
-          "-> (Tensor out, Tensor lse)");
-    m.def("kv_append_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor? block_table, "
-          "Tensor seqlens, Tensor? cache_batch_idx, Tensor(c!)? k_min, Tensor(d!)? k_max, Tensor? rotary_cos, "
-          "Tensor? rotary_sin, bool rotary_interleaved, float k_scale, float v_scale, Tensor? kv_head_slot, "
-          "Tensor(e!)? k_ring, Tensor(f!)? v_ring, Tensor? ring_table, int sink, int local) -> ()");
+          "Tensor head_mask_type, Tensor streaming_info, Tensor sparse_index, int max_seqlen_q, int max_seqlen_k, "
+          "Tensor? block_indices=None, Tensor? block_counts=None, float? softmax_scale=None, bool is_causal=False, "
+          "bool exact_streaming=False) -> (Tensor out, Tensor lse)");
+    // Dense decode over a paged (block_table) or contiguous (cache_batch_idx) cache; kv_head_slot
+    // with the ring pools makes it LServe's decode (streaming and retrieval heads, selected pages).
+    m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table=None, "
+          "Tensor? cache_batch_idx=None, Tensor? kv_head_slot=None, Tensor? k_ring=None, Tensor? v_ring=None, "
+          "Tensor? ring_table=None, int sink=0, int local=0, Tensor? page_indices=None, Tensor? page_counts=None, "
+          "Tensor? head_bits=None, float k_scale=1.0, float v_scale=1.0, float? softmax_scale=None, "
+          "int window_left=-1, int window_right=-1, float softcap=0.0, int num_splits=0) -> (Tensor out, Tensor lse)");
+    m.def("kv_append_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor cache_seqlens, "
+          "Tensor? block_table=None, Tensor? cache_batch_idx=None, Tensor(c!)? k_min=None, Tensor(d!)? k_max=None, "
+          "Tensor? rotary_cos=None, Tensor? rotary_sin=None, bool rotary_interleaved=False, float k_scale=1.0, "
+          "float v_scale=1.0, Tensor? kv_head_slot=None, Tensor(e!)? k_ring=None, Tensor(f!)? v_ring=None, "
+          "Tensor? ring_table=None, int sink=0, int local=0) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(tkpy, CPU, m) {
-    m.impl("apply_rope_", &tkpy::ops::apply_rope_cpu);
-    m.impl("apply_rope_3d_", &tkpy::ops::apply_rope_3d_cpu);
-    m.impl("gemm", &tkpy::ops::gemm_cpu);
-    m.impl("attention_forward", &tkpy::ops::attention_forward_cpu);
-    m.impl("block_sparse_attention_forward", &tkpy::ops::block_sparse_attention_forward_cpu);
-    m.impl("decode_attention", &tkpy::ops::decode_attention_cpu);
-    m.impl("kv_append_", &tkpy::ops::kv_append_cpu);
+namespace {
+
+// One implementation per op serves the CPU, CUDA and Meta keys (ops/ops.h): the Meta kernel is the
+// op's fake for torch.compile, with the same checks as a real call.
+void register_implementations(torch::Library& m) {
+    m.impl("apply_rope_", &tkpy::ops::apply_rope_);
+    m.impl("apply_rope_3d_", &tkpy::ops::apply_rope_3d_);
+    m.impl("gemm", &tkpy::ops::gemm);
+    m.impl("attention_forward", &tkpy::ops::attention_forward);
+    m.impl("block_sparse_attention_forward", &tkpy::ops::block_sparse_attention_forward);
+    m.impl("decode_attention", &tkpy::ops::decode_attention);
+    m.impl("kv_append_", &tkpy::ops::kv_append_);
 }
 
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tkpy, CPU, m) { register_implementations(m); }
+TORCH_LIBRARY_IMPL(tkpy, Meta, m) { register_implementations(m); }
 #if defined(TKPY_WITH_CUDA)
-TORCH_LIBRARY_IMPL(tkpy, CUDA, m) {
-    m.impl("apply_rope_", &tkpy::ops::apply_rope_cuda);
-    m.impl("apply_rope_3d_", &tkpy::ops::apply_rope_3d_cuda);
-    m.impl("gemm", &tkpy::ops::gemm_cuda);
-    m.impl("attention_forward", &tkpy::ops::attention_forward_cuda);
-    m.impl("block_sparse_attention_forward", &tkpy::ops::block_sparse_attention_forward_cuda);
-    m.impl("decode_attention", &tkpy::ops::decode_attention_cuda);
-    m.impl("kv_append_", &tkpy::ops::kv_append_cuda);
-}
-#endif
-
-// Test instruments for tests/test_tk.py: the tile library's index math on the host and one
-// self-test kernel per class of primitives. Kept out of the tkpy namespace (and `tkpy info`).
-TORCH_LIBRARY(tkpy_selftest, m) {
-    m.def("tk_tile_offsets(int rows, int cols, int elem_bytes, int swizzle) -> Tensor");
-    m.def("gemm_tile_order(int tiles_m, int tiles_n, int group_m) -> Tensor");
-    m.def("tk_tma_roundtrip(Tensor x, Tensor(a!) y, Tensor(b!) z, int swizzle, int row, int col) -> ()");
-    m.def("tk_register_ops(Tensor x) -> Tensor[]");
-    m.def("tk_wgmma(Tensor a, Tensor b, int variant) -> Tensor");
-    m.def("tk_warp_mma(Tensor a, Tensor b, int variant, int b_valid_rows=-1) -> Tensor");
-    m.def("tk_stuck_wait(Tensor(a!) reached, bool report) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(tkpy_selftest, CompositeExplicitAutograd, m) {
-    m.impl("tk_tile_offsets", &tkpy::ops::tk_tile_offsets);
-    m.impl("gemm_tile_order", &tkpy::ops::gemm_tile_order);
-}
-
-#if defined(TKPY_WITH_CUDA)
-TORCH_LIBRARY_IMPL(tkpy_selftest, CUDA, m) {
-    m.impl("tk_tma_roundtrip", &tkpy::ops::tk_tma_roundtrip);
-    m.impl("tk_register_ops", &tkpy::ops::tk_register_ops);
-    m.impl("tk_wgmma", &tkpy::ops::tk_wgmma);
-    m.impl("tk_warp_mma", &tkpy::ops::tk_warp_mma);
-    m.impl("tk_stuck_wait", &tkpy::ops::tk_stuck_wait);
-}
+TORCH_LIBRARY_IMPL(tkpy, CUDA, m) { register_implementations(m); }
 #endif
 
 namespace {

@@ -24,7 +24,8 @@ fi
 "$PY" -c "import sys, torch; print('rehearsal: Python', sys.version.split()[0], 'torch', torch.__version__)"
 
 echo "rehearsal: build for the device and fill .gpu-carry/"
-"$PY" scripts/gpu_run.py prep --python "$PY"
+# The carried build holds the tile library's self-test ops, which the device's GPU tests run first.
+TKPY_SELFTEST=1 "$PY" scripts/gpu_run.py prep --python "$PY"
 
 echo "rehearsal: collect what the device runs"
 for what in tests benchmarks; do

@@ -45,6 +45,8 @@ from harness_files import append_event, failure_header, failure_path, read_event
 
 REPO = Path(__file__).resolve().parents[1]
 CARRY = REPO / ".gpu-carry"  # git-ignored; the device command names it in `carry`
+# The torch-free kernel library an in-place build leaves beside _C (tkpy.library_dir()).
+KERNEL_LIBRARY = REPO / "python" / "tkpy" / "lib" / "libtkpy_kernels.a"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # Test files in dependency order: a broken primitive shows first, in the test that isolates it.
@@ -58,23 +60,22 @@ TEST_ORDER = [
     "tests/test_kvcache.py",
     "tests/test_decode_ops.py",
     "tests/test_lserve_decode.py",
+    "tests/test_no_sync.py",
+    "tests/test_cpp_api.py",
     "tests/test_runtime_llm.py",
     "tests/test_runtime_dit.py",
 ]
-# Benchmarks in the order that matters most if time runs out; the runtime's long cases go last.
-BENCH_ORDER = [
-    "benchmarks/test_bench_gemm.py",
-    "benchmarks/test_bench_attention.py",
-    "benchmarks/test_bench_block_sparse.py",
-    "benchmarks/test_bench_decode.py",
-    "benchmarks/test_bench_rope.py",
-    "benchmarks/test_bench_runtime.py",
-]
+# Benchmarks in the order that matters most if time runs out (benchmarks/cases.py orders the ops'
+# cases the same way); the runtime's long cases go last.
+BENCH_ORDER = ["benchmarks/test_bench_ops.py", "benchmarks/test_bench_runtime.py"]
 # The dry run's CPU subset: quick tests of the shared index math and the CPU paths.
 DRY_RUN_TESTS = ["tests/test_tk.py", "tests/test_gemm.py"]
 DRY_RUN_PLANTED = "scripts/harness_dryrun"
 # The bench dry run: CPU GEMM cases around a planted hang, which the step must resume after.
-DRY_RUN_BENCH = ["benchmarks/test_bench_gemm.py", "scripts/harness_dryrun/bench_planted.py"]
+DRY_RUN_BENCH = ["benchmarks/test_bench_ops.py", "scripts/harness_dryrun/bench_planted.py"]
+DRY_RUN_BENCH_SELECTION = ["-m", "not gpu", "-k", "gemm or planted"]
+# DuoAttention's head pattern of Llama-3.1-8B-Instruct, which the LServe benchmarks take as --head-pattern.
+HEAD_PATTERN = Path("duo_attention") / "Meta-Llama-3.1-8B-Instruct.full_attention_heads.tsv"
 
 SOURCES = ("csrc", "include", "cmake", "CMakeLists.txt", "setup.py")
 SUMMARY_RESERVE_S = 15  # kept back from the deadline for the summary and the last pack
@@ -117,10 +118,16 @@ def extension_path(python: str) -> Path:
     return REPO / "python" / "tkpy" / f"_C{suffix}"
 
 
+def build_vars() -> dict[str, str]:
+    """What every build of the harness sets: the tile library's self-test ops (TKPY_SELFTEST=1), which
+    the GPU tests run first, and every core unless MAX_JOBS says otherwise."""
+    return {"TKPY_SELFTEST": "1", "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))}
+
+
 def build_in_place(python: str) -> int:
-    """``setup.py build_ext --inplace`` with every core; returns its exit code."""
-    env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 1)))
-    return subprocess.run([python, "setup.py", "build_ext", "--inplace"], cwd=REPO, env=env).returncode
+    """``setup.py build_ext --inplace``; returns its exit code."""
+    return subprocess.run([python, "setup.py", "build_ext", "--inplace"], cwd=REPO,
+                          env=dict(os.environ, **build_vars())).returncode
 
 
 def build_dir(python: str) -> Path:
@@ -154,6 +161,7 @@ def prep(args: argparse.Namespace) -> int:
         so = extension_path(args.python)
         (CARRY / "extension").mkdir()
         shutil.copy2(so, CARRY / "extension" / so.name)
+        shutil.copy2(KERNEL_LIBRARY, CARRY / "extension" / KERNEL_LIBRARY.name)  # for tests/test_cpp_api.py
         report = build_dir(args.python) / "ptxas_report.txt"
         if report.is_file():
             shutil.copy2(report, CARRY / "extension" / "ptxas_report.txt")
@@ -204,7 +212,9 @@ class Run:
         return self.deadline - time.monotonic() - SUMMARY_RESERVE_S
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TKPY_HARNESS_DIR=str(self.work))
+        # TKPY_SELFTEST=1: every build here has the self-test ops, and tests/test_tk.py fails (rather
+        # than skips) without them.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TKPY_HARNESS_DIR=str(self.work), TKPY_SELFTEST="1")
         paths = [str(REPO / "python"), str(REPO / "scripts")]
         env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
         if (CARRY / "shared-data").is_dir():
@@ -342,6 +352,8 @@ def ensure_extension(run: Run) -> bool:
         stamp_file = CARRY / "extension" / "stamp.txt"
         if stamp_file.is_file() and stamp_file.read_text().strip() == extension_stamp():
             shutil.copy2(carried, target)
+            KERNEL_LIBRARY.parent.mkdir(exist_ok=True)
+            shutil.copy2(CARRY / "extension" / KERNEL_LIBRARY.name, KERNEL_LIBRARY)
             if (CARRY / "extension" / "ptxas_report.txt").is_file():
                 shutil.copy2(CARRY / "extension" / "ptxas_report.txt", run.work / "ptxas_report.txt")
             print(f"==> carried extension {carried.name} matches the sources", flush=True)
@@ -352,7 +364,7 @@ def ensure_extension(run: Run) -> bool:
     if run.step("import", "build", check, cap=60) == 0:
         return True
     rc = run.step("build", "build", [sys.executable, "setup.py", "build_ext", "--inplace"], cap=300,
-                  env=run.env(MAX_JOBS=str(os.cpu_count() or 1)))
+                  env=run.env(**build_vars()))
     folder = build_dir(sys.executable)
     for name, keep in (("ptxas_report.txt", "ptxas_report.txt"), (".ninja_log", "ninja_log.txt")):
         if (folder / name).is_file():
@@ -488,16 +500,19 @@ def bench(args: argparse.Namespace) -> int:
             run.step("ceilings", "info", [sys.executable, "-c", CEILINGS, str(run.work / "ceilings.json")], cap=60)
         files = DRY_RUN_BENCH if args.dry_run else ordered(
             sorted(str(p.relative_to(REPO)) for p in (REPO / "benchmarks").glob("test_*.py")), BENCH_ORDER)
-        marks = ["-m", "not gpu"] if args.dry_run else ["-m", "gpu"]
+        selection = DRY_RUN_BENCH_SELECTION if args.dry_run else ["-m", "gpu"]
+        pattern = CARRY / "shared-data" / HEAD_PATTERN
+        if pattern.is_file():  # without it the LServe cases fail, naming the option
+            selection = [*selection, "--head-pattern", str(pattern)]
         env = run.env(TKPY_HARNESS_TIMEOUT=str(args.timeout), **({"TKPY_HARNESS_PLANTED": "1"} if args.dry_run else {}))
         # One process (pytest-benchmark switches itself off under xdist): a case that hangs or
         # crashes ends it, and run_pytest resumes after that case.
-        run_pytest(run, "bench-tests", "bench", files, [*marks, *shlex.split(args.pytest_args)], cap=args.tests_cap,
+        run_pytest(run, "bench-tests", "bench", files, [*selection, *shlex.split(args.pytest_args)], cap=args.tests_cap,
                    env=env, workers=0)
         sampler.stop()
         compose_bench_json(run)
         if (run.work / "bench.json").is_file():
-            run.step("attention-plot", "info", [sys.executable, "scripts/plot_attention_bench.py",
+            run.step("attention-plot", "info", [sys.executable, "benchmarks/plot.py",
                                                 str(run.work / "bench.json"), "--out", str(run.work / "attention.png"),
                                                 "--device", "cpu" if args.dry_run else "cuda"], cap=60)
     return run.finish()

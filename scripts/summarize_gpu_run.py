@@ -11,7 +11,7 @@ Reads from the folder:
 - ``journal.jsonl`` and ``failures/`` from ``scripts/pytest_gpu_harness.py``: hangs, crashes,
   worker restarts, files given up on, and one signature line per failing test;
 - the sanitizer steps' logs, for compute-sanitizer's ERROR / RACECHECK SUMMARY lines;
-- ``bench.json`` from pytest-benchmark (``extra_info`` as ``benchmarks/conftest.py`` describes),
+- ``bench.json`` from pytest-benchmark (``extra_info``: the records of ``benchmarks/cases.py``),
   ``ceilings.json`` (copy bandwidth, matmul rate) and ``nvml.tsv`` (clocks and power while timing);
 
 and writes ``summary.json`` and ``summary.md`` there.
@@ -173,24 +173,18 @@ def benchmark_rows(bench: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
                 "peer_median_us": info.get("peer_median_us"),
                 "timer": info.get("timer"),
                 "pytest_benchmark_median_us": None if median_s is None else median_s * 1e6,
-                "each_peer": _each_peer(info, info.get(f"tkpy_{suffix}") if suffix else None),
+                "each_peer": _each_peer(info),
             }
         )
     return rows
 
 
-def _each_peer(info: dict[str, Any], tkpy: Optional[float]) -> dict[str, dict[str, Any]]:
-    """Every peer a case timed on its own (the attention bench's SDPA ``backends``, the block-sparse
-    bench's ``flex``): its rate and tkpy's ratio to it, or why it did not run."""
-    peers = dict(info.get("backends") or {})
-    if info.get("flex"):
-        peers["flex"] = info["flex"]
-    out = {}
-    for name, peer in peers.items():
-        rate = peer.get("tflops", peer.get("gbps"))
-        out[name] = ({"error": peer["error"]} if "error" in peer
-                     else {"value": rate, "ratio": tkpy / rate if tkpy and rate else None})
-    return out
+def _each_peer(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every peer a case timed (``extra_info["peers"]``, e.g. each SDPA backend, dense attention and
+    FlexAttention): its rate and tkpy's ratio to it, or why it did not run."""
+    return {name: {"error": peer["error"]} if "error" in peer
+            else {"value": peer.get("tflops", peer.get("gbps")), "ratio": peer.get("ratio")}
+            for name, peer in (info.get("peers") or {}).items()}
 
 
 def nvml_samples(path: Path) -> Optional[dict[str, float]]:

@@ -38,11 +38,12 @@ def decode(q, k_cache, v_cache, seqlens, block_table=None, cache_batch_idx=None,
     the CUDA allocator first so that an unwritten output reads as NaN."""
     if q.is_cuda:
         poison_cuda_allocator()
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     return torch.ops.tkpy.decode_attention(
-        q, k_cache, v_cache, block_table, seqlens, cache_batch_idx, kv_head_slot, k_ring, v_ring, ring_table, sink,
-        local, page_indices, page_counts, head_bits, k_scale, v_scale, scale, window_size[0], window_size[1], softcap,
-        num_splits,
+        q, k_cache, v_cache, seqlens, block_table=block_table, cache_batch_idx=cache_batch_idx,
+        kv_head_slot=kv_head_slot, k_ring=k_ring, v_ring=v_ring, ring_table=ring_table, sink=sink, local=local,
+        page_indices=page_indices, page_counts=page_counts, head_bits=head_bits, k_scale=k_scale, v_scale=v_scale,
+        softmax_scale=softmax_scale, window_left=window_size[0], window_right=window_size[1], softcap=softcap,
+        num_splits=num_splits,
     )
 
 
@@ -55,8 +56,10 @@ def append(k_cache, v_cache, k, v, seqlens, block_table=None, cache_batch_idx=No
            rotary_cos=None, rotary_sin=None, rotary_interleaved=False, k_scale=1.0, v_scale=1.0, kv_head_slot=None,
            k_ring=None, v_ring=None, ring_table=None, sink=0, local=0):
     torch.ops.tkpy.kv_append_(
-        k_cache, v_cache, k, v, block_table, seqlens, cache_batch_idx, k_min, k_max, rotary_cos, rotary_sin,
-        rotary_interleaved, k_scale, v_scale, kv_head_slot, k_ring, v_ring, ring_table, sink, local,
+        k_cache, v_cache, k, v, seqlens, block_table=block_table, cache_batch_idx=cache_batch_idx, k_min=k_min,
+        k_max=k_max, rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+        k_scale=k_scale, v_scale=v_scale, kv_head_slot=kv_head_slot, k_ring=k_ring, v_ring=v_ring,
+        ring_table=ring_table, sink=sink, local=local,
     )
 
 
@@ -595,12 +598,16 @@ k = torch.randn(2, 3, 2, 64, dtype=bf)
 v = torch.randn(2, 3, 2, 64, dtype=bf)
 def dec(q=q, kc=kc, vc=vc, table=table, lens=lens, batch_idx=None, slot=None, kr=None, vr=None, rt=None, sink=0,
         local=0, pi=None, pc=None, hb=None, ks=1.0, vs=1.0, wl=-1, wr=-1, cap=0.0, splits=0):
-    return torch.ops.tkpy.decode_attention(q, kc, vc, table, lens, batch_idx, slot, kr, vr, rt, sink, local, pi, pc,
-                                           hb, ks, vs, 0.125, wl, wr, cap, splits)
+    return torch.ops.tkpy.decode_attention(q, kc, vc, lens, block_table=table, cache_batch_idx=batch_idx,
+                                           kv_head_slot=slot, k_ring=kr, v_ring=vr, ring_table=rt, sink=sink,
+                                           local=local, page_indices=pi, page_counts=pc, head_bits=hb, k_scale=ks,
+                                           v_scale=vs, softmax_scale=0.125, window_left=wl, window_right=wr,
+                                           softcap=cap, num_splits=splits)
 def app(kc=kc, vc=vc, k=k, v=v, table=table, lens=lens, batch_idx=None, kmin=None, kmax=None, cos=None, sin=None,
         ks=1.0, vs=1.0, slot=None, kr=None, vr=None, rt=None, sink=0, local=0):
-    torch.ops.tkpy.kv_append_(kc, vc, k, v, table, lens, batch_idx, kmin, kmax, cos, sin, False, ks, vs, slot, kr,
-                              vr, rt, sink, local)
+    torch.ops.tkpy.kv_append_(kc, vc, k, v, lens, block_table=table, cache_batch_idx=batch_idx, k_min=kmin,
+                              k_max=kmax, rotary_cos=cos, rotary_sin=sin, k_scale=ks, v_scale=vs, kv_head_slot=slot,
+                              k_ring=kr, v_ring=vr, ring_table=rt, sink=sink, local=local)
 ls_q = torch.randn(1, 1, 4, 64, dtype=bf)
 ls_kc = torch.randn(4, 64, 1, 64, dtype=bf)
 ls_table = torch.tensor([[0, 1]], dtype=torch.int32)
@@ -700,19 +707,17 @@ def test_bad_input_never_crashes():
 
 
 def test_fake_shapes():
-    """The fakes give torch.compile the outputs' shapes and dtypes."""
+    """The Meta kernels (torch.compile's fakes) give the outputs' shapes and dtypes."""
     with torch.device("meta"):
         q = torch.empty(3, 2, 8, 64, dtype=torch.bfloat16)
         cache = torch.empty(10, 16, 2, 64, dtype=torch.bfloat16)
         table = torch.empty(3, 4, dtype=torch.int32)
         seqlens = torch.empty(3, dtype=torch.int32)
-        out, lse = torch.ops.tkpy.decode_attention(q, cache, cache, table, seqlens, None, None, None, None, None, 0, 0,
-                                                   None, None, None, 1.0, 1.0, 0.125, -1, 0, 0.0, 0)
+        out, lse = torch.ops.tkpy.decode_attention(q, cache, cache, seqlens, block_table=table, window_right=0)
         assert out.shape == q.shape and out.dtype == q.dtype
         assert lse.shape == (3, 8, 2) and lse.dtype == torch.float32
         k = torch.empty(3, 5, 2, 64, dtype=torch.bfloat16)
-        torch.ops.tkpy.kv_append_(cache, cache.clone(), k, k, table, seqlens, None, None, None, None, None, False,
-                                  1.0, 1.0, None, None, None, None, 0, 0)
+        torch.ops.tkpy.kv_append_(cache, cache.clone(), k, k, seqlens, block_table=table)
 
 
 def test_decode_refuses_backward():

@@ -1,8 +1,15 @@
-"""tkpy.integrations.diffusers: RIFLEx on tiny random HunyuanVideo, Wan and CogVideoX models.
+"""tkpy.integrations.diffusers: RIFLEx on tiny random HunyuanVideo, Wan and CogVideoX models, and
+the tkpy Wan attention processor against diffusers' stock one.
 
-Every expected value is computed here from the RIFLEx formula, not with tkpy.riflex.
+Every expected value is computed here from the RIFLEx formula, not with tkpy.riflex or tkpy.rope.
+
+Processor tolerance: tkpy attention runs in bf16, so an fp32 model rounds q, k, v and the
+attention output to bf16 (unit roundoff 2^-9 each) while everything else stays fp32. That gives
+norm-relative errors of a few 1e-3; REL_TOL[bf16] = 1e-2 (DESIGN.md §7) bounds them, and every
+test that relies on RoPE or RIFLEx first checks that getting them wrong would cost far more.
 """
 
+import copy
 import math
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -12,7 +19,11 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from tkpy.integrations.diffusers import apply_riflex  # noqa: E402
+from tkpy.integrations.diffusers import WanAttnProcessor, apply_riflex, use_tkpy_attention  # noqa: E402
+
+from helpers import REL_TOL, rel_err  # noqa: E402
+
+TOL = REL_TOL[torch.bfloat16]
 
 CPU = torch.device("cpu")
 # Spatial latent size 4x4 with patch 2 gives a 2x2 token grid per frame.
@@ -256,3 +267,200 @@ def test_bad_arguments_leave_model_untouched():
     with pytest.raises(ValueError, match="num_frames"):
         apply_riflex(case.target, 0)
     assert case.target.rope is original
+
+
+# ---------------------------------------------------------------------------------------------
+# The tkpy Wan attention processor against diffusers' stock Wan processor
+
+
+def _randomise_norms(module, generator):
+    """RMSNorm weights start at 1, which would hide a norm over the wrong dims or a missing one."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.5 * torch.randn(param.shape, generator=generator))
+
+
+# N_k of Wan's temporal component k = 1 (see test_wan_riflex_changes_exactly_component_k).
+FAST_PERIOD = 6
+
+
+LATENTS = (3, 10, 14)  # (F, H, W) latents; patch (1, 2, 2) gives the odd token grid (3, 5, 7)
+
+
+def _tiny_wan(rng, **config):
+    torch.manual_seed(torch.randint(2**31, (1,), generator=rng).item())
+    model = diffusers.WanTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=4, text_dim=16, freq_dim=32,
+        ffn_dim=32, num_layers=2, **config,
+    ).eval()
+    _randomise_norms(model, rng)
+    return model
+
+
+def _inputs(rng, latents=LATENTS):
+    return dict(
+        hidden_states=torch.randn(1, 4, *latents, generator=rng),
+        timestep=torch.randint(0, 1000, (1,), generator=rng),
+        encoder_hidden_states=torch.randn(1, 9, 16, generator=rng),
+        return_dict=False,
+    )
+
+
+@pytest.mark.parametrize("install", ["set_attn_processor", "use_tkpy_attention"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_wan_processor_matches_stock(install, fused, rng):
+    stock = _tiny_wan(rng)
+    if fused:
+        stock.fuse_qkv_projections()
+    tk = copy.deepcopy(stock)
+    if install == "set_attn_processor":
+        tk.set_attn_processor(WanAttnProcessor())
+    else:
+        use_tkpy_attention(tk)
+    inputs = _inputs(rng)
+    # Each attention on its own (self-attention with RoPE, and cross-attention), then the model.
+    x = torch.randn(1, math.prod(LATENTS) // 4, 128, generator=rng)
+    text = torch.randn(1, 9, 128, generator=rng)
+    with torch.no_grad():
+        latents = inputs["hidden_states"]
+        ref = stock.blocks[0].attn1(x, None, None, stock.rope(latents))
+        # Named, so that a failure says which comparison it was: a RoPE bug (wrong pair layout,
+        # angles or axis) moves the self-attention by 0.25-0.55 and the model by only ~1e-2.
+        err = rel_err(tk.blocks[0].attn1(x, None, None, tk.rope(latents)), ref)
+        assert err < TOL, f"self-attention with RoPE: rel err {err:.3g}"
+        err = rel_err(tk.blocks[0].attn2(x, text), stock.blocks[0].attn2(x, text))
+        assert err < TOL, f"cross-attention: rel err {err:.3g}"
+        err = rel_err(tk(**inputs)[0], stock(**inputs)[0])
+        assert err < TOL, f"whole model: rel err {err:.3g}"
+
+
+def test_wan_processor_rope_matters(rng):
+    """Without RoPE, stock Wan's self-attention moves by far more than the tolerance."""
+    stock = _tiny_wan(rng)
+    x = torch.randn(1, math.prod(LATENTS) // 4, 128, generator=rng)
+    with torch.no_grad():
+        rope = stock.rope(torch.zeros(1, 4, *LATENTS))
+        assert rel_err(stock.blocks[0].attn1(x, None, None, None), stock.blocks[0].attn1(x, None, None, rope)) > 5 * TOL
+
+
+class _TableRope(torch.nn.Module):
+    """Stock Wan RoPE with RIFLEx written in by hand: pair (2k-2, 2k-1) turns at 0.9·2π/L per frame."""
+
+    def __init__(self, rope, k, L):
+        super().__init__()
+        self.rope, self.k, self.L = rope, k, L
+
+    def forward(self, hidden_states):
+        cos, sin = self.rope(hidden_states)
+        frames = hidden_states.shape[2]
+        angle = torch.arange(frames, dtype=torch.float64) * (0.9 * 2 * math.pi / self.L)
+        pair = slice(2 * self.k - 2, 2 * self.k)
+        cos, sin = cos.clone().view(frames, -1, cos.shape[-1]), sin.clone().view(frames, -1, sin.shape[-1])
+        cos[..., pair], sin[..., pair] = angle.cos()[:, None, None].float(), angle.sin()[:, None, None].float()
+        return cos.view(1, -1, 1, cos.shape[-1]), sin.view(1, -1, 1, sin.shape[-1])
+
+
+def _per_axis_columns(cos, sin, grid):
+    """Stock Wan (cos, sin) [1, S, 1, 64] -> per-axis complex tables [T, 12], [H, 10], [W, 10]."""
+    T, H, W = grid
+    table = torch.complex(cos[..., 0::2], sin[..., 1::2]).reshape(T, H, W, 32).to(torch.complex128)
+    return table[:, 0, 0, :12], table[0, :, 0, 12:22], table[0, 0, :, 22:]
+
+
+# Wan's temporal component k = 1 has period round(2π) = 6 latent frames (N_k). A clip of 49 frames
+# has L_test = 13 latent frames, where RIFLEx turns that component at 0.9·2π/13 instead of 1 per
+# frame: a change to one of 32 pairs, but one that moves a random Wan self-attention by 6–26%.
+@pytest.mark.parametrize("num_frames, L_test", [(21, FAST_PERIOD), (49, 13)])
+def test_wan_riflex_changes_exactly_component_k(num_frames, L_test, rng):
+    stock = _tiny_wan(rng)
+    tk = use_tkpy_attention(copy.deepcopy(stock), num_frames=num_frames, k=1)
+    inputs = _inputs(rng, latents=(7, 4, 6))
+    latents, grid = inputs["hidden_states"], (7, 2, 3)
+    x = torch.randn(1, math.prod(grid), 128, generator=rng)
+    active = L_test > FAST_PERIOD  # the training-free rule
+    expected_rope = _TableRope(stock.rope, 1, L_test) if active else stock.rope
+    with torch.no_grad():
+        rope = tk.rope(latents)
+        # The tables: only column k - 1 of the temporal axis differs from diffusers'.
+        stock_tables = _per_axis_columns(*stock.rope(latents), grid)
+        for name, ours, theirs in zip("thw", (rope.freqs_t, rope.freqs_h, rope.freqs_w), stock_tables):
+            if name == "t" and active:
+                angle = torch.arange(7, dtype=torch.float64) * (0.9 * 2 * math.pi / L_test)
+                torch.testing.assert_close(ours[:, 0].cdouble(), torch.polar(torch.ones_like(angle), angle),
+                                           rtol=0, atol=2e-6)
+                ours, theirs = ours[:, 1:], theirs[:, 1:]
+            torch.testing.assert_close(ours.cdouble(), theirs, rtol=0, atol=2e-6)
+        # The self-attention and the model against the stock processor on RIFLEx tables made here.
+        attn_ref = stock.blocks[0].attn1(x, None, None, expected_rope(latents))
+        attn_plain = stock.blocks[0].attn1(x, None, None, stock.rope(latents))
+        assert rel_err(tk.blocks[0].attn1(x, None, None, rope), attn_ref) < TOL
+        if active:
+            assert rel_err(attn_ref, attn_plain) > 3 * TOL  # so a missing RIFLEx could not pass
+        ours = tk(**inputs)[0]
+        stock.rope = expected_rope
+        assert rel_err(ours, stock(**inputs)[0]) < TOL
+
+
+def _tiny_hunyuanvideo(rng):
+    torch.manual_seed(torch.randint(2**31, (1,), generator=rng).item())
+    return diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=1, attention_head_dim=128, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8,
+    )
+
+
+def test_other_models_are_refused(rng):
+    hunyuan = _tiny_hunyuanvideo(rng)
+    with pytest.raises(ValueError, match="HunyuanVideoTransformer3DModel is not supported"):
+        use_tkpy_attention(hunyuan)
+    cog = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=1, attention_head_dim=64, in_channels=4, out_channels=4, time_embed_dim=32,
+        text_embed_dim=16, num_layers=1, sample_width=4, sample_height=4, sample_frames=9,
+    )
+    with pytest.raises(ValueError, match="CogVideoXTransformer3DModel is not supported"):
+        use_tkpy_attention(cog)
+    # Set per module on a model it doesn't support, the processor refuses at its first call.
+    hunyuan.set_attn_processor(WanAttnProcessor())
+    inputs = dict(hidden_states=torch.randn(1, 4, 1, 4, 4), timestep=torch.tensor([1]),
+                  encoder_hidden_states=torch.randn(1, 3, 16), encoder_attention_mask=torch.ones(1, 3),
+                  pooled_projections=torch.randn(1, 8), guidance=torch.tensor([1000.0]), return_dict=False)
+    with torch.no_grad(), pytest.raises(ValueError, match="supports diffusers' Wan attention"):
+        hunyuan(**inputs)
+
+
+def test_wan_unsupported_uses_are_refused(rng):
+    from diffusers.models.transformers.transformer_wan import WanAttention
+
+    x = torch.randn(1, 6, 128, generator=rng)
+    i2v = WanAttention(128, heads=2, dim_head=64, added_kv_proj_dim=16, cross_attention_dim_head=64)
+    with torch.no_grad(), pytest.raises(ValueError, match="image-to-video"):
+        WanAttnProcessor()(i2v, x, torch.randn(1, 520, 128, generator=rng))
+    self_attn = WanAttention(128, heads=2, dim_head=64)
+    with torch.no_grad(), pytest.raises(ValueError, match="attention_mask"):
+        WanAttnProcessor()(self_attn, x, None, torch.ones(1, 1, 6, 6, dtype=torch.bool))
+    narrow = WanAttention(64, heads=2, dim_head=32)
+    with torch.no_grad(), pytest.raises(ValueError, match="head_dim in"):
+        WanAttnProcessor()(narrow, torch.randn(1, 6, 64, generator=rng))
+
+    model = _tiny_wan(rng)
+    with pytest.raises(ValueError, match="mode must be"):
+        use_tkpy_attention(model, num_frames=33, mode="always")
+    with pytest.raises(ValueError, match="k must be in"):
+        use_tkpy_attention(model, num_frames=33, k=13)
+    with pytest.raises(ValueError, match="num_frames must be >= 1"):
+        use_tkpy_attention(model, num_frames=0)
+    assert isinstance(model.rope, diffusers.models.transformers.transformer_wan.WanRotaryPosEmbed)  # untouched
+    apply_riflex(model, num_frames=4 * 400 + 1)
+    with pytest.raises(ValueError, match="apply_riflex"):
+        use_tkpy_attention(model)
+    with pytest.raises(ValueError, match="head_dim in"):
+        use_tkpy_attention(diffusers.WanTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=48, in_channels=4, out_channels=4, text_dim=16,
+            freq_dim=32, ffn_dim=32, num_layers=1))
+    fp64 = use_tkpy_attention(_tiny_wan(rng).double())
+    inputs = _inputs(rng)
+    inputs["hidden_states"], inputs["encoder_hidden_states"] = (
+        inputs["hidden_states"].double(), inputs["encoder_hidden_states"].double())
+    with torch.no_grad(), pytest.raises(ValueError, match="bf16, fp16 or fp32"):
+        fp64(**inputs)

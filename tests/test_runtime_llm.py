@@ -19,8 +19,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 transformers = pytest.importorskip("transformers")
 
+import tkpy  # noqa: E402
 from tkpy._data import duo_attention_pattern  # noqa: E402
 from tkpy.runtime import LLM, LServeConfig  # noqa: E402
+from tkpy.runtime.request import Request  # noqa: E402
 
 VOCAB = 256 + 2
 
@@ -108,12 +110,12 @@ def test_prefill_logits_match_transformers(checkpoints, name):
 def generate_recording_decode_logits(llm, ids, new_tokens):
     """Greedy generation of one prompt, and the logits of its decode steps ``[new_tokens - 1, vocab]``."""
     recorded = []
-    decode_step = llm.decode_step
-    llm.decode_step = lambda *args, **kwargs: recorded.append(decode_step(*args, **kwargs)) or recorded[-1]
+    decode_step = llm.runner.decode_step
+    llm.runner.decode_step = lambda *args, **kwargs: recorded.append(decode_step(*args, **kwargs)) or recorded[-1]
     try:
         out = llm.generate(ids, max_new_tokens=new_tokens)[0]
     finally:
-        del llm.decode_step
+        del llm.runner.decode_step
     assert len(out.token_ids) == new_tokens and len(recorded) == new_tokens - 1
     return out, torch.cat(recorded)
 
@@ -165,17 +167,18 @@ def test_batched_generation_equals_each_alone(llama):
 
 def test_pages_are_freed_when_each_sequence_ends(llama):
     llm = LLM(llama, device="cpu", dtype=torch.float16, max_batch_size=2, max_seq_len=192, progress=False)
-    total = llm.pages.num_free
+    pages, slots = llm.paging.pages, llm.paging.slots
+    total = pages.num_free
     first = llm.generate(prompt(10, 6), max_new_tokens=1)[0].token_ids[0]
-    assert llm.pages.num_free == total
+    assert pages.num_free == total
     freed = []
-    free = llm.pages.free
-    llm.pages.free = lambda pages: (freed.append((len(pages), llm.timing.decode_tokens)), free(pages))
+    free = pages.free
+    pages.free = lambda ids: (freed.append((len(ids), llm.timing.decode_tokens)), free(ids))
     # The first prompt stops at its first token (a stop id), the second runs 20 tokens (2 pages).
     out = llm.generate([prompt(10, 6), prompt(100, 7)], max_new_tokens=20, stop=first)
     assert [g.finish_reason for g in out] == ["stop", "length"] and out[0].token_ids == [first]
     assert freed == [(1, 0), (2, 19)]  # right after the prefill, then after 19 decode steps
-    assert llm.pages.num_free == total and llm.slots.num_free == llm.slots.count - 1
+    assert pages.num_free == total and slots.num_free == slots.count - 1
 
 
 def test_stop_string_and_text(llama):
@@ -215,7 +218,7 @@ def test_lserve_with_budget_at_least_context_equals_dense(llama, tmp_path):
     ids = prompt(290, 8)
     dense = LLM(llama, device="cpu", dtype=torch.float16, max_seq_len=320, progress=False)
     sparse = LLM(llama, device="cpu", dtype=torch.float16, max_seq_len=320, lserve=lserve, progress=False)
-    assert any(sparse.cache.has_streaming)
+    assert any(sparse.runner.backend.has_streaming)
     torch.testing.assert_close(sparse.prefill_logits(ids), dense.prefill_logits(ids), atol=2e-3, rtol=0)
     sparse_out, sparse_logits = generate_recording_decode_logits(sparse, ids, 16)
     dense_out, dense_logits = generate_recording_decode_logits(dense, ids, 16)
@@ -236,7 +239,7 @@ def test_lserve_small_windows_and_budget_change_the_output(llama, tmp_path):
     assert (sparse.prefill_logits(ids) - dense.prefill_logits(ids)).abs().max() > 1e-2
     # Decode with 3 of 5 pages selected per head, reselected every 4 steps across a page boundary.
     out = sparse.generate(ids, max_new_tokens=16)[0]
-    assert len(out.token_ids) == 16 and sparse.pages.num_free == sparse.pages.count - 1
+    assert len(out.token_ids) == 16 and sparse.paging.pages.num_free == sparse.paging.pages.count - 1
 
 
 def test_lserve_pattern_of_another_model_is_refused(llama):
@@ -331,3 +334,45 @@ def test_cli_generate_with_lserve(tmp_path):
     assert "random weights" in proc.stderr  # the progress bar
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("prefill: 11 tokens in ") and "tokens/s); decode: 6 tokens in " in last, last
+
+
+@torch.inference_mode()
+def decode_in_lockstep(llms: list, prompts: list, steps: int) -> list:
+    """Prefill the prompts on every LLM, then decode, feeding all of them the first one's greedy
+    tokens; the last request leaves halfway (a smaller batch). Returns each LLM's logits, per step."""
+    batches = [[Request(list(p), len(p), steps + 1) for p in prompts] for _ in llms]
+    for llm, batch in zip(llms, batches):
+        for request in batch:
+            llm.paging.reserve(request)
+    logits = [[] for _ in llms]
+    for step in range(steps):
+        if step == steps // 2:
+            for llm, batch in zip(llms, batches):
+                llm.paging.release(batch.pop())
+                llm.runner.batch_changed()
+        outputs = [llm.runner.decode(batch) if step else llm.runner.prefill(batch) for llm, batch in zip(llms, batches)]
+        for ours, out in zip(logits, outputs):
+            ours.append(out.clone())
+        for token, *requests in zip(outputs[0].argmax(-1).tolist(), *batches):
+            for request in requests:
+                request.tokens.append(token)
+    return logits
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["dense", "lserve"])
+def test_cuda_graph_decode_equals_eager(mode, tmp_path):
+    if not tkpy.cuda_compiled():
+        pytest.skip("tkpy was built without CUDA kernels")
+    # With LServe, reuse_interval 2 replays both graphs of a batch size (selection recomputed, reused).
+    lserve = None if mode == "dense" else LServeConfig(
+        static_sparsity=0.5, pattern=str(write_pattern(tmp_path / "tiny.tsv", 4, 2)), sink=64, local=64,
+        prefill_sink=64, prefill_local=128, token_budget=128, reuse_interval=2)
+    eager, graphed = (LLM("tiny-random", device="cuda", dtype=torch.float16, lserve=lserve, max_batch_size=3,
+                          max_seq_len=256, cuda_graphs=graphs, progress=False) for graphs in (False, True))
+    assert eager.runner.graphs is None and graphed.runner.graphs is not None
+    prompts = [prompt(70, 30), prompt(150, 31), prompt(5, 32)]
+    for step, (ours, theirs) in enumerate(zip(*decode_in_lockstep([graphed, eager], prompts, 16))):
+        torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0, msg=lambda m: f"step {step}: {m}")
+    assert set(graphed.runner.graphs.graphs) == ({(3, True), (2, True)} if lserve is None else
+                                                 {(3, True), (3, False), (2, True), (2, False)})

@@ -17,6 +17,7 @@ import pytest
 
 import tkpy
 from tkpy import _C
+from tkpy.info import selftest_compiled
 
 pytestmark = pytest.mark.skipif(not tkpy.cuda_compiled(), reason="this build of tkpy has no CUDA kernels (CPU-only build)")
 
@@ -27,6 +28,7 @@ class Family:
     kernels: str  # regex on the demangled kernel name
     must: tuple[str, ...] = ()  # regexes, each must match some SASS instruction
     must_not: tuple[str, ...] = ()
+    selftest: bool = False  # a test instrument, built with TKPY_SELFTEST=1 only
 
 
 LOCAL_MEMORY = (r"\bLDL\b", r"\bSTL\b")
@@ -41,23 +43,26 @@ FAMILIES = [
     # Dense attention forward: TMA producer + two wgmma consumer warpgroups.
     Family("attention forward", r"tkpy::attention::attention_fwd_kernel<", WARP_SPECIALIZED, LOCAL_MEMORY),
     # The tile library's self-test kernels (tests/test_tk.py).
-    Family("tk selftest: TMA", r"tk_selftest::.*tma_roundtrip_kernel<", ("UTMALDG", "UTMASTG", "UTMAREDG", "SYNCS"), LOCAL_MEMORY),
-    Family("tk selftest: wgmma", r"tk_selftest::.*wgmma_kernel<", ("HGMMA", "UTMALDG", "SYNCS"), LOCAL_MEMORY),
-    Family("tk selftest: register ops", r"tk_selftest::.*register_ops_kernel", (), LOCAL_MEMORY),
+    Family("tk selftest: TMA", r"tk_selftest::.*tma_roundtrip_kernel<", ("UTMALDG", "UTMASTG", "UTMAREDG", "SYNCS"),
+           LOCAL_MEMORY, selftest=True),
+    Family("tk selftest: wgmma", r"tk_selftest::.*wgmma_kernel<", ("HGMMA", "UTMALDG", "SYNCS"), LOCAL_MEMORY,
+           selftest=True),
+    Family("tk selftest: register ops", r"tk_selftest::.*register_ops_kernel", (), LOCAL_MEMORY, selftest=True),
     # A wait nobody arrives at, as the library builds it: the watchdog's trap, and no call (a call
     # into the CUDA runtime would serialise a wgmma kernel's wgmma); and with the report
     # (TK_WAIT_WATCHDOG_REPORT), which prints through the runtime's vprintf.
     Family("tk selftest: stuck wait", r"tk_selftest::.*stuck_wait_kernel<false>", (MBARRIER_TRY_WAIT, *WAIT_WATCHDOG),
-           (*LOCAL_MEMORY, r"\bCALL\b")),
+           (*LOCAL_MEMORY, r"\bCALL\b"), selftest=True),
     Family("tk selftest: stuck wait, reported", r"tk_selftest::.*stuck_wait_kernel<true>",
-           (MBARRIER_TRY_WAIT, *WAIT_WATCHDOG, r"CALL\.ABS"), LOCAL_MEMORY),
+           (MBARRIER_TRY_WAIT, *WAIT_WATCHDOG, r"CALL\.ABS"), LOCAL_MEMORY, selftest=True),
     # The decode kernel's warp-scope path on its own: cp.async (zero-filling) into swizzled tiles,
     # ldmatrix and mma.sync m16n8k16; a · bᵀ with plain ldmatrix, a · b through ldmatrix.trans.
     Family("tk selftest: warp mma, a @ b.T", r"tk_selftest::.*warp_mma_kernel<[^<>]*, false>",
-           (r"HMMA\.16816\.F32", r"LDSM\.16\.M88\.4", r"LDGSTS\.E\.BYPASS\.128"), LOCAL_MEMORY),
+           (r"HMMA\.16816\.F32", r"LDSM\.16\.M88\.4", r"LDGSTS\.E\.BYPASS\.128"), LOCAL_MEMORY,
+           selftest=True),
     Family("tk selftest: warp mma, a @ b", r"tk_selftest::.*warp_mma_kernel<[^<>]*, true>",
            (r"HMMA\.16816\.F32", r"LDSM\.16\.M88\.4", r"LDSM\.16\.MT88\.4", r"LDGSTS\.E\.BYPASS\.128"),
-           LOCAL_MEMORY),
+           LOCAL_MEMORY, selftest=True),
     # The 16-byte path: template args are <T, pairs per access, vectorized=true, ...>.
     Family("rope, 16-byte accesses", r"tkpy::rope::rope_kernel<[^,]+, \d+, true,", ("LDG.E.128", "STG.E.128"), LOCAL_MEMORY),
     # The element-wise path for odd strides and rotary dims.
@@ -137,6 +142,8 @@ def test_sm90a_code_is_present():
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_family_sass(family, sass):
+    if family.selftest and not selftest_compiled():
+        pytest.skip("the self-test kernels are in TKPY_SELFTEST=1 builds only")
     members = {name: text for name, text in sass.items() if re.search(family.kernels, name)}
     assert members, f"no kernel matches family {family.name!r} ({family.kernels}); was a kernel renamed?"
     for name, text in members.items():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import tkpy
-from tkpy import _data, bench
+from tkpy import _data
 from tkpy._data import SHARED_DATA_ENV, duo_attention_pattern, shared_data_dir, shared_data_file
 
 MODEL = "Meta-Llama-3.1-8B-Instruct"
@@ -48,10 +48,3 @@ def test_installed_package_needs_the_env_var(tmp_path, monkeypatch):
     assert shared_data_dir() is None
     with pytest.raises(FileNotFoundError, match=f"set {SHARED_DATA_ENV}"):
         duo_attention_pattern(MODEL)
-
-
-def test_lserve_bench_case_refuses_to_run_without_the_pattern(tmp_path, monkeypatch):
-    monkeypatch.setenv(SHARED_DATA_ENV, str(tmp_path))
-    lserve = next(case for case in bench.block_sparse_cases("cpu") if case.density is None)
-    with pytest.raises(FileNotFoundError, match=SHARED_DATA_ENV):
-        bench.prepare_case(lserve, "cpu", copies=1)

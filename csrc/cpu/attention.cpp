@@ -77,7 +77,7 @@ class TaskGrid {
 public:
     explicit TaskGrid(const AttentionParams& p) : heads_(p.heads_q), first_task_(p.batch + 1, 0), tiles_(p.batch) {
         for (int b = 0; b < p.batch; ++b) {
-            tiles_[b] = ceil_div(detail::sequence(p.cu_seqlens_q, b, p.seqlen_q).len, kQueryTile);
+            tiles_[b] = ceil_div(detail::sequence(p.cu_seqlens_q, b, p.seqlen_q, p.total_q).len, kQueryTile);
             first_task_[b + 1] = first_task_[b] + int64_t(heads_) * tiles_[b];
         }
     }
@@ -208,8 +208,8 @@ void write_tile(const HeadRows& out, float* lse, const TileShape& tile, Workspac
 
 void run_task(const AttentionParams& p, const Task& task, Workspace& ws) {
     const at::ScalarType dtype = scalar_type(p.dtype);
-    const detail::Sequence seq_q = detail::sequence(p.cu_seqlens_q, task.batch, p.seqlen_q);
-    const detail::Sequence seq_k = detail::sequence(p.cu_seqlens_k, task.batch, p.seqlen_k);
+    const detail::Sequence seq_q = detail::sequence(p.cu_seqlens_q, task.batch, p.seqlen_q, p.total_q);
+    const detail::Sequence seq_k = detail::sequence(p.cu_seqlens_k, task.batch, p.seqlen_k, p.total_k);
     const int kv_head = task.head / (p.heads_q / p.heads_kv);
     const HeadRows q = head_rows(p.q, task.batch * p.q_batch_stride, seq_q.start, p.q_token_stride,
                                  task.head * p.q_head_stride, dtype);

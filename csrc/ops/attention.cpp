@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -33,7 +34,7 @@ void check_qkv_tensor(const char* name, const at::Tensor& t, const at::Tensor& q
                       dims == 4 ? "[batch, seqlen, heads, head_dim]" : "[total_tokens, heads, head_dim]", "), got ",
                       t.sizes());
     check_last_dim_contiguous(kOp, name, t);
-    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 || t.numel() == 0, kOp, ": expected ", name,
+    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(data_of(t)) % 16 == 0 || t.numel() == 0, kOp, ": expected ", name,
                       " to start on a 16-byte boundary (TMA's rule); got a view at an odd offset, call .contiguous()");
     // TMA moves rows of 16-byte units: every stride must be a whole number of them.
     for (int d = 0; d < dims - 1; ++d) {
@@ -49,12 +50,11 @@ void check_cu_seqlens(const char* name, const at::Tensor& cu, const at::Tensor& 
                       " to be a contiguous 1-D int32 tensor, got ", cu.scalar_type(), " ", cu.sizes());
     TORCH_CHECK_VALUE(cu.numel() == batch + 1, kOp, ": expected ", name, " of length batch + 1 = ", batch + 1, ", got ",
                       cu.numel());
-    // Host memory costs nothing to read; on CUDA the Python API checks the values (outside graph
-    // capture), since a check here would be a device sync.
-    if (!cu.is_cpu()) return;
-    const int32_t* v = cu.data_ptr<int32_t>();
-    TORCH_CHECK_VALUE(v[0] == 0 && v[batch] == total, kOp, ": ", name, " must start at 0 and end at ", total, ", got ",
-                      v[0], " .. ", v[batch]);
+    if (!values_checked(cu)) return;
+    const at::Tensor host = host_values(cu);
+    const int32_t* v = host.data_ptr<int32_t>();
+    TORCH_CHECK_VALUE(v[0] == 0 && v[batch] == total, kOp, ": ", name, " must start at 0 and end at the packed length ",
+                      total, ", got ", v[0], " .. ", v[batch]);
     for (int64_t b = 0; b < batch; ++b) {
         TORCH_CHECK_VALUE(v[b + 1] >= v[b] && v[b + 1] - v[b] <= max_seqlen, kOp, ": ", name, " entry ", b,
                           " gives a sequence of ", v[b + 1] - v[b], " tokens; lengths must be in [0, max_seqlen=",
@@ -70,7 +70,7 @@ struct Prepared {
 
 Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-                 int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, int64_t window_left,
+                 int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<double> softmax_scale, int64_t window_left,
                  int64_t window_right, double softcap) {
     const bool varlen = cu_seqlens_q.has_value() || cu_seqlens_k.has_value();
     TORCH_CHECK_VALUE(!varlen || (cu_seqlens_q.has_value() && cu_seqlens_k.has_value()), kOp,
@@ -104,8 +104,8 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         p.batch = int(batch);
         p.seqlen_q = int(max_seqlen_q);
         p.seqlen_k = int(max_seqlen_k);
-        p.cu_seqlens_q = cu_seqlens_q->data_ptr<int32_t>();
-        p.cu_seqlens_k = cu_seqlens_k->data_ptr<int32_t>();
+        p.cu_seqlens_q = data_of<int32_t>(*cu_seqlens_q);
+        p.cu_seqlens_k = data_of<int32_t>(*cu_seqlens_k);
         p.total_q = q.size(0);
         p.total_k = k.size(0);
         prep.out = at::empty(q.sizes(), q.options());
@@ -133,15 +133,15 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     strides(k, p.k_batch_stride, p.k_token_stride, p.k_head_stride);
     strides(v, p.v_batch_stride, p.v_token_stride, p.v_head_stride);
     strides(prep.out, p.o_batch_stride, p.o_token_stride, p.o_head_stride);
-    p.q = q.data_ptr();
-    p.k = k.data_ptr();
-    p.v = v.data_ptr();
-    p.out = prep.out.data_ptr();
-    p.lse = prep.lse.data_ptr<float>();
+    p.q = data_of(q);
+    p.k = data_of(k);
+    p.v = data_of(v);
+    p.out = data_of(prep.out);
+    p.lse = data_of<float>(prep.lse);
     p.heads_q = int(heads_q);
     p.heads_kv = int(heads_kv);
     p.head_dim = int(head_dim);
-    p.softmax_scale = float(softmax_scale);
+    p.softmax_scale = float(softmax_scale.value_or(1.0 / std::sqrt(double(head_dim))));
     p.softcap = float(softcap);
     p.window_left = clamp_window(window_left);
     p.window_right = clamp_window(window_right);
@@ -159,14 +159,38 @@ void check_int32_vector(const char* name, const at::Tensor& t, const at::Tensor&
                       " ", t.sizes());
 }
 
-// Dense-attention preparation plus LServe's per-head types and block lists (varlen only). The
-// values of head_mask_type and streaming_info were checked by the Python API; here, shapes.
+// What the plan walk relies on: head types in {-1, 0, 1}, window sizes >= 0, block-sparse heads
+// numbered 0, 1, ... in head order (one list each), the others -1.
+void check_head_values(int64_t heads, const at::Tensor& head_mask_type, const at::Tensor& streaming_info,
+                       const at::Tensor& sparse_index, int n_lists) {
+    const at::Tensor types_host = host_values(head_mask_type);
+    const at::Tensor info_host = host_values(streaming_info);
+    const at::Tensor index_host = host_values(sparse_index);
+    const int32_t* types = types_host.data_ptr<int32_t>();
+    const int32_t* info = info_host.data_ptr<int32_t>();
+    const int32_t* index = index_host.data_ptr<int32_t>();
+    int n_sparse = 0;
+    for (int64_t h = 0; h < heads; ++h) {
+        TORCH_CHECK_VALUE(types[h] >= -1 && types[h] <= 1, kSparseOp, ": head_mask_type[", h, "] = ", types[h],
+                          " is not -1 (streaming), 0 (dense) or 1 (block-sparse)");
+        TORCH_CHECK_VALUE(info[2 * h] >= 0 && info[2 * h + 1] >= 0, kSparseOp, ": streaming_info of head ", h,
+                          " must be >= 0, got (", info[2 * h], ", ", info[2 * h + 1], ")");
+        TORCH_CHECK_VALUE(index[h] == (types[h] == 1 ? n_sparse : -1), kSparseOp,
+                          ": sparse_index must number the block-sparse heads 0, 1, ... in head order and be -1 elsewhere");
+        n_sparse += types[h] == 1;
+    }
+    TORCH_CHECK_VALUE(n_sparse == n_lists, kSparseOp, ": ", n_sparse,
+                      " heads are block-sparse (head_mask_type 1) but there are ", n_lists,
+                      " block lists (base_blockmask's dim 1; the streaming functions take none)");
+}
+
+// Dense-attention preparation plus LServe's per-head types and block lists (varlen only).
 Prepared prepare_sparse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                         const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type,
                         const at::Tensor& streaming_info, const at::Tensor& sparse_index,
                         const std::optional<at::Tensor>& block_indices, const std::optional<at::Tensor>& block_counts,
-                        int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool is_causal,
-                        bool exact_streaming) {
+                        int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<double> softmax_scale,
+                        bool is_causal, bool exact_streaming) {
     Prepared prep = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, -1,
                             is_causal ? 0 : -1, 0.0);
     TORCH_CHECK_VALUE(is_causal || !exact_streaming, kSparseOp,
@@ -177,9 +201,9 @@ Prepared prepare_sparse(const at::Tensor& q, const at::Tensor& k, const at::Tens
     check_int32_vector("streaming_info", streaming_info, q, 2 * heads);
     check_int32_vector("sparse_index", sparse_index, q, heads);
     detail::SparseHeads& sp = prep.params.sparse;
-    sp.head_mask_type = head_mask_type.data_ptr<int32_t>();
-    sp.streaming_info = streaming_info.data_ptr<int32_t>();
-    sp.sparse_index = sparse_index.data_ptr<int32_t>();
+    sp.head_mask_type = data_of<int32_t>(head_mask_type);
+    sp.streaming_info = data_of<int32_t>(streaming_info);
+    sp.sparse_index = data_of<int32_t>(sparse_index);
     sp.causal = is_causal;
     sp.exact_streaming = exact_streaming;
     sp.mask_q_blocks = int(detail::ceil_blocks(int(max_seqlen_q)));
@@ -194,86 +218,58 @@ Prepared prepare_sparse(const at::Tensor& q, const at::Tensor& k, const at::Tens
         check_same_device(kSparseOp, "block_counts", cnt, q);
         TORCH_CHECK_VALUE(idx.scalar_type() == at::kInt && idx.dim() == 4 && idx.is_contiguous() && idx.size(0) == batch &&
                         idx.size(2) == sp.mask_q_blocks && idx.size(3) == sp.mask_k_blocks,
-                          kSparseOp, ": expected block_indices int32 [", batch, ", n_sparse, ", sp.mask_q_blocks, ", ",
+                          kSparseOp, ": expected block_indices (the plan of base_blockmask) int32 [batch=", batch,
+                          ", n_sparse, ceil(max_seqlen_q/128)=", sp.mask_q_blocks, ", ceil(max_seqlen_k/128)=",
                           sp.mask_k_blocks, "], got ", idx.scalar_type(), " ", idx.sizes());
         TORCH_CHECK_VALUE(cnt.scalar_type() == at::kInt && cnt.is_contiguous() &&
                         cnt.sizes() == at::IntArrayRef({idx.size(0), idx.size(1), idx.size(2)}),
                           kSparseOp, ": expected block_counts int32 ", idx.sizes().slice(0, 3), ", got ", cnt.sizes());
         sp.n_sparse = int(idx.size(1));
-        sp.block_indices = idx.data_ptr<int32_t>();
-        sp.block_counts = cnt.data_ptr<int32_t>();
+        sp.block_indices = data_of<int32_t>(idx);
+        sp.block_counts = data_of<int32_t>(cnt);
     }
+    if (values_checked(head_mask_type)) check_head_values(heads, head_mask_type, streaming_info, sparse_index, sp.n_sparse);
     return prep;
+}
+
+// CPU, CUDA and Meta (torch.compile's fake tensors: the same checks, no launch) share one path.
+std::tuple<at::Tensor, at::Tensor> run(const char* op, Prepared prep, const at::Tensor& q) {
+    if (q.is_cpu()) {
+        cpu::attention_forward(prep.params);
+    } else if (q.is_cuda()) {
+#if defined(TKPY_WITH_CUDA)
+        const c10::cuda::CUDAGuard guard(q.device());
+        check_launch(op, attention::launch_attention_forward(prep.params, c10::cuda::getCurrentCUDAStream()));
+#endif
+    }
+    return {prep.out, prep.lse};
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> block_sparse_attention_forward_cpu(
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const std::optional<at::Tensor>& cu_seqlens_q,
+                                                     const std::optional<at::Tensor>& cu_seqlens_k,
+                                                     int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                     std::optional<double> softmax_scale, int64_t window_left,
+                                                     int64_t window_right, double softcap) {
+    return run(kOp,
+               prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                       window_right, softcap),
+               q);
+}
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type, const at::Tensor& streaming_info,
-    const at::Tensor& sparse_index, const std::optional<at::Tensor>& block_indices,
-    const std::optional<at::Tensor>& block_counts, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-    bool is_causal, bool exact_streaming) {
-    Prepared prep = prepare_sparse(q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, sparse_index,
-                                   block_indices, block_counts, max_seqlen_q, max_seqlen_k, softmax_scale, is_causal,
-                                   exact_streaming);
-    // On the CPU the values cost nothing to read: check what the kernel's plan walk relies on.
-    const detail::SparseHeads& sp = prep.params.sparse;
-    int n_sparse = 0;
-    for (int h = 0; h < prep.params.heads_q; ++h) {
-        const int32_t type = sp.head_mask_type[h];
-        TORCH_CHECK_VALUE(type >= -1 && type <= 1, kSparseOp, ": head_mask_type[", h, "] = ", type,
-                          " is not -1, 0 or 1");
-        TORCH_CHECK_VALUE(sp.streaming_info[2 * h] >= 0 && sp.streaming_info[2 * h + 1] >= 0, kSparseOp,
-                          ": streaming_info of head ", h, " must be >= 0");
-        TORCH_CHECK_VALUE(sp.sparse_index[h] == (type == 1 ? n_sparse : -1), kSparseOp,
-                          ": sparse_index must number the block-sparse heads 0, 1, ... in head order and be -1 elsewhere");
-        n_sparse += type == 1;
-    }
-    TORCH_CHECK_VALUE(n_sparse == sp.n_sparse, kSparseOp, ": ", n_sparse,
-                      " heads are block-sparse but the block lists have ",
-                      sp.n_sparse);
-    cpu::attention_forward(prep.params);
-    return {prep.out, prep.lse};
+    const at::Tensor& sparse_index, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& block_indices, const std::optional<at::Tensor>& block_counts,
+    std::optional<double> softmax_scale, bool is_causal, bool exact_streaming) {
+    return run(kSparseOp,
+               prepare_sparse(q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, sparse_index,
+                              block_indices, block_counts, max_seqlen_q, max_seqlen_k, softmax_scale, is_causal,
+                              exact_streaming),
+               q);
 }
-
-#if defined(TKPY_WITH_CUDA)
-std::tuple<at::Tensor, at::Tensor> block_sparse_attention_forward_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type, const at::Tensor& streaming_info,
-    const at::Tensor& sparse_index, const std::optional<at::Tensor>& block_indices,
-    const std::optional<at::Tensor>& block_counts, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-    bool is_causal, bool exact_streaming) {
-    const c10::cuda::CUDAGuard guard(q.device());
-    Prepared prep = prepare_sparse(q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, sparse_index,
-                                   block_indices, block_counts, max_seqlen_q, max_seqlen_k, softmax_scale, is_causal,
-                                   exact_streaming);
-    check_launch(kSparseOp, attention::launch_attention_forward(prep.params, c10::cuda::getCurrentCUDAStream()));
-    return {prep.out, prep.lse};
-}
-#endif
-
-std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-    int64_t window_left, int64_t window_right, double softcap) {
-    Prepared prep = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                            window_left, window_right, softcap);
-    cpu::attention_forward(prep.params);
-    return {prep.out, prep.lse};
-}
-
-#if defined(TKPY_WITH_CUDA)
-std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-    int64_t window_left, int64_t window_right, double softcap) {
-    const c10::cuda::CUDAGuard guard(q.device());
-    Prepared prep = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                            window_left, window_right, softcap);
-    check_launch(kOp, attention::launch_attention_forward(prep.params, c10::cuda::getCurrentCUDAStream()));
-    return {prep.out, prep.lse};
-}
-#endif
 
 }  // namespace tkpy::ops

@@ -1,8 +1,8 @@
 // Bindings of decode attention over a KV cache (flash-attn's flash_attn_with_kvcache layout, and
 // LServe's sparse decode) and of the KV append that feeds it: validation, output and split-KV
-// workspace allocation, CPU or CUDA dispatch. On the CPU the index tensors' values are checked too
-// (host memory costs nothing to read); on CUDA reading them would be a host sync, so the kernels
-// guard instead.
+// workspace allocation, CPU or CUDA dispatch. The index tensors' values are checked under the
+// validation policy of ops/validate.h (CPU always, CUDA with TKPY_CHECK_VALUES=1); otherwise the
+// kernels guard their own reads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
 #include <vector>
@@ -50,7 +51,7 @@ DType kv_dtype_of(at::ScalarType t) { return t == at::kChar ? DType::int8 : to_d
 void check_vector_rows(const char* op, const char* name, const at::Tensor& t) {
     check_last_dim_contiguous(op, name, t);
     const int64_t per_16_bytes = 16 / int64_t(t.element_size());
-    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 || t.numel() == 0, op, ": expected ", name,
+    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(data_of(t)) % 16 == 0 || t.numel() == 0, op, ": expected ", name,
                       " to start on a 16-byte boundary, got a view at an odd offset; call .contiguous()");
     for (int64_t d = 0; d < t.dim() - 1; ++d) {
         TORCH_CHECK_VALUE(t.stride(d) % per_16_bytes == 0 || t.size(d) <= 1, op, ": expected ", name,
@@ -82,6 +83,7 @@ struct MainPool {
     decode::KVPool pool;
     detail::PageTable table;
     int64_t capacity;  // tokens per sequence: table.max_pages * page_size
+    bool paged = false;  // a block_table (table.table is null for a Meta call)
 };
 
 // k_cache/v_cache: paged [num_pages, page_size, Hc, D] with block_table, or contiguous
@@ -108,8 +110,8 @@ MainPool main_pool(const char* op, const at::Tensor& k_cache, const at::Tensor& 
                       k_cache.strides(), " and ", v_cache.sizes(), " ", v_cache.strides());
 
     MainPool m;
-    m.pool.k = k_cache.data_ptr();
-    m.pool.v = v_cache.data_ptr();
+    m.pool.k = data_of(k_cache);
+    m.pool.v = data_of(v_cache);
     m.pool.page_stride = k_cache.stride(0);
     m.pool.token_stride = k_cache.stride(1);
     m.pool.head_stride = k_cache.stride(2);
@@ -123,13 +125,14 @@ MainPool main_pool(const char* op, const at::Tensor& k_cache, const at::Tensor& 
         TORCH_CHECK_VALUE(k_cache.size(1) % 16 == 0 && k_cache.size(1) > 0, op,
                           ": expected a paged cache's page_size (k_cache.shape[1]) to be a positive multiple of 16, got ",
                           k_cache.size(1));
-        m.table.table = block_table->data_ptr<int32_t>();
+        m.paged = true;
+        m.table.table = data_of<int32_t>(*block_table);
         m.table.table_stride = block_table->stride(0);
         m.table.max_pages = int(block_table->size(1));
     } else {
         if (cache_batch_idx.has_value()) {
             check_index_tensor(op, "cache_batch_idx", *cache_batch_idx, q, {batch}, "[batch]");
-            m.table.batch_idx = cache_batch_idx->data_ptr<int32_t>();
+            m.table.batch_idx = data_of<int32_t>(*cache_batch_idx);
         } else {
             TORCH_CHECK_VALUE(k_cache.size(0) >= batch, op, ": expected a contiguous cache with at least batch=", batch,
                               " rows (or pass cache_batch_idx), got ", k_cache.sizes());
@@ -146,7 +149,7 @@ MainPool main_pool(const char* op, const at::Tensor& k_cache, const at::Tensor& 
 void page_contiguous_rows(MainPool& m) {
     constexpr int64_t page = detail::kLServePage;
     const int64_t row_tokens = m.table.page_size;
-    if (m.table.table != nullptr || row_tokens <= page || row_tokens % page != 0 ||
+    if (m.paged || row_tokens <= page || row_tokens % page != 0 ||
         m.pool.page_stride != row_tokens * m.pool.token_stride) {
         return;
     }
@@ -183,9 +186,9 @@ LServeHeads lserve_heads(const char* op, const std::optional<at::Tensor>& kv_hea
     }
     TORCH_CHECK_VALUE(k_ring.has_value() && v_ring.has_value() && ring_table.has_value(), op,
                       ": with kv_head_slot, pass k_ring, v_ring and ring_table (the streaming heads' ring)");
-    TORCH_CHECK_VALUE(main.table.table != nullptr && main.table.page_size == detail::kLServePage, op,
+    TORCH_CHECK_VALUE(main.paged && main.table.page_size == detail::kLServePage, op,
                       ": with kv_head_slot (LServe), expected a paged cache with block_table and page_size ",
-                      detail::kLServePage, ", got ", main.table.table ? "page_size " : "a contiguous cache of seqlen ",
+                      detail::kLServePage, ", got ", main.paged ? "page_size " : "a contiguous cache of seqlen ",
                       main.table.page_size);
     TORCH_CHECK_VALUE(sink >= 0 && local >= 0 && sink % detail::kLServePage == 0 && local % detail::kLServePage == 0,
                       op,
@@ -218,13 +221,13 @@ LServeHeads lserve_heads(const char* op, const std::optional<at::Tensor>& kv_hea
                       " and ", v_ring->sizes(), " ", v_ring->strides());
 
     detail::DecodeHeads& h = l.heads;
-    h.kv_head_slot = slot.data_ptr<int32_t>();
+    h.kv_head_slot = data_of<int32_t>(slot);
     h.ring = detail::Ring{int(sink), int(local)};
     check_index_tensor(op, "ring_table", *ring_table, q, {batch, h.ring.pages()},
                        "[batch, sink/64 + local/64 + 1]");
-    h.ring_table = ring_table->data_ptr<int32_t>();
-    l.ring.k = k_ring->data_ptr();
-    l.ring.v = v_ring->data_ptr();
+    h.ring_table = data_of<int32_t>(*ring_table);
+    l.ring.k = data_of(*k_ring);
+    l.ring.v = data_of(*v_ring);
     l.ring.page_stride = k_ring->stride(0);
     l.ring.token_stride = k_ring->stride(1);
     l.ring.head_stride = k_ring->stride(2);
@@ -234,7 +237,7 @@ LServeHeads lserve_heads(const char* op, const std::optional<at::Tensor>& kv_hea
     return l;
 }
 
-// CPU only: kv_head_slot names heads that exist, and ring_table names ring pages that exist.
+// kv_head_slot names heads that exist, and ring_table names ring pages that exist (host pointers).
 void check_lserve_values(const char* op, const LServeHeads& l, const MainPool& main, int64_t batch) {
     if (l.heads.kv_head_slot == nullptr) return;
     for (int64_t h = 0; h < l.heads_kv; ++h) {
@@ -256,7 +259,14 @@ void check_lserve_values(const char* op, const LServeHeads& l, const MainPool& m
     }
 }
 
-// CPU only: sequence b's cache row or the page-table entries of its pages [first_page, end_page).
+// Where a sequence's capacity comes from, for messages.
+std::string capacity_source(const MainPool& main) {
+    if (!main.paged) return "the contiguous cache's seqlen";
+    return "block_table's " + std::to_string(main.table.max_pages) + " columns x page_size " +
+           std::to_string(main.table.page_size);
+}
+
+// Sequence b's cache row or the page-table entries of its pages [first_page, end_page) (host pointers).
 void check_pages_in_pool(const char* op, const MainPool& main, int64_t b, int64_t first_page, int64_t end_page) {
     if (main.table.table == nullptr) {
         if (main.table.batch_idx != nullptr) {
@@ -277,7 +287,7 @@ void check_pages_in_pool(const char* op, const MainPool& main, int64_t b, int64_
 }
 
 void check_seqlens_tensor(const char* op, const at::Tensor& seqlens, const at::Tensor& q, int64_t batch) {
-    check_index_tensor(op, "seqlens", seqlens, q, {batch}, "[batch]");
+    check_index_tensor(op, "cache_seqlens", seqlens, q, {batch}, "[batch]");
 }
 
 // ---- decode_attention ---------------------------------------------------------------------------
@@ -286,127 +296,23 @@ struct DecodePrepared {
     decode::DecodeParams params;
     at::Tensor out;
     at::Tensor lse;
-    at::Tensor partial_out;  // split-KV workspace; held until the launch is queued
-    at::Tensor partial_lse;
-    int64_t max_plan_pages = 0;  // the most pages one (sequence, kv head) plan can have, from shapes
+    at::Tensor workspace;  // split-KV partials; held until the launch is queued
     MainPool main;
     LServeHeads lserve;
 };
 
-DecodePrepared prepare_decode(TKPY_DECODE_ATTENTION_ARGS) {
-    constexpr const char* op = kDecodeOp;
-    TORCH_CHECK_VALUE(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
-                      ": expected q to be bfloat16 or float16, got ", q.scalar_type());
-    TORCH_CHECK_VALUE(q.dim() == 4, op, ": expected q to be 4-D [batch, seqlen_q, heads_q, head_dim], got ", q.sizes());
-    check_vector_rows(op, "q", q);
-    const int64_t batch = q.size(0), seqlen_q = q.size(1), heads_q = q.size(2), head_dim = q.size(3);
-    TORCH_CHECK_VALUE(is_head_dim_supported(head_dim), op, ": expected head_dim 64, 128 or 256, got ", head_dim);
-    TORCH_CHECK_VALUE(seqlen_q >= 1 && heads_q >= 1, op, ": expected q with seqlen_q >= 1 and heads_q >= 1, got ",
-                      q.sizes());
 
-    DecodePrepared prep;
-    prep.main = main_pool(op, k_cache, v_cache, block_table, cache_batch_idx, q, batch, head_dim);
-    prep.lserve = lserve_heads(op, kv_head_slot, k_ring, v_ring, ring_table, sink, local, q, prep.main, k_cache,
-                               batch, head_dim);
-    page_contiguous_rows(prep.main);
-    const int64_t heads_kv = prep.lserve.heads_kv;
-    TORCH_CHECK_VALUE(heads_kv >= 1 && heads_q % heads_kv == 0, op, ": expected q's heads (", heads_q,
-                      ") to be a multiple of the kv heads (", heads_kv, kv_head_slot ? ", kv_head_slot's length" : ", k_cache's heads",
-                      ") for GQA/MQA");
-    TORCH_CHECK_VALUE(heads_q / heads_kv <= kMaxGroup, op, ": expected at most ", kMaxGroup,
-                      " query heads per kv head, got ", heads_q / heads_kv);
-    TORCH_CHECK_VALUE(!kv_head_slot.has_value() || seqlen_q == 1, op,
-                      ": LServe decode (kv_head_slot given) takes one query row per sequence, got seqlen_q = ", seqlen_q);
-    check_seqlens_tensor(op, seqlens, q, batch);
-
-    const bool selected = page_indices.has_value() || page_counts.has_value() || head_bits.has_value();
-    detail::DecodeHeads& heads = prep.lserve.heads;
-    if (selected) {
-        TORCH_CHECK_VALUE(kv_head_slot.has_value(), op,
-                          ": page_indices, page_counts and head_bits select retrieval heads' pages; pass kv_head_slot too");
-        TORCH_CHECK_VALUE(page_indices.has_value() && page_counts.has_value() && head_bits.has_value(), op,
-                          ": pass page_indices, page_counts and head_bits together, or none of them");
-        TORCH_CHECK_VALUE(page_indices->dim() == 3, op,
-                          ": expected page_indices int32 [batch, heads_kv, max_selected], got ",
-                          page_indices->sizes());
-        const int64_t max_selected = page_indices->size(2);
-        check_index_tensor(op, "page_indices", *page_indices, q, {batch, heads_kv, max_selected},
-                           "[batch, heads_kv, max_selected]");
-        check_index_tensor(op, "page_counts", *page_counts, q, {batch, heads_kv}, "[batch, heads_kv]");
-        check_index_tensor(op, "head_bits", *head_bits, q, {batch, heads_kv, max_selected},
-                           "[batch, heads_kv, max_selected] (page_indices' shape)");
-        heads.page_indices = page_indices->data_ptr<int32_t>();
-        heads.page_counts = page_counts->data_ptr<int32_t>();
-        heads.head_bits = head_bits->data_ptr<int32_t>();
-        heads.max_selected = int(max_selected);
-    }
-
-    const bool int8 = k_cache.scalar_type() == at::kChar;
-    TORCH_CHECK_VALUE(!int8 || (k_scale > 0 && v_scale > 0 && std::isfinite(k_scale) && std::isfinite(v_scale)), op,
-                      ": an int8 cache needs finite k_scale, v_scale > 0, got ", k_scale, ", ", v_scale);
-    TORCH_CHECK_VALUE(int8 || (k_scale == 1.0 && v_scale == 1.0), op, ": k_scale/v_scale dequantise an int8 cache; a ",
-                      k_cache.scalar_type(), " cache needs 1.0, got ", k_scale, ", ", v_scale);
-    TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op, ": window sizes must be >= -1, got (", window_left,
-                      ", ",
-                      window_right, ")");
-    TORCH_CHECK_VALUE(softcap >= 0, op, ": softcap must be >= 0, got ", softcap);
-    TORCH_CHECK_VALUE(num_splits >= 0 && num_splits <= detail::kMaxSplits, op, ": expected num_splits in [0, ",
-                      detail::kMaxSplits, "] (0 = auto), got ", num_splits);
-
-    // The most pages a plan has: dense heads every page of the table; retrieval heads their list
-    // plus the newest page; streaming heads the ring.
-    int64_t plan_pages = prep.main.table.max_pages;
-    if (heads.page_indices != nullptr) plan_pages = std::min<int64_t>(plan_pages, heads.max_selected + 1);
-    if (heads.kv_head_slot != nullptr) plan_pages = std::max<int64_t>(plan_pages, heads.ring.pages());
-    prep.max_plan_pages = plan_pages;
-
-    prep.out = at::empty(q.sizes(), q.options());
-    prep.lse = at::empty({batch, heads_q, seqlen_q}, q.options().dtype(at::kFloat));
-    decode::DecodeParams& p = prep.params;
-    p.q = q.data_ptr();
-    p.out = prep.out.data_ptr();
-    p.lse = prep.lse.data_ptr<float>();
-    p.q_batch_stride = q.stride(0);
-    p.q_token_stride = q.stride(1);
-    p.q_head_stride = q.stride(2);
-    p.batch = int(batch);
-    p.seqlen_q = int(seqlen_q);
-    p.heads_q = int(heads_q);
-    p.heads_kv = int(heads_kv);
-    p.head_dim = int(head_dim);
-    p.seqlens = seqlens.data_ptr<int32_t>();
-    p.cache = prep.main.pool;
-    p.table = prep.main.table;
-    p.heads = heads;
-    p.ring = prep.lserve.ring;
-    p.dtype = to_dtype(q.scalar_type());
-    p.kv_dtype = kv_dtype_of(k_cache.scalar_type());
-    p.k_scale = float(k_scale);
-    p.v_scale = float(v_scale);
-    p.softmax_scale = float(softmax_scale);
-    p.softcap = float(softcap);
-    p.window_left = clamp_window(window_left);
-    p.window_right = clamp_window(window_right);
-    p.num_splits = int(num_splits);
-    return prep;
+// The split count (num_splits = 0: from the plans' lengths and `workers`, SMs or CPU threads) and
+// the split-KV workspace, planned by include/tkpy/decode.h as a server without torch would.
+void plan_workspace(DecodePrepared& prep, int workers) {
+    decode::plan_splits(prep.params, workers);
+    const size_t bytes = decode::workspace_bytes(prep.params);
+    if (bytes == 0) return;
+    prep.workspace = at::empty({int64_t(bytes / sizeof(float))}, prep.out.options().dtype(at::kFloat));
+    decode::set_workspace(prep.params, data_of(prep.workspace));
 }
 
-// num_splits = 0 resolved against `workers` parallel units (SMs, or CPU threads), and the split-KV
-// workspace allocated when the plans are cut in more than one piece.
-void plan_splits(DecodePrepared& prep, int workers) {
-    decode::DecodeParams& p = prep.params;
-    if (p.num_splits == 0) {
-        p.num_splits = detail::choose_num_splits(int64_t(p.batch) * p.heads_kv, int(prep.max_plan_pages), workers);
-    }
-    if (p.num_splits <= 1) return;
-    const at::TensorOptions fp32 = prep.out.options().dtype(at::kFloat);
-    prep.partial_out = at::empty({p.num_splits, p.batch, p.seqlen_q, p.heads_q, p.head_dim}, fp32);
-    prep.partial_lse = at::empty({p.num_splits, p.batch, p.heads_q, p.seqlen_q}, fp32);
-    p.partial_out = prep.partial_out.data_ptr<float>();
-    p.partial_lse = prep.partial_lse.data_ptr<float>();
-}
-
-// CPU only: every index the plans will read is in range.
+// Every index the plans will read is in range (host pointers: see HostIndices).
 void check_decode_values(const DecodePrepared& prep) {
     constexpr const char* op = kDecodeOp;
     const decode::DecodeParams& p = prep.params;
@@ -414,9 +320,9 @@ void check_decode_values(const DecodePrepared& prep) {
     const detail::DecodeHeads& heads = p.heads;
     for (int b = 0; b < p.batch; ++b) {
         const int32_t len = p.seqlens[b];
-        TORCH_CHECK_VALUE(len >= 0 && len <= prep.main.capacity, op, ": seqlens[", b, "] = ", len,
+        TORCH_CHECK_VALUE(len >= 0 && len <= prep.main.capacity, op, ": cache_seqlens[", b, "] = ", len,
                           " is outside [0, ", prep.main.capacity, "], the tokens the cache holds per sequence (",
-                          prep.main.table.max_pages, " pages of ", p.table.page_size, ")");
+                          capacity_source(prep.main), ")");
         check_pages_in_pool(op, prep.main, b, 0, detail::ceil_div_int(len, p.table.page_size));
         if (heads.page_indices == nullptr) continue;
         for (int h = 0; h < p.heads_kv; ++h) {
@@ -461,7 +367,200 @@ void check_stats(const char* name, const at::Tensor& t, const at::Tensor& k, con
     TORCH_CHECK_VALUE(t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ", t.strides());
 }
 
-AppendPrepared prepare_append(TKPY_KV_APPEND_ARGS) {
+
+// The tokens land inside the cache, on pages and rotary rows that exist (host pointers).
+void check_append_values(const AppendPrepared& prep) {
+    constexpr const char* op = kAppendOp;
+    const decode::AppendParams& p = prep.params;
+    check_lserve_values(op, prep.lserve, prep.main, p.batch);
+    for (int b = 0; b < p.batch; ++b) {
+        const int64_t old_len = p.seqlens[b];
+        const int64_t new_len = old_len + p.seqlen_new;
+        TORCH_CHECK_VALUE(old_len >= 0 && new_len <= prep.main.capacity, op, ": cache_seqlens[", b, "] = ", old_len,
+                          " plus ", p.seqlen_new, " new tokens must fit in [0, ", prep.main.capacity,
+                          "], the tokens the cache holds per sequence (", capacity_source(prep.main), ")");
+        if (p.seqlen_new == 0) continue;
+        check_pages_in_pool(op, prep.main, b, old_len / p.table.page_size,
+                            detail::ceil_div_int(int(new_len), p.table.page_size));
+        TORCH_CHECK_VALUE(p.rotary_cos == nullptr || new_len <= p.rotary_rows, op, ": sequence ", b,
+                          " writes positions up to ",
+                          new_len - 1, " but rotary_cos/sin have ", p.rotary_rows, " rows");
+    }
+}
+
+// The value checks read through the prepared pointers. Under the validation policy (validate.h)
+// they run on the host: CPU tensors in place, CUDA ones as host copies that this holds, with the
+// pointers of a copy of the prepared call redirected to them.
+class HostIndices {
+   public:
+    const int32_t* operator()(const at::Tensor& t) {
+        held_.push_back(host_values(t));
+        return held_.back().data_ptr<int32_t>();
+    }
+    const int32_t* operator()(const std::optional<at::Tensor>& t) { return t ? (*this)(*t) : nullptr; }
+
+    // A copy of a prepared call whose index pointers lead to host memory (page selections aside).
+    template <class Prepared>
+    Prepared redirect(const Prepared& prep, const at::Tensor& seqlens, const std::optional<at::Tensor>& block_table,
+                      const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& kv_head_slot,
+                      const std::optional<at::Tensor>& ring_table) {
+        Prepared copy = prep;
+        if (block_table) {
+            copy.main.table.table = (*this)(*block_table);
+            copy.main.table.table_stride = held_.back().stride(0);
+        }
+        copy.main.table.batch_idx = (*this)(cache_batch_idx);
+        copy.lserve.heads.kv_head_slot = (*this)(kv_head_slot);
+        copy.lserve.heads.ring_table = (*this)(ring_table);
+        copy.params.seqlens = (*this)(seqlens);
+        copy.params.table = copy.main.table;
+        copy.params.heads.kv_head_slot = copy.lserve.heads.kv_head_slot;
+        copy.params.heads.ring_table = copy.lserve.heads.ring_table;
+        return copy;
+    }
+
+   private:
+    std::vector<at::Tensor> held_;
+};
+
+#if defined(TKPY_WITH_CUDA)
+// SMs of the current device: a cached attribute query, no sync.
+int sm_count(const at::Tensor& q) {
+    int count = 0;
+    check_launch(kDecodeOp, cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, q.get_device()));
+    return count;
+}
+#endif
+
+}  // namespace
+
+// One path for CPU, CUDA and Meta (torch.compile's fake tensors: the checks and the outputs' shapes,
+// no launch).
+std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seqlens,
+                              const std::optional<at::Tensor>& block_table,
+                              const std::optional<at::Tensor>& cache_batch_idx,
+                              const std::optional<at::Tensor>& kv_head_slot, const std::optional<at::Tensor>& k_ring,
+                              const std::optional<at::Tensor>& v_ring, const std::optional<at::Tensor>& ring_table,
+                              int64_t sink, int64_t local, const std::optional<at::Tensor>& page_indices,
+                              const std::optional<at::Tensor>& page_counts, const std::optional<at::Tensor>& head_bits,
+                              double k_scale, double v_scale, std::optional<double> softmax_scale,
+                              int64_t window_left, int64_t window_right, double softcap, int64_t num_splits) {
+    constexpr const char* op = kDecodeOp;
+    TORCH_CHECK_VALUE(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
+                      ": expected q to be bfloat16 or float16, got ", q.scalar_type());
+    TORCH_CHECK_VALUE(q.dim() == 4, op, ": expected q to be 4-D [batch, seqlen_q, heads_q, head_dim], got ", q.sizes());
+    check_vector_rows(op, "q", q);
+    const int64_t batch = q.size(0), seqlen_q = q.size(1), heads_q = q.size(2), head_dim = q.size(3);
+    TORCH_CHECK_VALUE(is_head_dim_supported(head_dim), op, ": expected head_dim 64, 128 or 256, got ", head_dim);
+    TORCH_CHECK_VALUE(seqlen_q >= 1 && heads_q >= 1, op, ": expected q with seqlen_q >= 1 and heads_q >= 1, got ",
+                      q.sizes());
+
+    DecodePrepared prep;
+    prep.main = main_pool(op, k_cache, v_cache, block_table, cache_batch_idx, q, batch, head_dim);
+    prep.lserve = lserve_heads(op, kv_head_slot, k_ring, v_ring, ring_table, sink, local, q, prep.main, k_cache,
+                               batch, head_dim);
+    page_contiguous_rows(prep.main);
+    const int64_t heads_kv = prep.lserve.heads_kv;
+    TORCH_CHECK_VALUE(heads_kv >= 1 && heads_q % heads_kv == 0, op, ": expected q's heads (", heads_q,
+                      ") to be a multiple of the kv heads (", heads_kv, kv_head_slot ? ", kv_head_slot's length" : ", k_cache's heads",
+                      ") for GQA/MQA");
+    TORCH_CHECK_VALUE(heads_q / heads_kv <= kMaxGroup, op, ": expected at most ", kMaxGroup,
+                      " query heads per kv head, got ", heads_q / heads_kv);
+    TORCH_CHECK_VALUE(!kv_head_slot.has_value() || seqlen_q == 1, op,
+                      ": LServe decode (kv_head_slot given) takes one query row per sequence, got seqlen_q = ", seqlen_q);
+    check_seqlens_tensor(op, seqlens, q, batch);
+
+    const bool selected = page_indices.has_value() || page_counts.has_value() || head_bits.has_value();
+    detail::DecodeHeads& heads = prep.lserve.heads;
+    if (selected) {
+        TORCH_CHECK_VALUE(kv_head_slot.has_value(), op,
+                          ": page_indices, page_counts and head_bits select retrieval heads' pages; pass kv_head_slot too");
+        TORCH_CHECK_VALUE(page_indices.has_value() && page_counts.has_value() && head_bits.has_value(), op,
+                          ": pass page_indices, page_counts and head_bits together, or none of them");
+        TORCH_CHECK_VALUE(page_indices->dim() == 3, op,
+                          ": expected page_indices int32 [batch, heads_kv, max_selected], got ",
+                          page_indices->sizes());
+        const int64_t max_selected = page_indices->size(2);
+        check_index_tensor(op, "page_indices", *page_indices, q, {batch, heads_kv, max_selected},
+                           "[batch, heads_kv, max_selected]");
+        check_index_tensor(op, "page_counts", *page_counts, q, {batch, heads_kv}, "[batch, heads_kv]");
+        check_index_tensor(op, "head_bits", *head_bits, q, {batch, heads_kv, max_selected},
+                           "[batch, heads_kv, max_selected] (page_indices' shape)");
+        heads.page_indices = data_of<int32_t>(*page_indices);
+        heads.page_counts = data_of<int32_t>(*page_counts);
+        heads.head_bits = data_of<int32_t>(*head_bits);
+        heads.max_selected = int(max_selected);
+    }
+
+    const bool int8 = k_cache.scalar_type() == at::kChar;
+    TORCH_CHECK_VALUE(!int8 || (k_scale > 0 && v_scale > 0 && std::isfinite(k_scale) && std::isfinite(v_scale)), op,
+                      ": an int8 cache needs finite k_scale, v_scale > 0, got ", k_scale, ", ", v_scale);
+    TORCH_CHECK_VALUE(int8 || (k_scale == 1.0 && v_scale == 1.0), op, ": k_scale/v_scale dequantise an int8 cache; a ",
+                      k_cache.scalar_type(), " cache needs 1.0, got ", k_scale, ", ", v_scale);
+    TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op, ": window sizes must be >= -1, got (", window_left,
+                      ", ",
+                      window_right, ")");
+    TORCH_CHECK_VALUE(softcap >= 0, op, ": softcap must be >= 0, got ", softcap);
+    TORCH_CHECK_VALUE(num_splits >= 0 && num_splits <= detail::kMaxSplits, op, ": expected num_splits in [0, ",
+                      detail::kMaxSplits, "] (0 = auto), got ", num_splits);
+
+    prep.out = at::empty(q.sizes(), q.options());
+    prep.lse = at::empty({batch, heads_q, seqlen_q}, q.options().dtype(at::kFloat));
+    decode::DecodeParams& p = prep.params;
+    p.q = data_of(q);
+    p.out = data_of(prep.out);
+    p.lse = data_of<float>(prep.lse);
+    p.q_batch_stride = q.stride(0);
+    p.q_token_stride = q.stride(1);
+    p.q_head_stride = q.stride(2);
+    p.batch = int(batch);
+    p.seqlen_q = int(seqlen_q);
+    p.heads_q = int(heads_q);
+    p.heads_kv = int(heads_kv);
+    p.head_dim = int(head_dim);
+    p.seqlens = data_of<int32_t>(seqlens);
+    p.cache = prep.main.pool;
+    p.table = prep.main.table;
+    p.heads = heads;
+    p.ring = prep.lserve.ring;
+    p.dtype = to_dtype(q.scalar_type());
+    p.kv_dtype = kv_dtype_of(k_cache.scalar_type());
+    p.k_scale = float(k_scale);
+    p.v_scale = float(v_scale);
+    p.softmax_scale = float(softmax_scale.value_or(1.0 / std::sqrt(double(head_dim))));
+    p.softcap = float(softcap);
+    p.window_left = clamp_window(window_left);
+    p.window_right = clamp_window(window_right);
+    p.num_splits = int(num_splits);
+    if (values_checked(seqlens)) {
+        HostIndices host;
+        DecodePrepared on_host = host.redirect(prep, seqlens, block_table, cache_batch_idx, kv_head_slot, ring_table);
+        on_host.params.heads.page_indices = host(page_indices);
+        on_host.params.heads.page_counts = host(page_counts);
+        on_host.params.heads.head_bits = host(head_bits);
+        check_decode_values(on_host);
+    }
+    if (q.is_cpu()) {
+        plan_workspace(prep, at::get_num_threads());
+        cpu::decode_attention(prep.params);
+    } else if (q.is_cuda()) {
+#if defined(TKPY_WITH_CUDA)
+        const c10::cuda::CUDAGuard guard(q.device());
+        plan_workspace(prep, sm_count(q));
+        check_launch(kDecodeOp, decode::launch_decode_attention(prep.params, c10::cuda::getCurrentCUDAStream()));
+#endif
+    }
+    return {prep.out, prep.lse};
+}
+
+void kv_append_(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& seqlens, const std::optional<at::Tensor>& block_table,
+                              const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& k_min,
+                              const std::optional<at::Tensor>& k_max, const std::optional<at::Tensor>& rotary_cos,
+                              const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved, double k_scale,
+                              double v_scale, const std::optional<at::Tensor>& kv_head_slot,
+                              const std::optional<at::Tensor>& k_ring, const std::optional<at::Tensor>& v_ring,
+                              const std::optional<at::Tensor>& ring_table, int64_t sink, int64_t local) {
     constexpr const char* op = kAppendOp;
     for (const auto& [name, t] : {std::pair{"k", &k}, std::pair{"v", &v}}) {
         check_device(op, name, *t, k, "k");
@@ -501,8 +600,8 @@ AppendPrepared prepare_append(TKPY_KV_APPEND_ARGS) {
     if (k_min.has_value()) {
         check_stats("k_min", *k_min, k, prep.main);
         check_stats("k_max", *k_max, k, prep.main);
-        p.k_min = k_min->data_ptr<float>();
-        p.k_max = k_max->data_ptr<float>();
+        p.k_min = data_of<float>(*k_min);
+        p.k_max = data_of<float>(*k_max);
     }
     TORCH_CHECK_VALUE(rotary_cos.has_value() == rotary_sin.has_value(), op,
                       ": pass both rotary_cos and rotary_sin, or neither");
@@ -523,16 +622,16 @@ AppendPrepared prepare_append(TKPY_KV_APPEND_ARGS) {
         TORCH_CHECK_VALUE(cos.sizes() == sin.sizes() && cos.scalar_type() == sin.scalar_type(), op,
                           ": expected rotary_cos and rotary_sin of one shape and dtype, got ", cos.sizes(), " ",
                           cos.scalar_type(), " and ", sin.sizes(), " ", sin.scalar_type());
-        p.rotary_cos = cos.data_ptr();
-        p.rotary_sin = sin.data_ptr();
+        p.rotary_cos = data_of(cos);
+        p.rotary_sin = data_of(sin);
         p.rotary_rows = int(cos.size(0));
         p.rotary_dim = int(2 * cos.size(1));
         p.rotary_dtype = to_dtype(cos.scalar_type());
     }
     p.rotary_interleaved = rotary_interleaved;
 
-    p.k = k.data_ptr();
-    p.v = v.data_ptr();
+    p.k = data_of(k);
+    p.v = data_of(v);
     p.k_batch_stride = k.stride(0);
     p.k_token_stride = k.stride(1);
     p.k_head_stride = k.stride(2);
@@ -543,7 +642,7 @@ AppendPrepared prepare_append(TKPY_KV_APPEND_ARGS) {
     p.seqlen_new = int(seqlen_new);
     p.heads_kv = int(heads_kv);
     p.head_dim = int(head_dim);
-    p.seqlens = seqlens.data_ptr<int32_t>();
+    p.seqlens = data_of<int32_t>(seqlens);
     p.cache = prep.main.pool;
     p.table = prep.main.table;
     p.heads = prep.lserve.heads;
@@ -552,81 +651,18 @@ AppendPrepared prepare_append(TKPY_KV_APPEND_ARGS) {
     p.kv_dtype = kv_dtype_of(k_cache.scalar_type());
     p.k_scale = float(k_scale);
     p.v_scale = float(v_scale);
-    return prep;
-}
-
-// CPU only: the tokens land inside the cache, on pages and rotary rows that exist.
-void check_append_values(const AppendPrepared& prep) {
-    constexpr const char* op = kAppendOp;
-    const decode::AppendParams& p = prep.params;
-    check_lserve_values(op, prep.lserve, prep.main, p.batch);
-    for (int b = 0; b < p.batch; ++b) {
-        const int64_t old_len = p.seqlens[b];
-        const int64_t new_len = old_len + p.seqlen_new;
-        TORCH_CHECK_VALUE(old_len >= 0 && new_len <= prep.main.capacity, op, ": seqlens[", b, "] = ", old_len, " plus ",
-                          p.seqlen_new, " new tokens must fit in [0, ", prep.main.capacity,
-                          "], the tokens the cache holds per sequence (", prep.main.table.max_pages, " pages of ",
-                          p.table.page_size, ")");
-        if (p.seqlen_new == 0) continue;
-        check_pages_in_pool(op, prep.main, b, old_len / p.table.page_size,
-                            detail::ceil_div_int(int(new_len), p.table.page_size));
-        TORCH_CHECK_VALUE(p.rotary_cos == nullptr || new_len <= p.rotary_rows, op, ": sequence ", b,
-                          " writes positions up to ",
-                          new_len - 1, " but rotary_cos/sin have ", p.rotary_rows, " rows");
+    if (values_checked(seqlens)) {
+        HostIndices host;
+        check_append_values(host.redirect(prep, seqlens, block_table, cache_batch_idx, kv_head_slot, ring_table));
+    }
+    if (k.is_cpu()) {
+        cpu::kv_append(prep.params);
+    } else if (k.is_cuda()) {
+#if defined(TKPY_WITH_CUDA)
+        const c10::cuda::CUDAGuard guard(k.device());
+        check_launch(kAppendOp, decode::launch_kv_append(prep.params, c10::cuda::getCurrentCUDAStream()));
+#endif
     }
 }
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(TKPY_DECODE_ATTENTION_ARGS) {
-    DecodePrepared prep = prepare_decode(q, k_cache, v_cache, block_table, seqlens, cache_batch_idx, kv_head_slot,
-                                         k_ring, v_ring, ring_table, sink, local, page_indices, page_counts,
-                                         head_bits, k_scale, v_scale, softmax_scale, window_left, window_right,
-                                         softcap, num_splits);
-    check_decode_values(prep);
-    plan_splits(prep, at::get_num_threads());
-    cpu::decode_attention(prep.params);
-    return {prep.out, prep.lse};
-}
-
-void kv_append_cpu(TKPY_KV_APPEND_ARGS) {
-    const AppendPrepared prep = prepare_append(k_cache, v_cache, k, v, block_table, seqlens, cache_batch_idx, k_min,
-                                               k_max, rotary_cos, rotary_sin, rotary_interleaved, k_scale, v_scale,
-                                               kv_head_slot, k_ring, v_ring, ring_table, sink, local);
-    check_append_values(prep);
-    cpu::kv_append(prep.params);
-}
-
-#if defined(TKPY_WITH_CUDA)
-namespace {
-
-// SMs of the current device: a cached attribute query, no sync.
-int sm_count(const at::Tensor& q) {
-    int count = 0;
-    check_launch(kDecodeOp, cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, q.get_device()));
-    return count;
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(TKPY_DECODE_ATTENTION_ARGS) {
-    const c10::cuda::CUDAGuard guard(q.device());
-    DecodePrepared prep = prepare_decode(q, k_cache, v_cache, block_table, seqlens, cache_batch_idx, kv_head_slot,
-                                         k_ring, v_ring, ring_table, sink, local, page_indices, page_counts,
-                                         head_bits, k_scale, v_scale, softmax_scale, window_left, window_right,
-                                         softcap, num_splits);
-    plan_splits(prep, sm_count(q));
-    check_launch(kDecodeOp, decode::launch_decode_attention(prep.params, c10::cuda::getCurrentCUDAStream()));
-    return {prep.out, prep.lse};
-}
-
-void kv_append_cuda(TKPY_KV_APPEND_ARGS) {
-    const c10::cuda::CUDAGuard guard(k.device());
-    const AppendPrepared prep = prepare_append(k_cache, v_cache, k, v, block_table, seqlens, cache_batch_idx, k_min,
-                                               k_max, rotary_cos, rotary_sin, rotary_interleaved, k_scale, v_scale,
-                                               kv_head_slot, k_ring, v_ring, ring_table, sink, local);
-    check_launch(kAppendOp, decode::launch_kv_append(prep.params, c10::cuda::getCurrentCUDAStream()));
-}
-#endif
 
 }  // namespace tkpy::ops

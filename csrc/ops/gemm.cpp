@@ -29,7 +29,7 @@ void check_gemm_operand(const char* name, const at::Tensor& t) {
                       "'s dims to be multiples of 8, got ", t.sizes());
     if (t.numel() == 0) return;  // no memory to address: strides and alignment do not matter
     check_last_dim_contiguous(kOp, name, t);
-    TORCH_CHECK_VALUE(t.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, kOp, ": expected ",
+    TORCH_CHECK_VALUE(t.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(data_of(t)) % 16 == 0, kOp, ": expected ",
                       name, " with a 16-byte aligned start and a row stride that is a multiple of 8 elements, got stride ",
                       t.strides());
 }
@@ -50,22 +50,22 @@ std::array<int64_t, 3> check_gemm(const at::Tensor& a, const at::Tensor& b, bool
 
 }  // namespace
 
-at::Tensor gemm_cpu(const at::Tensor& a, const at::Tensor& b, bool trans_b) {
-    check_gemm(a, b, trans_b);
-    const at::Tensor bf = trans_b ? b.to(at::kFloat).t() : b.to(at::kFloat);
-    return at::matmul(a.to(at::kFloat), bf).to(a.scalar_type());
-}
-
-#if defined(TKPY_WITH_CUDA)
-at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, bool trans_b) {
+// One path for CPU, CUDA and Meta (torch.compile's fake tensors: the checks and the output's shape).
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, bool trans_b) {
     const auto [m, n, k] = check_gemm(a, b, trans_b);
-    const c10::cuda::CUDAGuard guard(a.device());
+    if (a.is_cpu()) {
+        const at::Tensor bf = trans_b ? b.to(at::kFloat).t() : b.to(at::kFloat);
+        return at::matmul(a.to(at::kFloat), bf).to(a.scalar_type());
+    }
     at::Tensor c = at::empty({m, n}, a.options());
+    if (!a.is_cuda()) return c;
+#if defined(TKPY_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(a.device());
     if (k == 0) return c.zero_();
     gemm::GemmParams p;
-    p.a = a.data_ptr();
-    p.b = b.data_ptr();
-    p.c = c.data_ptr();
+    p.a = data_of(a);
+    p.b = data_of(b);
+    p.c = data_of(c);
     p.m = m;
     p.n = n;
     p.k = k;
@@ -75,8 +75,8 @@ at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, bool trans_b) {
     p.trans_b = trans_b;
     p.dtype = to_dtype(a.scalar_type());
     check_launch(kOp, gemm::launch_gemm(p, c10::cuda::getCurrentCUDAStream()));
+#endif
     return c;
 }
-#endif
 
 }  // namespace tkpy::ops

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "cpu/cpu_ops.h"
@@ -40,7 +41,7 @@ RopeTensors rope_tensors(const char* op, const at::Tensor& q, const std::optiona
 
     const bool batched = q.dim() == 4;
     const auto describe = [&](const at::Tensor& t) {
-        return RotatedTensor{t.data_ptr(), batched ? t.stride(0) : 0, t.stride(-3), t.stride(-2),
+        return RotatedTensor{data_of(t), batched ? t.stride(0) : 0, t.stride(-3), t.stride(-2),
                              static_cast<int>(t.size(-2))};
     };
     RopeTensors x;
@@ -89,8 +90,8 @@ rope::Rope1dParams rope_1d_params(const at::Tensor& q, const std::optional<at::T
 
     rope::Rope1dParams p;
     p.x = rope_tensors(op, q, k, 2 * cos.size(1), /*allow_3d_q=*/true);
-    p.cos = cos.data_ptr();
-    p.sin = sin.data_ptr();
+    p.cos = data_of(cos);
+    p.sin = data_of(sin);
     p.table_dtype = to_dtype(cos.scalar_type());
     p.cos_row_stride = cos.stride(0);
     p.sin_row_stride = sin.stride(0);
@@ -106,7 +107,7 @@ rope::Rope1dParams rope_1d_params(const at::Tensor& q, const std::optional<at::T
                         (per_batch && q.dim() == 4 && pos.size(0) == p.x.batch && pos.size(1) == p.x.seqlen),
                           op, ": expected positions of shape [S] or [B, S] matching q ", q.sizes(), ", got ", pos.sizes());
         TORCH_CHECK_VALUE(pos.is_contiguous(), op, ": expected contiguous positions");
-        p.positions = pos.data_ptr();
+        p.positions = data_of(pos);
         p.positions_int64 = pos.scalar_type() == at::kLong;
         p.positions_batch_stride = per_batch ? pos.stride(0) : 0;
     } else {
@@ -138,7 +139,7 @@ rope::Rope3dParams rope_3d_params(const at::Tensor& q, const std::optional<at::T
                           " with contiguous (cos, sin) pairs, got strides ", table.strides());
         TORCH_CHECK_VALUE(table.size(0) >= grid_thw[axis], op, ": ", names[axis], " has ", table.size(0),
                           " rows but the grid needs ", grid_thw[axis]);
-        p.table[axis] = table.data_ptr<float>();
+        p.table[axis] = data_of<float>(table);
         p.table_row_stride[axis] = table.stride(0);
         p.pairs[axis] = static_cast<int>(table.size(1));
         p.grid[axis] = static_cast<int>(grid_thw[axis]);
@@ -152,38 +153,38 @@ rope::Rope3dParams rope_3d_params(const at::Tensor& q, const std::optional<at::T
 
 }  // namespace
 
-void apply_rope_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
-                    const at::Tensor& sin, const std::optional<at::Tensor>& positions, bool interleaved) {
+// One path for CPU, CUDA and Meta (torch.compile's fake tensors: the checks, no launch).
+void apply_rope_(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos, const at::Tensor& sin,
+                 const std::optional<at::Tensor>& positions, bool interleaved) {
     const rope::Rope1dParams p = rope_1d_params(q, k, cos, sin, positions, interleaved);
-    // Checked before any write so a bad position never leaves q half rotated.
-    if (positions.has_value() && positions->numel() > 0) {
-        const int64_t lo = positions->min().item<int64_t>();
-        const int64_t hi = positions->max().item<int64_t>();
-        TORCH_CHECK_VALUE(lo >= 0 && hi < p.table_rows, "apply_rope_: expected positions in [0, ", p.table_rows,
-                          ") (the rows of cos/sin), got values in [", lo, ", ", hi, "]");
+    // Checked before any write, so that a bad position never leaves q half rotated.
+    if (positions.has_value() && positions->numel() > 0 && values_checked(*positions)) {
+        const at::Tensor host = host_values(*positions).to(at::kLong);
+        const auto [lo, hi] = std::minmax_element(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+        TORCH_CHECK_VALUE(*lo >= 0 && *hi < p.table_rows, "apply_rope_: expected positions in [0, ", p.table_rows,
+                          ") (the rows of cos/sin), got values in [", *lo, ", ", *hi, "]");
     }
-    cpu::rope_1d(p);
-}
-
-void apply_rope_3d_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, at::IntArrayRef grid_thw,
-                       const at::Tensor& freqs_t, const at::Tensor& freqs_h, const at::Tensor& freqs_w) {
-    cpu::rope_3d(rope_3d_params(q, k, grid_thw, freqs_t, freqs_h, freqs_w));
-}
-
+    if (q.is_cpu()) {
+        cpu::rope_1d(p);
+    } else if (q.is_cuda()) {
 #if defined(TKPY_WITH_CUDA)
-void apply_rope_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
-                     const at::Tensor& sin, const std::optional<at::Tensor>& positions, bool interleaved) {
-    const rope::Rope1dParams p = rope_1d_params(q, k, cos, sin, positions, interleaved);
-    const c10::cuda::CUDAGuard guard(q.device());
-    check_launch("apply_rope_", rope::launch_rope_1d(p, c10::cuda::getCurrentCUDAStream()));
+        const c10::cuda::CUDAGuard guard(q.device());
+        check_launch("apply_rope_", rope::launch_rope_1d(p, c10::cuda::getCurrentCUDAStream()));
+#endif
+    }
 }
 
-void apply_rope_3d_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, at::IntArrayRef grid_thw,
-                        const at::Tensor& freqs_t, const at::Tensor& freqs_h, const at::Tensor& freqs_w) {
+void apply_rope_3d_(const at::Tensor& q, const std::optional<at::Tensor>& k, at::IntArrayRef grid_thw,
+                    const at::Tensor& freqs_t, const at::Tensor& freqs_h, const at::Tensor& freqs_w) {
     const rope::Rope3dParams p = rope_3d_params(q, k, grid_thw, freqs_t, freqs_h, freqs_w);
-    const c10::cuda::CUDAGuard guard(q.device());
-    check_launch("apply_rope_3d_", rope::launch_rope_3d(p, c10::cuda::getCurrentCUDAStream()));
-}
+    if (q.is_cpu()) {
+        cpu::rope_3d(p);
+    } else if (q.is_cuda()) {
+#if defined(TKPY_WITH_CUDA)
+        const c10::cuda::CUDAGuard guard(q.device());
+        check_launch("apply_rope_3d_", rope::launch_rope_3d(p, c10::cuda::getCurrentCUDAStream()));
 #endif
+    }
+}
 
 }  // namespace tkpy::ops

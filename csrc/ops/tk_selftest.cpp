@@ -2,6 +2,7 @@
 // index math (CPU), for tests/test_tk.py. Test instruments, not product API.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include "ops/ops.h"
 #include "ops/validate.h"
@@ -184,3 +185,30 @@ void tk_stuck_wait(const at::Tensor& reached, bool report) {
 #endif
 
 }  // namespace tkpy::ops
+
+// Registered here, not in torch_bindings.cpp, so that this file and the self-test kernels are the
+// whole of the test instruments: the TKPY_BUILD_SELFTEST option leaves them out of the product.
+TORCH_LIBRARY(tkpy_selftest, m) {
+    m.def("tk_tile_offsets(int rows, int cols, int elem_bytes, int swizzle) -> Tensor");
+    m.def("gemm_tile_order(int tiles_m, int tiles_n, int group_m) -> Tensor");
+    m.def("tk_tma_roundtrip(Tensor x, Tensor(a!) y, Tensor(b!) z, int swizzle, int row, int col) -> ()");
+    m.def("tk_register_ops(Tensor x) -> Tensor[]");
+    m.def("tk_wgmma(Tensor a, Tensor b, int variant) -> Tensor");
+    m.def("tk_warp_mma(Tensor a, Tensor b, int variant, int b_valid_rows=-1) -> Tensor");
+    m.def("tk_stuck_wait(Tensor(a!) reached, bool report) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(tkpy_selftest, CompositeExplicitAutograd, m) {
+    m.impl("tk_tile_offsets", &tkpy::ops::tk_tile_offsets);
+    m.impl("gemm_tile_order", &tkpy::ops::gemm_tile_order);
+}
+
+#if defined(TKPY_WITH_CUDA)
+TORCH_LIBRARY_IMPL(tkpy_selftest, CUDA, m) {
+    m.impl("tk_tma_roundtrip", &tkpy::ops::tk_tma_roundtrip);
+    m.impl("tk_register_ops", &tkpy::ops::tk_register_ops);
+    m.impl("tk_wgmma", &tkpy::ops::tk_wgmma);
+    m.impl("tk_warp_mma", &tkpy::ops::tk_warp_mma);
+    m.impl("tk_stuck_wait", &tkpy::ops::tk_stuck_wait);
+}
+#endif

@@ -7,6 +7,7 @@
 // Sequence b attends to keys [0, seqlens[b]), with Sq query rows aligned bottom-right.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "tkpy/detail/paged_index.h"
@@ -94,6 +95,54 @@ struct AppendParams {
     float k_scale = 1.f;
     float v_scale = 1.f;
 };
+
+// ---- split-KV planning: what a caller does between filling DecodeParams and launching --------------
+//
+//   DecodeParams p = ...;              // num_splits = 0 picks the split count
+//   plan_splits(p, sm_count);          // sm_count: cudaDevAttrMultiProcessorCount
+//   void* ws = allocate(workspace_bytes(p));
+//   set_workspace(p, ws);              // ws must outlive the kernels queued by the launch
+//   launch_decode_attention(p, stream);
+
+// The most pages one (sequence, kv head) plan visits, from shapes alone: dense heads every page of
+// the table; retrieval heads their selected list plus the newest page; streaming heads the ring.
+inline int max_plan_pages(const DecodeParams& p) {
+    int pages = p.table.max_pages;
+    if (p.heads.page_indices != nullptr && p.heads.max_selected + 1 < pages) pages = p.heads.max_selected + 1;
+    if (p.heads.kv_head_slot != nullptr && p.heads.ring.pages() > pages) pages = p.heads.ring.pages();
+    return pages;
+}
+
+// Resolves num_splits = 0 against `workers` parallel units (SMs on a GPU, threads on the CPU): enough
+// (sequence, kv head) ranges to fill two waves, no range shorter than four pages. A num_splits
+// already >= 1 is kept.
+inline void plan_splits(DecodeParams& p, int workers) {
+    if (p.num_splits == 0) {
+        p.num_splits = detail::choose_num_splits(int64_t(p.batch) * p.heads_kv, max_plan_pages(p), workers);
+    }
+}
+
+// Elements of the fp32 split-KV partials: partial_out [num_splits, B, Sq, Hq, D], then partial_lse
+// [num_splits, B, Hq, Sq]. None with a single split.
+inline int64_t partial_out_elements(const DecodeParams& p) {
+    return p.num_splits <= 1 ? 0 : int64_t(p.num_splits) * p.batch * p.seqlen_q * p.heads_q * p.head_dim;
+}
+inline int64_t partial_lse_elements(const DecodeParams& p) {
+    return p.num_splits <= 1 ? 0 : int64_t(p.num_splits) * p.batch * p.heads_q * p.seqlen_q;
+}
+
+// Bytes of workspace the launch needs once plan_splits has run (0: none).
+inline size_t workspace_bytes(const DecodeParams& p) {
+    return size_t(partial_out_elements(p) + partial_lse_elements(p)) * sizeof(float);
+}
+
+// Points the partials into `workspace` (workspace_bytes(p) bytes, 16-byte aligned: the kernels read
+// the partials as float4; on the launch's device). Null with a single split.
+inline void set_workspace(DecodeParams& p, void* workspace) {
+    float* base = p.num_splits <= 1 ? nullptr : static_cast<float*>(workspace);
+    p.partial_out = base;
+    p.partial_lse = base == nullptr ? nullptr : base + partial_out_elements(p);
+}
 
 #if defined(TKPY_WITH_CUDA)
 cudaError_t launch_decode_attention(const DecodeParams& params, cudaStream_t stream);

@@ -5,6 +5,7 @@ from ._ops import cuda_compiled
 from .attention import flash_attn_func, flash_attn_varlen_func
 from .block_sparse import block_sparse_attn_func, block_streaming_attn_func, token_streaming_attn_func
 from .errors import ArgumentError
+from .info import include_dir, library_dir
 from .kvcache import flash_attn_with_kvcache
 from .matmul import gemm
 

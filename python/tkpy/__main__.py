@@ -6,7 +6,7 @@ import sys
 def main(argv: list[str]) -> int:
     commands = {
         "info": "what this build contains and runs on",
-        "bench": "time each op against its torch peer",
+        "bench": "check and time each op against its peers (a source checkout's benchmarks/)",
         "generate": "continue prompts with a Llama-family model (tkpy.runtime)",
     }
     if not argv or argv[0] not in commands:

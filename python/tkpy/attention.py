@@ -7,26 +7,11 @@ online-softmax implementation on the CPU.
 
 from __future__ import annotations
 
-import math
-from typing import Optional
-
-import torch
-
 from . import _ops
 from .errors import ArgumentError
+from .validation import window_edges
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
-
-
-def _window(causal: bool, window_size) -> tuple[int, int]:
-    try:
-        left, right = (int(w) for w in window_size)
-    except (TypeError, ValueError):
-        raise ArgumentError(f"window_size must be a pair of ints (left, right), got {window_size!r}") from None
-    if left < -1 or right < -1:
-        raise ArgumentError(f"window_size entries must be >= -1 (-1 is unbounded), got {window_size!r}")
-    # flash-attn: causal is a window whose right edge is the diagonal.
-    return left, 0 if causal else right
 
 
 def _refuse_unimplemented(fn: str, dropout_p: float, alibi_slopes, block_table=None) -> None:
@@ -36,32 +21,6 @@ def _refuse_unimplemented(fn: str, dropout_p: float, alibi_slopes, block_table=N
         raise NotImplementedError(f"{fn}: alibi_slopes are not implemented yet")
     if block_table is not None:
         raise NotImplementedError(f"{fn}: a paged KV block_table is not implemented yet")
-
-
-def _check_cu_seqlens(name: str, cu, q: torch.Tensor, total: int, max_seqlen: int) -> None:
-    """Values of cu_seqlens: start at 0, never decrease, end at the packed length, and no
-    sequence longer than max_seqlen. Reading them costs a host sync on CUDA, so it is skipped
-    while a CUDA graph is being captured and while torch.compile traces."""
-    if cu is None:
-        raise ArgumentError(f"flash_attn_varlen_func: {name} is required (int32 [batch + 1])")
-    if not isinstance(cu, torch.Tensor) or cu.device != q.device or q.dim() != 3:
-        return  # the op reports type, device and rank errors itself, with their names
-    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-        return
-    if torch.compiler.is_compiling() or (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return
-    lengths = cu[1:] - cu[:-1]
-    first, last, shortest, longest = torch.stack([cu[0], cu[-1], lengths.min(), lengths.max()]).tolist()
-    if first != 0 or last != total or shortest < 0:
-        raise ArgumentError(
-            f"{name} must start at 0, never decrease and end at the packed length {total}; got {cu.tolist()}"
-        )
-    if longest > max_seqlen:
-        raise ArgumentError(f"{name} has a sequence of {longest} tokens but max_seqlen is {max_seqlen}")
-
-
-def _scale(q: torch.Tensor, softmax_scale: Optional[float]) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
 
 
 def flash_attn_func(
@@ -107,10 +66,9 @@ def flash_attn_func(
     0 and lse -inf (flash-attn 2 reports +inf there; -inf is the log of an empty sum).
     """
     _refuse_unimplemented("flash_attn_func", dropout_p, alibi_slopes)
-    left, right = _window(causal, window_size)
-    out, lse = _ops.call(
-        "attention_forward", q, k, v, None, None, 0, 0, _scale(q, softmax_scale), left, right, float(softcap)
-    )
+    left, right = window_edges(causal, window_size)
+    out, lse = _ops.call("attention_forward", q, k, v, softmax_scale=_ops.optional_float(softmax_scale),
+                         window_left=left, window_right=right, softcap=float(softcap))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -149,11 +107,11 @@ def flash_attn_varlen_func(
     ``[Hq, total_q]``.
     """
     _refuse_unimplemented("flash_attn_varlen_func", dropout_p, alibi_slopes, block_table)
-    left, right = _window(causal, window_size)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q, q.shape[0], int(max_seqlen_q))
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q, k.shape[0], int(max_seqlen_k))
-    out, lse = _ops.call(
-        "attention_forward", q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-        _scale(q, softmax_scale), left, right, float(softcap),
-    )
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ArgumentError("flash_attn_varlen_func: cu_seqlens_q and cu_seqlens_k are required (int32 [batch + 1])")
+    left, right = window_edges(causal, window_size)
+    out, lse = _ops.call("attention_forward", q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                         max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
+                         softmax_scale=_ops.optional_float(softmax_scale), window_left=left, window_right=right,
+                         softcap=float(softcap))
     return (out, lse, None) if return_attn_probs else out

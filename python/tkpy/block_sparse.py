@@ -9,13 +9,11 @@ CUDA-graph safe.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from . import _ops
-from .attention import _check_cu_seqlens
 from .errors import ArgumentError
 
 __all__ = ["block_sparse_attn_func", "block_streaming_attn_func", "token_streaming_attn_func", "block_lists", "plan",
@@ -58,61 +56,27 @@ def plan(head_mask_type: torch.Tensor, base_blockmask: Optional[torch.Tensor]):
     return sparse_index.to(torch.int32), indices, counts
 
 
-def _host_checks_allowed(t: torch.Tensor) -> bool:
-    # Reading values costs a host sync on CUDA: skipped while capturing a graph or tracing.
-    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-def _check_heads(fn: str, q: torch.Tensor, head_mask_type, streaming_info, base_blockmask, allowed_types) -> None:
-    heads = q.shape[-2]
-    if not isinstance(head_mask_type, torch.Tensor) or head_mask_type.shape != (heads,):
-        raise ArgumentError(f"{fn}: head_mask_type must be an int32 Tensor [{heads}] (one type per query head)")
-    if not isinstance(streaming_info, torch.Tensor) or streaming_info.shape != (2 * heads,):
-        raise ArgumentError(f"{fn}: streaming_info must be an int32 Tensor [{2 * heads}] ((sink, local) per head)")
-    if not _host_checks_allowed(head_mask_type) or head_mask_type.device != q.device:
-        return  # the op reports device and dtype errors itself
-    types = head_mask_type.tolist()
-    bad = sorted({t for t in types if t not in allowed_types})
-    if bad:
-        raise ArgumentError(f"{fn}: head_mask_type values must be in {sorted(allowed_types)}, got {bad}")
-    if streaming_info.device == q.device and min(streaming_info.tolist()) < 0:
-        raise ArgumentError(f"{fn}: streaming_info (sink, local) sizes must be >= 0, got {streaming_info.tolist()}")
-    n_sparse = types.count(1)
-    if base_blockmask is None:
-        if n_sparse:
-            raise ArgumentError(f"{fn}: {n_sparse} heads are block-sparse (type 1) but base_blockmask is None")
-    elif base_blockmask.dim() != 4 or base_blockmask.shape[1] != n_sparse:
-        raise ArgumentError(
-            f"{fn}: base_blockmask must be [batch, n_sparse_heads={n_sparse}, ceil(Sq/128), ceil(Sk/128)], "
-            f"got {tuple(base_blockmask.shape)}"
-        )
-
-
 def _run(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, base_blockmask, max_seqlen_q,
-         max_seqlen_k, p_dropout, softmax_scale, is_causal, exact_streaming, return_attn_probs, allowed_types):
+         max_seqlen_k, p_dropout, softmax_scale, is_causal, exact_streaming, return_attn_probs):
+    # The binding checks shapes, dtypes and devices, and, under tkpy.validation's policy, the
+    # values of cu_seqlens, head_mask_type and streaming_info.
     if p_dropout != 0.0:
         raise NotImplementedError(f"{fn}: p_dropout={p_dropout} is not implemented; use 0.0")
-    if not isinstance(cu_seqlens_q, torch.Tensor) or not isinstance(cu_seqlens_k, torch.Tensor):
-        raise ArgumentError(f"{fn}: cu_seqlens_q and cu_seqlens_k must be int32 Tensors [batch + 1]")
+    for name, t in (("q", q), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k), ("head_mask_type", head_mask_type)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
     if streaming_info is None:
         streaming_info = torch.zeros(2 * q.shape[-2], dtype=torch.int32, device=q.device)
-    # Sequence lengths index the block lists: they must be within max_seqlen, or the plan would
-    # read past the lists' rows.
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q, q.shape[0], int(max_seqlen_q))
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q, k.shape[0], int(max_seqlen_k))
-    _check_heads(fn, q, head_mask_type, streaming_info, base_blockmask, allowed_types)
-    if base_blockmask is not None:
-        if base_blockmask.device != q.device:
-            raise ArgumentError(f"{fn}: base_blockmask must be on q's device {q.device}, got {base_blockmask.device}")
-        expected = (cu_seqlens_q.numel() - 1, base_blockmask.shape[1], math.ceil(max_seqlen_q / BLOCK), math.ceil(max_seqlen_k / BLOCK))
-        if base_blockmask.dtype != torch.bool or tuple(base_blockmask.shape) != expected:
-            raise ArgumentError(f"{fn}: base_blockmask must be bool {list(expected)}, got {base_blockmask.dtype} {list(base_blockmask.shape)}")
+    if base_blockmask is not None and (not isinstance(base_blockmask, torch.Tensor) or base_blockmask.dtype != torch.bool):
+        raise ArgumentError(f"{fn}: base_blockmask must be a bool Tensor [batch, n_sparse_heads, ceil(max_seqlen_q / "
+                            f"{BLOCK}), ceil(max_seqlen_k / {BLOCK})], got "
+                            f"{getattr(base_blockmask, 'dtype', type(base_blockmask).__name__)}")
     sparse_index, indices, counts = plan(head_mask_type, base_blockmask)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     out, lse = _ops.call(
-        "block_sparse_attention_forward",
-        q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, sparse_index,
-        indices, counts, int(max_seqlen_q), int(max_seqlen_k), scale, bool(is_causal), bool(exact_streaming),
+        "block_sparse_attention_forward", q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
+        sparse_index, int(max_seqlen_q), int(max_seqlen_k), block_indices=indices, block_counts=counts,
+        softmax_scale=_ops.optional_float(softmax_scale), is_causal=bool(is_causal),
+        exact_streaming=bool(exact_streaming),
     )
     return (out, lse_per_sequence(lse, cu_seqlens_q, int(max_seqlen_q)), None) if return_attn_probs else out
 
@@ -190,7 +154,7 @@ def block_sparse_attn_func(
     """
     return _run("block_sparse_attn_func", q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
                 base_blockmask, max_seqlen_q_, max_seqlen_k_, p_dropout, softmax_scale, is_causal, exact_streaming,
-                return_attn_probs, allowed_types={-1, 0, 1})
+                return_attn_probs)
 
 
 def block_streaming_attn_func(
@@ -213,8 +177,7 @@ def block_streaming_attn_func(
     Causal by default; ``is_causal=False`` gives every row the sink and the last ``local`` key
     blocks. Arguments as in :func:`block_sparse_attn_func`."""
     return _run("block_streaming_attn_func", q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
-                None, max_seqlen_q, max_seqlen_k, p_dropout, softmax_scale, is_causal, False, return_attn_probs,
-                allowed_types={-1, 0})
+                None, max_seqlen_q, max_seqlen_k, p_dropout, softmax_scale, is_causal, False, return_attn_probs)
 
 
 def token_streaming_attn_func(
@@ -234,5 +197,4 @@ def token_streaming_attn_func(
     """Dense causal (type 0) and exact token-streaming (type -1) heads; ``streaming_info`` in tokens.
     Arguments as in :func:`block_sparse_attn_func`."""
     return _run("token_streaming_attn_func", q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
-                None, max_seqlen_q, max_seqlen_k, 0.0, softmax_scale, True, True, return_attn_probs,
-                allowed_types={-1, 0})
+                None, max_seqlen_q, max_seqlen_k, 0.0, softmax_scale, True, True, return_attn_probs)

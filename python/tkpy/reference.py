@@ -11,8 +11,21 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["rope_frequencies", "rope", "rope_3d_table", "rope_3d", "matmul", "attention", "block_sparse_attention",
-           "page_stats", "page_scores", "select_pages"]
+__all__ = ["REL_TOL", "relative_error", "rope_frequencies", "rope", "rope_3d_table", "rope_3d", "matmul", "attention",
+           "block_sparse_attention", "page_stats", "page_scores", "select_pages"]
+
+# The one tolerance table of tkpy's tests and benchmarks (DESIGN.md §7): the largest
+# ‖out − reference‖ / ‖reference‖ accepted from an op computing in each dtype (fp32 for the CPU
+# path's fp32 math).
+REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 3e-3}
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``‖out − ref‖ / ‖ref‖`` in float64; a NaN anywhere in ``out`` is infinitely wrong."""
+    out, ref = out.double(), ref.double()
+    if torch.isnan(out).any():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def rope_frequencies(dim: int, theta: float, k: Optional[int] = None, L_test: Optional[float] = None) -> torch.Tensor:

@@ -121,8 +121,8 @@ __device__ inline Task make_task(const AttentionParams& p, int q_tiles, int inde
     t.q0 = (q_tiles - 1 - index / heads_batches) * kTileRows;
     t.head = (index % heads_batches) % p.heads_q;
     t.batch = (index % heads_batches) / p.heads_q;
-    t.seq_q = detail::sequence(p.cu_seqlens_q, t.batch, p.seqlen_q);
-    t.seq_k = detail::sequence(p.cu_seqlens_k, t.batch, p.seqlen_k);
+    t.seq_q = detail::sequence(p.cu_seqlens_q, t.batch, p.seqlen_q, p.total_q);
+    t.seq_k = detail::sequence(p.cu_seqlens_k, t.batch, p.seqlen_k, p.total_k);
     t.type = detail::kDenseHead;
     t.sink = t.local = 0;
     t.plan = detail::KeyBlockPlan{};

@@ -54,16 +54,22 @@ TKPY_HD bool block_fully_visible(int q0, int rows, int k0, int cols, int sq, int
 }
 
 // Sequence b: its first token's index along the token dimension and its length. Varlen: from
-// cu_seqlens, in the packed tensor. Batched: token 0 of batch b (batches are addressed through the
-// batch stride), length fixed_len. Element (b, s) is at b * batch_stride + (start + s) * token_stride.
+// cu_seqlens, in the packed tensor of `total` tokens. Batched: token 0 of batch b (batches are
+// addressed through the batch stride), length fixed_len. Element (b, s) is at
+// b * batch_stride + (start + s) * token_stride.
 struct Sequence {
     int64_t start;
     int len;
 };
 
-TKPY_HD Sequence sequence(const int32_t* cu_seqlens, int b, int fixed_len) {
+// cu_seqlens' values are not read on the host by default on CUDA (a sync per call), so a varlen
+// sequence is clamped into [0, total) and to fixed_len (max_seqlen) tokens: bad values give wrong
+// rows, never an access outside the packed tensors or past the tiles the launch covers.
+TKPY_HD Sequence sequence(const int32_t* cu_seqlens, int b, int fixed_len, int64_t total) {
     if (cu_seqlens == nullptr) return Sequence{0, fixed_len};
-    return Sequence{cu_seqlens[b], cu_seqlens[b + 1] - cu_seqlens[b]};
+    const int64_t start = cu_seqlens[b] < 0 ? 0 : (cu_seqlens[b] > total ? total : cu_seqlens[b]);
+    const int64_t end = cu_seqlens[b + 1] < start ? start : (cu_seqlens[b + 1] > total ? total : cu_seqlens[b + 1]);
+    return Sequence{start, int(end - start < fixed_len ? end - start : fixed_len)};
 }
 
 }  // namespace tkpy::detail

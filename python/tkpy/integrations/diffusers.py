@@ -1,4 +1,5 @@
-"""RIFLEx for the video transformers of diffusers: HunyuanVideo, Wan and CogVideoX.
+"""diffusers' video transformers on tkpy: RIFLEx for HunyuanVideo, Wan and CogVideoX, and tkpy
+attention for Wan.
 
 :func:`apply_riflex` gives a pipeline (or its transformer) RIFLEx's temporal frequency for a
 requested clip length. The model's own code still builds its rotary embedding; the patch then
@@ -6,27 +7,35 @@ overwrites the one temporal component that RIFLEx changes. So every other value 
 diffusers computed it (Wan builds its tables in float64, for instance), the output keeps the
 model's format, dtype and device, and when RIFLEx is inactive the model is left as diffusers made it.
 
-How each model is patched:
-
 - HunyuanVideo and Wan build their RoPE in the transformer's ``rope`` submodule, which is replaced
   by a wrapper around it (both ``transformer`` and ``transformer_2`` of a Wan 2.2 pipeline).
 - CogVideoX's transformer receives its RoPE as an argument from the pipeline, so the pipeline's
   ``_prepare_rotary_positional_embeddings`` is overridden on that pipeline instance.
+
+:class:`WanAttnProcessor` runs Wan's attention on tkpy, and :func:`use_tkpy_attention` installs it
+together with a RoPE module that hands it per-axis tables (:class:`tkpy.runtime.dit.Rope3D`, with
+RIFLEx for a requested clip length) instead of ``[S, D]`` cos/sin tables. Wan is the model that is
+supported because it is the simplest to match exactly: RoPE covers every token of the
+self-attention (HunyuanVideo and CogVideoX concatenate text tokens into a joint attention, rotate
+only the video part, and HunyuanVideo masks padded text), and there is no attention mask.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 import diffusers
 import torch
 from torch import nn
 
 from tkpy.errors import ArgumentError
-from tkpy.riflex import axis_split, get_1d_rotary_pos_embed_riflex, latent_frames, riflex_frequency_index
+from tkpy.riflex import (AxisSplit, axis_split, get_1d_rotary_pos_embed_riflex, latent_frames, riflex_frequency_index,
+                         rope_3d_freqs)
+from tkpy.rope import apply_rope_
+from tkpy.runtime.dit import RIFLEX_MODES, Rope3D, attention, check_dtype, check_head_dim
 
-__all__ = ["apply_riflex"]
+__all__ = ["WanAttnProcessor", "apply_riflex", "use_tkpy_attention"]
 
 _COGVIDEOX_METHOD = "_prepare_rotary_positional_embeddings"
 _SUPPORTED = (
@@ -90,23 +99,26 @@ class _RiflexRope(nn.Module):
         return f"k={self.riflex.k}, L_test={self.riflex.L_test}"
 
 
-def _temporal_riflex(
-    model: str,
-    head_dim: int,
-    patch_size_t: int,
-    num_frames: int,
-    temporal_compression: int,
-    mode: str,
-    k: Optional[int],
-) -> Optional[_TemporalRiflex]:
-    """The temporal change RIFLEx makes for this model and clip, or None when RoPE stays unchanged."""
+def _riflex_split(who: str, model: str, head_dim: int, k: Optional[int]) -> AxisSplit:
+    """The model's RoPE axis split, with RIFLEx's component ``k`` when one is given."""
     split = axis_split(model, head_dim)
-    if k is not None:
-        if not 1 <= k <= split.t // 2:
-            raise ArgumentError(f"apply_riflex: k must be in [1, {split.t // 2}] for {model}'s temporal axis, got {k}")
-        split = dataclasses.replace(split, riflex_k=k)
-    # RoPE positions count patched latent frames, so L_test is measured in them too.
-    L_test = -(-latent_frames(num_frames, temporal_compression) // patch_size_t)
+    if k is None:
+        return split
+    if not 1 <= k <= split.t // 2:
+        raise ArgumentError(f"{who}: k must be in [1, {split.t // 2}] for {model}'s temporal axis, got {k}")
+    return dataclasses.replace(split, riflex_k=k)
+
+
+def _rope_frames(num_frames: int, temporal_compression: int, patch_size_t: int) -> int:
+    """L_test: RoPE positions count patched latent frames, so the clip length is measured in them."""
+    return -(-latent_frames(num_frames, temporal_compression) // patch_size_t)
+
+
+def _temporal_riflex(model: str, head_dim: int, patch_size_t: int, num_frames: int, temporal_compression: int,
+                     mode: str, k: Optional[int]) -> Optional[_TemporalRiflex]:
+    """The temporal change RIFLEx makes for this model and clip, or None when RoPE stays unchanged."""
+    split = _riflex_split("apply_riflex", model, head_dim, k)
+    L_test = _rope_frames(num_frames, temporal_compression, patch_size_t)
     k_used, L = riflex_frequency_index(split, L_test, mode)
     return None if k_used is None else _TemporalRiflex(split.t, split.theta, k_used, L)
 
@@ -226,3 +238,102 @@ def apply_riflex(target, num_frames: int, mode: str = "training_free", k: Option
     for t, patch_size_t, riflex in changes:
         _patch_rope_module(t, patch_size_t, riflex)
     return target
+
+
+class _WanRope(nn.Module):
+    """Replaces a Wan transformer's ``rope``: returns a :class:`Rope3D` rather than ``[S, D]`` tables."""
+
+    def __init__(self, split: AxisSplit, patch_size: Sequence[int], L_test: Optional[int], mode: str):
+        super().__init__()
+        self.split, self.patch_size, self.L_test, self.mode = split, tuple(patch_size), L_test, mode
+
+    def forward(self, hidden_states: torch.Tensor) -> Rope3D:
+        # hidden_states: the latents [B, C, F, H, W] before patching; RoPE counts patches.
+        grid = tuple(n // p for n, p in zip(hidden_states.shape[2:], self.patch_size))
+        # mode "off" when no clip length was given: L_test would otherwise default to T.
+        mode = "off" if self.L_test is None else self.mode
+        return Rope3D(grid, *rope_3d_freqs(self.split, grid, self.L_test, mode, device=hidden_states.device))
+
+    def extra_repr(self) -> str:
+        return f"split={self.split}, L_test={self.L_test}, mode={self.mode!r}"
+
+
+class WanAttnProcessor:
+    """diffusers' ``WanAttnProcessor`` with tkpy attention and tkpy's fused RoPE.
+
+    Self-attention takes either :class:`Rope3D` (from :func:`use_tkpy_attention`, rotated by
+    :func:`tkpy.rope.apply_rope_3d_`) or diffusers' own ``(cos, sin)`` tables ``[1, S, 1, D]``
+    (stock or :func:`apply_riflex`'d, rotated by :func:`tkpy.rope.apply_rope_`), so
+    ``transformer.set_attn_processor(WanAttnProcessor())`` alone works too. fp32 models get bf16
+    attention (see :func:`tkpy.runtime.dit.attention`). Wan image-to-video attention
+    (``add_k_proj``) and attention masks are refused.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        from diffusers.models.transformers.transformer_wan import WanAttention
+
+        if not isinstance(attn, WanAttention):
+            raise ArgumentError(
+                f"tkpy WanAttnProcessor supports diffusers' Wan attention (WanAttention), got {type(attn).__name__}; "
+                "HunyuanVideo and CogVideoX attention are not supported"
+            )
+        if attn.add_k_proj is not None:
+            raise ArgumentError("tkpy WanAttnProcessor: Wan image-to-video attention (add_k_proj) is not supported")
+        if attention_mask is not None:
+            raise ArgumentError("tkpy WanAttnProcessor: an attention_mask is not supported (Wan passes none)")
+        check_dtype(hidden_states, "tkpy WanAttnProcessor")
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attn.fused_projections and not attn.is_cross_attention:
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        elif attn.fused_projections:
+            q, (k, v) = attn.to_q(hidden_states), attn.to_kv(context).chunk(2, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        # Wan normalises q and k over all heads at once, before splitting them.
+        q, k = attn.norm_q(q).unflatten(2, (attn.heads, -1)), attn.norm_k(k).unflatten(2, (attn.heads, -1))
+        v = v.unflatten(2, (attn.heads, -1))  # q, k, v: [B, S, H, D]
+        check_head_dim(q.shape[-1], "tkpy WanAttnProcessor")
+        if isinstance(rotary_emb, Rope3D):
+            rotary_emb.apply_(q, k)
+        elif rotary_emb is not None:
+            cos, sin = rotary_emb
+            # Each angle is repeated on the two dims of its interleaved pair; keep one per pair.
+            cos = cos.reshape(q.shape[1], q.shape[-1])[:, 0::2].float().contiguous()
+            sin = sin.reshape(q.shape[1], q.shape[-1])[:, 1::2].float().contiguous()
+            apply_rope_(q, k, cos, sin, interleaved=True)
+        out = attention(q, k, v).flatten(2).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def use_tkpy_attention(transformer, num_frames: Optional[int] = None, mode: str = "training_free",
+                       k: Optional[int] = None, temporal_compression: int = 4):
+    """Run a diffusers ``WanTransformer3DModel``'s attention on tkpy, RoPE included.
+
+    Sets :class:`WanAttnProcessor` on every attention module and replaces ``transformer.rope``
+    by a module that gives the processors per-axis RoPE tables. With ``num_frames``, the temporal
+    axis follows RIFLEx for that clip length, exactly as :func:`apply_riflex` (``L_test`` = latent
+    frames of the clip divided, rounding up, by the temporal patch size; ``mode`` and ``k`` as
+    there); without it, RoPE is diffusers'. Returns ``transformer``. Other models are refused with
+    a ValueError.
+    """
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    if not isinstance(transformer, diffusers.WanTransformer3DModel):
+        raise ArgumentError(
+            f"use_tkpy_attention: {type(transformer).__name__} is not supported; tkpy's video-DiT attention "
+            "processor supports diffusers' WanTransformer3DModel (not HunyuanVideo or CogVideoX)"
+        )
+    if not isinstance(transformer.rope, (WanRotaryPosEmbed, _WanRope)):
+        raise ArgumentError(
+            f"use_tkpy_attention: transformer.rope is a {type(transformer.rope).__name__}, not Wan's own; "
+            "if apply_riflex patched it, pass num_frames here instead"
+        )
+    if mode not in RIFLEX_MODES:
+        raise ArgumentError(f"use_tkpy_attention: mode must be one of {RIFLEX_MODES}, got {mode!r}")
+    config = transformer.config
+    check_head_dim(config.attention_head_dim, "use_tkpy_attention")
+    split = _riflex_split("use_tkpy_attention", "wan", config.attention_head_dim, k)
+    L_test = None if num_frames is None else _rope_frames(num_frames, temporal_compression, config.patch_size[0])
+    transformer.rope = _WanRope(split, config.patch_size, L_test, mode)
+    transformer.set_attn_processor(WanAttnProcessor())
+    return transformer

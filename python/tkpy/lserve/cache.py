@@ -8,9 +8,8 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from .. import _ops
-from ..block_sparse import _host_checks_allowed
 from ..errors import ArgumentError
-from ..kvcache import check_cache_values
+from ..validation import values_checked
 from .config import LOGICAL_PAGE_TOKENS, PAGE_TOKENS, LServeConfig
 
 __all__ = ["PageStats", "LServeCache"]
@@ -145,30 +144,10 @@ class LServeCache:
         each in ``[0, max_seqs)``): row = ``slot · ring_pages + arange(ring_pages)``."""
         if not isinstance(slots, torch.Tensor) or slots.dim() != 1 or slots.dtype not in (torch.int32, torch.int64):
             raise TypeError("LServeCache.ring_table: slots must be a 1-D int32 Tensor [batch]")
-        if _host_checks_allowed(slots) and slots.numel() and not 0 <= int(slots.min()) <= int(slots.max()) < self.max_seqs:
+        if values_checked(slots) and slots.numel() and not 0 <= int(slots.min()) <= int(slots.max()) < self.max_seqs:
             raise ArgumentError(f"LServeCache.ring_table: slots must be in [0, {self.max_seqs}), got {slots.tolist()}")
         pages = torch.arange(self.ring_pages, dtype=torch.int64, device=slots.device)
         return (slots.long()[:, None] * self.ring_pages + pages[None, :]).to(torch.int32)
-
-    def check_tables(self, fn: str, cache_seqlens: torch.Tensor, new_tokens: int, block_table: torch.Tensor,
-                     ring_table: torch.Tensor) -> None:
-        """Shapes and dtypes of the tables, and (outside graph capture / tracing) their values."""
-        for name, t in (("block_table", block_table), ("ring_table", ring_table), ("cache_seqlens", cache_seqlens)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{fn}: {name} must be an int32 Tensor, got {type(t).__name__}")
-            if t.dtype != torch.int32:
-                raise ArgumentError(f"{fn}: {name} must be int32, got {t.dtype}")
-        batch = cache_seqlens.shape[0] if cache_seqlens.dim() == 1 else -1
-        if cache_seqlens.dim() != 1 or block_table.dim() != 2 or block_table.shape[0] != batch:
-            raise ArgumentError(
-                f"{fn}: expected cache_seqlens [batch] and block_table [batch, max_pages], got "
-                f"{tuple(cache_seqlens.shape)} and {tuple(block_table.shape)}"
-            )
-        if tuple(ring_table.shape) != (batch, self.ring_pages):
-            raise ArgumentError(f"{fn}: ring_table must be [batch={batch}, ring_pages={self.ring_pages}], got {tuple(ring_table.shape)}")
-        check_cache_values(fn, cache_seqlens, new_tokens, block_table.shape[1] * PAGE_TOKENS, block_table,
-                           PAGE_TOKENS, self.num_pages, ring_table=ring_table,
-                           ring_pool_pages=self.k_ring.shape[0])
 
     def append(self, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor, ring_table: torch.Tensor,
                cache_seqlens: torch.Tensor, rotary_cos: Optional[torch.Tensor] = None,
@@ -190,15 +169,15 @@ class LServeCache:
         """
         fn = "LServeCache.append"
         for name, t in (("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 4:
-                raise ArgumentError(f"{fn}: {name} must be a 4-D Tensor [batch, seqlen_new, heads_kv, head_dim]")
-            if t.dtype != self.dtype:
+            if isinstance(t, torch.Tensor) and t.dtype != self.dtype:
                 raise ArgumentError(f"{fn}: {name} must have the cache's model dtype {self.dtype}, got {t.dtype}")
-        self.check_tables(fn, cache_seqlens, k.shape[1], block_table, ring_table)
         k_min, k_max = (None, None) if self.stats is None else (self.stats.k_min, self.stats.k_max)
-        _ops.call(
-            "kv_append_",
-            self.k, self.v, k, v, block_table, cache_seqlens, None, k_min, k_max, rotary_cos,
-            rotary_sin, bool(rotary_interleaved), self.k_scale, self.v_scale, self.kv_head_slot, self.k_ring,
-            self.v_ring, ring_table, self.sink, self.local,
-        )
+        _ops.call("kv_append_", self.k, self.v, k, v, cache_seqlens, block_table=block_table, k_min=k_min, k_max=k_max,
+                  rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=bool(rotary_interleaved),
+                  k_scale=self.k_scale, v_scale=self.v_scale, **self.ring_arguments(ring_table))
+
+    def ring_arguments(self, ring_table: torch.Tensor) -> dict:
+        """The keyword arguments that make kv_append_ and decode_attention LServe's: the head roles,
+        the ring pools and their table, sink and local."""
+        return dict(kv_head_slot=self.kv_head_slot, k_ring=self.k_ring, v_ring=self.v_ring, ring_table=ring_table,
+                    sink=self.sink, local=self.local)

@@ -3,7 +3,6 @@ sink and local window, every head in one ``torch.ops.tkpy.decode_attention`` lau
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -48,26 +47,19 @@ def sparse_decode(q: torch.Tensor, cache: LServeCache, block_table: torch.Tensor
     fn = "sparse_decode"
     if not isinstance(cache, LServeCache):
         raise TypeError(f"{fn}: cache must be an LServeCache, got {type(cache).__name__}")
-    if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[1] != 1:
-        raise ArgumentError(f"{fn}: q must be a Tensor [batch, 1, heads_q, head_dim] (one decode token), got "
-                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"{fn}: q must be a Tensor [batch, 1, heads_q, head_dim], got {type(q).__name__}")
     if q.dtype != cache.dtype:
         raise ArgumentError(f"{fn}: q must have the cache's model dtype {cache.dtype}, got {q.dtype}")
     if selection is not None and not isinstance(selection, PageSelection):
         raise TypeError(f"{fn}: selection must be a PageSelection or None, got {type(selection).__name__}")
-    cache.check_tables(fn, cache_seqlens, 0, block_table, ring_table)
     if selection is None:
         page_indices = page_counts = head_bits = None
     else:
         page_indices, page_counts, head_bits = selection.page_indices, selection.page_counts, selection.head_bits
-        expected = (q.shape[0], cache.num_kv_heads)
-        if tuple(page_counts.shape) != expected or tuple(page_indices.shape[:2]) != expected:
-            raise ArgumentError(f"{fn}: selection is for {tuple(page_counts.shape)} (batch, kv heads), expected {expected}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    out, lse = _ops.call(
-        "decode_attention",
-        q, cache.k, cache.v, block_table, cache_seqlens, None, cache.kv_head_slot, cache.k_ring, cache.v_ring,
-        ring_table, cache.sink, cache.local, page_indices, page_counts, head_bits, cache.k_scale, cache.v_scale,
-        scale, -1, -1, 0.0, int(num_splits),
-    )
+    out, lse = _ops.call("decode_attention", q, cache.k, cache.v, cache_seqlens, block_table=block_table,
+                         page_indices=page_indices, page_counts=page_counts, head_bits=head_bits,
+                         k_scale=cache.k_scale, v_scale=cache.v_scale,
+                         softmax_scale=_ops.optional_float(softmax_scale), num_splits=int(num_splits),
+                         **cache.ring_arguments(ring_table))
     return (out, lse) if return_softmax_lse else out

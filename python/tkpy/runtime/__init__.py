@@ -7,16 +7,25 @@
     out = llm.generate(["The capital of France is", "1, 2, 3,"], max_new_tokens=32)
     print(out[0].text, llm.timing.decode_tokens_per_s)
 
-Files: ``config.py`` (config.json), ``loader.py`` (safetensors, tokenizer, random weights),
-``model.py`` (the decoder), ``kv_cache.py`` (pages and attention), ``graphs.py`` (CUDA graphs of
-the decode step), ``request.py`` (a request, its result, sampling), ``llm.py`` (batching), ``cli.py`` (``python -m tkpy generate``).
+Files, top down:
+
+- ``engine.py``: :class:`LLM`, loading and the generate loop (schedule, run, sample);
+- ``scheduler.py``: requests in, batches out (admission, prefill or decode, release);
+- ``model_runner.py``: a batch of requests -> one forward pass -> logits;
+- ``graphs.py``: CUDA graphs of a decode step, one per batch size;
+- ``attention.py``: the attention backend (the KV caches, each step's batch metadata, each
+  layer's dense or LServe attention);
+- ``paging.py``: the pages and ring slot of each request, block tables;
+- ``model.py``: the decoder; ``config.py``: config.json; ``loader.py``: safetensors, tokenizer,
+  random weights; ``request.py``: a request, when it stops, its result, sampling;
+- ``cli.py``: ``python -m tkpy generate``; ``dit.py``: the video-DiT attention block.
 """
 
 from importlib import import_module
 
 __all__ = ["LLM", "Generation", "LServeConfig", "ModelConfig", "TINY_RANDOM", "Timing"]
 
-_HOMES = {"LLM": ".llm", "Generation": ".llm", "Timing": ".llm", "ModelConfig": ".config",
+_HOMES = {"LLM": ".engine", "Generation": ".engine", "Timing": ".engine", "ModelConfig": ".config",
           "TINY_RANDOM": ".loader", "LServeConfig": "..lserve"}
 
 

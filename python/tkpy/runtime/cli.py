@@ -8,7 +8,7 @@ import sys
 import torch
 
 from ..lserve import LServeConfig
-from .llm import LLM
+from .engine import LLM
 from .loader import TINY_RANDOM
 
 # --lserve-X flag -> LServeConfig field; giving any of them turns LServe on.

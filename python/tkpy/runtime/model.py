@@ -2,8 +2,8 @@
 
 Tokens are always packed along one dimension, ``[T, hidden]``: a prefill's sequences one after
 another, or a decode step's one token per sequence. Where the keys go and which keys a query sees
-is the business of the :class:`~tkpy.runtime.kv_cache.KVCache` and the
-:class:`~tkpy.runtime.kv_cache.Batch` handed down with the tokens.
+is the business of the :class:`~tkpy.runtime.attention.AttentionBackend` handed down with the
+tokens, planned for the step (its metadata also holds each token's position).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 
 from ..rope import apply_rope_
 from .config import ModelConfig, rope_cos_sin
-from .kv_cache import Batch, KVCache
+from .attention import AttentionBackend
 
 __all__ = ["Transformer"]
 
@@ -43,14 +43,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
 
-    def forward(self, x, cos, sin, batch: Batch, cache: KVCache) -> torch.Tensor:
+    def forward(self, x, cos, sin, backend: AttentionBackend) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(tokens, self.heads, self.head_dim)  # [T, Hq, D]
         k = k.view(tokens, self.kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(tokens, self.kv_heads, self.head_dim)
-        apply_rope_(q, k, cos, sin, batch.positions)
-        out = cache.attention(self.layer, q, k, v, batch)  # [T, Hq, D]
+        apply_rope_(q, k, cos, sin, backend.metadata.positions)
+        out = backend.attention(self.layer, q, k, v)  # [T, Hq, D]
         return self.o(out.reshape(tokens, self.q_size))
 
 
@@ -73,8 +73,8 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, batch: Batch, cache: KVCache) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), cos, sin, batch, cache)
+    def forward(self, x, cos, sin, backend: AttentionBackend) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, backend)
         return x + self.mlp(self.post_attn_norm(x))
 
 
@@ -95,11 +95,12 @@ class Transformer(nn.Module):
         """Fill the float32 cos/sin tables (kept out of the parameters: the checkpoint has none)."""
         self.cos, self.sin = rope_cos_sin(self.config, self.max_positions, self.embed.weight.device)
 
-    def forward(self, tokens: torch.Tensor, batch: Batch, cache: KVCache) -> torch.Tensor:
-        """tokens int64 ``[T]`` -> hidden states ``[T, hidden]`` after the final norm."""
+    def forward(self, tokens: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+        """tokens int64 ``[T]`` -> hidden states ``[T, hidden]`` after the final norm, attending
+        through ``backend`` as its plan for the step says."""
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, self.cos, self.sin, batch, cache)
+            x = layer(x, self.cos, self.sin, backend)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,13 @@
-"""One request's state, its result, the timing of a generate call, and sampling."""
+"""One request's state, when it stops, its result, the timing of a generate call, and sampling."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-__all__ = ["Generation", "Request", "Timing", "sample"]
+__all__ = ["Generation", "Request", "StopRule", "Timing", "sample"]
 
 
 @dataclass
@@ -52,6 +52,28 @@ class Request:
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_len:]
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When a request ends: at a stop token id (the model's EOS ones included), at a stop string in
+    its decoded text (the text is cut before it), or after ``max_new_tokens``."""
+
+    token_ids: frozenset[int]
+    texts: tuple[str, ...]
+    decode: Callable[[list[int]], str]  # generated token ids -> text
+
+    def check(self, request: Request) -> None:
+        """Set ``request.finish_reason`` (and ``text`` for a stop string) once it has ended."""
+        if request.tokens[-1] in self.token_ids:
+            request.finish_reason = "stop"
+        elif self.texts:
+            text = self.decode(request.generated)
+            cut = min((i for i in (text.find(s) for s in self.texts) if i >= 0), default=-1)
+            if cut >= 0:
+                request.finish_reason, request.text = "stop", text[:cut]
+        if request.finish_reason is None and len(request.generated) >= request.max_new_tokens:
+            request.finish_reason = "length"
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:

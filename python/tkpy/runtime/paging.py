@@ -1,0 +1,76 @@
+"""Paged KV memory: the pool pages and the streaming-ring slot each request holds, and the block
+tables that address them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..lserve.config import PAGE_TOKENS
+from .request import Request
+
+__all__ = ["PAGE_TOKENS", "PageAllocator", "Paging"]
+
+
+class PageAllocator:
+    """A free list of ids ``1 .. count - 1``. Id 0 is never handed out: it is the scratch page
+    (and scratch ring slot) that padding rows and CUDA-graph warm-ups write into."""
+
+    def __init__(self, count: int, what: str = "pages"):
+        self.count, self.what = count, what
+        self._free = list(range(count - 1, 0, -1))  # pop() hands out the lowest id first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"out of KV {self.what}: asked for {n}, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, ids: list[int]) -> None:
+        self._free.extend(reversed(ids))
+
+
+class Paging:
+    """Pages for ``max_batch_size`` requests of up to ``max_seq_len`` tokens each, plus one ring
+    slot per request for the streaming heads.
+
+    A request reserves every page it can need when it is admitted, so a running batch can never
+    run out of pages halfway through.
+    """
+
+    def __init__(self, max_batch_size: int, max_seq_len: int):
+        self.max_pages = math.ceil(max_seq_len / PAGE_TOKENS)  # block-table columns
+        # +1: page 0 and ring slot 0 are scratch (PageAllocator never hands them out).
+        self.pages = PageAllocator(max_batch_size * self.max_pages + 1, "pages")
+        self.slots = PageAllocator(max_batch_size + 1, "ring slots")
+
+    @staticmethod
+    def pages_needed(request: Request) -> int:
+        # The last generated token is never fed back, so the cache holds at most len - 1 tokens.
+        return math.ceil((request.prompt_len + request.max_new_tokens - 1) / PAGE_TOKENS)
+
+    def fits(self, request: Request) -> bool:
+        return self.pages.num_free >= self.pages_needed(request) and self.slots.num_free > 0
+
+    def reserve(self, request: Request) -> None:
+        request.pages = self.pages.allocate(self.pages_needed(request))
+        request.slot = self.slots.allocate(1)[0]
+
+    def release(self, request: Request) -> None:
+        self.pages.free(request.pages)
+        self.slots.free([request.slot])
+        request.pages = []
+
+    def block_table(self, requests: list[Request], device: torch.device) -> torch.Tensor:
+        """int32 ``[B, max_pages]``: each request's pages, padded with the scratch page."""
+        rows = [r.pages + [0] * (self.max_pages - len(r.pages)) for r in requests]
+        return torch.tensor(rows, dtype=torch.int32, device=device)
+
+    @staticmethod
+    def slot_ids(requests: list[Request], device: torch.device) -> torch.Tensor:
+        """int32 ``[B]``: each request's ring slot."""
+        return torch.tensor([r.slot for r in requests], dtype=torch.int32, device=device)
