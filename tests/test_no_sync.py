@@ -35,10 +35,25 @@ class HostReadError(AssertionError):
     pass
 
 
+# Ops whose result the host must wait for on CUDA: an output shape that depends on the values
+# (boolean indexing dispatches to nonzero) or a Python bool.
+SYNCING_OPS = {torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default, torch.ops.aten.equal.default,
+               torch.ops.aten._unique2.default, torch.ops.aten.unique_consecutive.default,
+               torch.ops.aten.unique_dim.default}
+BOOLEAN_INDEXING = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default}
+
+
 class FailOnHostRead(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
             raise HostReadError("a tensor's value was read on the host (.item(), int(), bool() or a Python if)")
+        if func in SYNCING_OPS:
+            raise HostReadError(f"{func} waits for the device on CUDA (its result's shape or value goes to the host)")
+        if func in BOOLEAN_INDEXING and any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] if i is not None):
+            raise HostReadError(f"{func} with a boolean mask waits for the device on CUDA (the mask's nonzero)")
+        if func is torch.ops.aten.repeat_interleave.Tensor and (kwargs or {}).get("output_size") is None:
+            raise HostReadError("repeat_interleave without output_size reads the repeats on the host")
         return func(*args, **(kwargs or {}))
 
 
@@ -206,7 +221,8 @@ def test_public_functions_never_read_device_values(case, device, rng, monkeypatc
 def test_the_guard_catches_a_host_read(monkeypatch):
     """The guard itself: each way of reading a value is caught."""
     t = torch.arange(4)
-    for read in (lambda: t.tolist(), lambda: int(t[1]), lambda: bool(t[0] > 1), lambda: t.max().item()):
+    for read in (lambda: t.tolist(), lambda: int(t[1]), lambda: bool(t[0] > 1), lambda: t.max().item(),
+                 lambda: t[t > 1], lambda: torch.equal(t, t), lambda: torch.repeat_interleave(t)):
         with pytest.raises(HostReadError), no_host_reads("cpu", monkeypatch):
             read()
 
