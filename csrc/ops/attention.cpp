@@ -188,8 +188,8 @@ void check_head_values(int64_t heads, const at::Tensor& head_mask_type, const at
 Prepared prepare_sparse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                         const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type,
                         const at::Tensor& streaming_info, const at::Tensor& sparse_index,
-                        const std::optional<at::Tensor>& block_indices, const std::optional<at::Tensor>& block_counts,
-                        int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<double> softmax_scale,
+                        int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& block_indices,
+                        const std::optional<at::Tensor>& block_counts, std::optional<double> softmax_scale,
                         bool is_causal, bool exact_streaming) {
     Prepared prep = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, -1,
                             is_causal ? 0 : -1, 0.0);
@@ -228,7 +228,9 @@ Prepared prepare_sparse(const at::Tensor& q, const at::Tensor& k, const at::Tens
         sp.block_indices = data_of<int32_t>(idx);
         sp.block_counts = data_of<int32_t>(cnt);
     }
-    if (values_checked(head_mask_type)) check_head_values(heads, head_mask_type, streaming_info, sparse_index, sp.n_sparse);
+    if (values_checked(head_mask_type)) {
+        check_head_values(heads, head_mask_type, streaming_info, sparse_index, sp.n_sparse);
+    }
     return prep;
 }
 
@@ -267,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_forward(
     std::optional<double> softmax_scale, bool is_causal, bool exact_streaming) {
     return run(kSparseOp,
                prepare_sparse(q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, sparse_index,
-                              block_indices, block_counts, max_seqlen_q, max_seqlen_k, softmax_scale, is_causal,
+                              max_seqlen_q, max_seqlen_k, block_indices, block_counts, softmax_scale, is_causal,
                               exact_streaming),
                q);
 }

@@ -62,7 +62,8 @@ def _run(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info
     # values of cu_seqlens, head_mask_type and streaming_info.
     if p_dropout != 0.0:
         raise NotImplementedError(f"{fn}: p_dropout={p_dropout} is not implemented; use 0.0")
-    for name, t in (("q", q), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k), ("head_mask_type", head_mask_type)):
+    tensors = {"q": q, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k, "head_mask_type": head_mask_type}
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
     if streaming_info is None:
