@@ -1,6 +1,8 @@
 """Builds tkpy._C with CMake + Ninja (the CMakeExtension/build_ext pattern of vLLM).
 
 CUDA is compiled when torch is a CUDA build and nvcc is found, unless TKPY_DISABLE_CUDA=1.
+cmake and ninja come from this Python's environment (pip's) or else PATH; cmake must be at least the
+version of CMakeLists.txt's cmake_minimum_required, which is checked before anything is configured.
 Environment knobs: TKPY_DISABLE_CUDA, TKPY_CUDA_ARCHS (default "90a"), TKPY_WATCHDOG_REPORT,
 TKPY_SELFTEST, MAX_JOBS, CUDA_HOME.
 
@@ -41,9 +43,48 @@ def find_nvcc():
 
 
 def build_tool(name):
-    """A tool from this Python's environment (pip's cmake and ninja) before one on PATH."""
+    """A tool from this Python's environment (pip's cmake and ninja) before one on PATH; None if neither has it."""
     local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else (shutil.which(name) or name)
+    return str(local) if local.exists() else shutil.which(name)
+
+
+def require_build_tool(name, install):
+    tool = build_tool(name)
+    if tool is None:
+        raise RuntimeError(f"tkpy: no {name} was found beside {sys.executable} or on PATH; {install}")
+    return tool
+
+
+def version_tuple(text):
+    return tuple(int(part) for part in text.split("."))
+
+
+def cmake_minimum():
+    """CMakeLists.txt's cmake_minimum_required, the one place tkpy's minimum CMake is written."""
+    text = (ROOT / "CMakeLists.txt").read_text()
+    return re.search(r"^cmake_minimum_required\(VERSION (\d+(?:\.\d+)+)\)", text, re.MULTILINE).group(1)
+
+
+def find_cmake():
+    """The cmake to build with and its version. One older than the minimum is refused here, naming
+    itself and the minimum: configuring with it would fail deep in CMake, as Debian 12's 3.25.1 does
+    on the CUDA C++20 dialect."""
+    minimum = cmake_minimum()
+    install = f"pip install 'cmake>={minimum}' into this environment, or put a newer cmake on PATH"
+    cmake = require_build_tool("cmake", install)
+    try:
+        proc = subprocess.run([cmake, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"tkpy: could not run `{cmake} --version` ({exc}); {install}") from exc
+    found = re.search(r"^cmake version (\d+(?:\.\d+)+)", proc.stdout, re.MULTILINE)
+    if found is None:
+        printed = (proc.stdout + proc.stderr).strip()[:300]
+        raise RuntimeError(f"tkpy: `{cmake} --version` printed no CMake version (it printed {printed!r}); {install}")
+    version = found.group(1)
+    if version_tuple(version) < version_tuple(minimum):
+        raise RuntimeError(f"tkpy needs CMake >= {minimum} to build (the first CMake that compiles CUDA C++20 with "
+                           f"nvcc); found {cmake} version {version}. {install}")
+    return cmake, version
 
 
 def nvcc_major(nvcc):
@@ -78,6 +119,9 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
+        cmake, cmake_version = find_cmake()
+        ninja = require_build_tool("ninja", "pip install ninja into this environment")
+        print(f"tkpy: CMake {cmake_version} at {cmake}, Ninja at {ninja}", flush=True)
         import torch
 
         extdir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
@@ -95,7 +139,7 @@ class CMakeBuild(build_ext):
 
         args = [
             "-G", "Ninja",
-            f"-DCMAKE_MAKE_PROGRAM={build_tool('ninja')}",
+            f"-DCMAKE_MAKE_PROGRAM={ninja}",
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}",
@@ -115,7 +159,6 @@ class CMakeBuild(build_ext):
 
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         start = time.perf_counter()
-        cmake = build_tool("cmake")
         subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
         print(f"tkpy: build took {time.perf_counter() - start:.1f} s ({jobs} jobs) in {build_dir}", flush=True)
@@ -138,4 +181,6 @@ class CMakeBuild(build_ext):
             shutil.copy2(kernel_build_dir / KERNEL_LIBRARY, lib / KERNEL_LIBRARY)
 
 
-setup(ext_modules=[CMakeExtension("tkpy._C")], cmdclass={"build_ext": CMakeBuild})
+# setuptools runs this file as __main__; tests/test_build_env.py imports it for find_cmake.
+if __name__ == "__main__":
+    setup(ext_modules=[CMakeExtension("tkpy._C")], cmdclass={"build_ext": CMakeBuild})

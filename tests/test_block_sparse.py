@@ -906,3 +906,29 @@ def test_cuda_bad_input_raises_clear_error(code, message):
 
 def test_bad_input_never_crashes_the_process():
     assert_bad_calls_survive(SETUP, [code for code, _ in BAD_CALLS])
+
+
+@pytest.mark.gpu
+def test_unchecked_block_lists_end_where_they_stop_ascending(monkeypatch, rng):
+    """CUDA's default policy reads no values on the host: a list with a count past its end, a
+    repeated or a descending block is cut where it stops ascending (shared plan of
+    block_sparse_index.h), never read past or counted twice. With TKPY_CHECK_VALUES=1 the same
+    lists are refused, as on the CPU."""
+    monkeypatch.delenv("TKPY_CHECK_VALUES", raising=False)
+    q, k, v, cu_q, cu_k = packed_inputs([256], [384], 1, 1, 64, torch.bfloat16, rng, "cuda")
+    types, info = int32([1], "cuda"), int32([0, 0], "cuda")
+    args = (q, k, v, cu_q, cu_k, types, info, int32([0], "cuda"), 256, 384)
+    hostile = int32([[[[0, 2, 2], [1, 0, 2]]]], "cuda")  # row 0: 0, 2, then 2 again; row 1: 1, then descends
+    counts = int32([[[7, 3]]], "cuda")                   # past the 3 key blocks
+    poison_cuda_allocator()
+    out, lse = torch.ops.tkpy.block_sparse_attention_forward(*args, block_indices=hostile, block_counts=counts)
+    ascending = int32([[[[0, 2, 0], [1, 0, 0]]]], "cuda")
+    expected, expected_lse = torch.ops.tkpy.block_sparse_attention_forward(
+        *args, block_indices=ascending, block_counts=int32([[[2, 1]]], "cuda"))
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+    mask = torch.tensor([[[[True, False, True], [False, True, False]]]])
+    check_attention(out, lse, *sparse_reference(q, k, v, cu_q, cu_k, types, info, mask, False, False), torch.bfloat16)
+    monkeypatch.setenv("TKPY_CHECK_VALUES", "1")
+    with pytest.raises(ValueError, match=r"block_counts\[0, 0, 0\] = 7"):
+        torch.ops.tkpy.block_sparse_attention_forward(*args, block_indices=hostile, block_counts=counts)

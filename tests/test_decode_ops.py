@@ -610,13 +610,16 @@ def app(kc=kc, vc=vc, k=k, v=v, table=table, lens=lens, batch_idx=None, kmin=Non
                               k_ring=kr, v_ring=vr, ring_table=rt, sink=sink, local=local)
 ls_q = torch.randn(1, 1, 4, 64, dtype=bf)
 ls_kc = torch.randn(4, 64, 1, 64, dtype=bf)
+ls_vc = torch.randn(4, 64, 1, 64, dtype=bf)
 ls_table = torch.tensor([[0, 1]], dtype=torch.int32)
 ls_lens = torch.tensor([100], dtype=torch.int32)
 ls_slot = torch.tensor([0, -1], dtype=torch.int32)
 ls_ring = torch.randn(3, 64, 1, 64, dtype=bf)
+ls_v_ring = torch.randn(3, 64, 1, 64, dtype=bf)
 ls_rt = torch.tensor([[0, 1, 2]], dtype=torch.int32)
-def lserve(q=ls_q, lens=ls_lens, slot=ls_slot, rt=ls_rt, sink=64, local=64, pi=None, pc=None, hb=None, kr=ls_ring):
-    return dec(q=q, kc=ls_kc, vc=ls_kc, table=ls_table, lens=lens, slot=slot, kr=kr, vr=kr, rt=rt, sink=sink,
+def lserve(q=ls_q, lens=ls_lens, slot=ls_slot, rt=ls_rt, sink=64, local=64, pi=None, pc=None, hb=None, kr=ls_ring,
+           vr=ls_v_ring):
+    return dec(q=q, kc=ls_kc, vc=ls_vc, table=ls_table, lens=lens, slot=slot, kr=kr, vr=vr, rt=rt, sink=sink,
                local=local, pi=pi, pc=pc, hb=hb)
 sel = torch.tensor([[[0], [0]]], dtype=torch.int32)
 cnt = torch.tensor([[1, 0]], dtype=torch.int32)
@@ -651,7 +654,7 @@ BAD_CALLS = {
         r"cache_batch_idx\[1\] = 5 is outside",
     "dec(splits=65)": r"num_splits in \[0, 64\]",
     "dec(splits=-1)": r"num_splits in \[0, 64\]",
-    "dec(cap=-1.0)": r"softcap must be >= 0",
+    "dec(cap=-1.0)": r"softcap finite and >= 0",
     "dec(wl=-2)": r"window sizes must be >= -1",
     "dec(ks=0.5)": r"k_scale/v_scale dequantise an int8 cache",
     "dec(kc=kc.to(torch.int8), vc=vc.to(torch.int8), ks=0.0)": r"int8 cache needs finite k_scale, v_scale > 0",
@@ -667,8 +670,8 @@ BAD_CALLS = {
     "lserve(rt=torch.tensor([[0, 1, 7]], dtype=torch.int32))": r"ring_table\[0, 2\] = 7 is outside",
     "lserve(slot=torch.tensor([0, -2], dtype=torch.int32))": r"kv_head_slot\[1\] = -2 names streaming head 1",
     "lserve(slot=torch.tensor([1, -1], dtype=torch.int32))": r"kv_head_slot\[0\] = 1 names a retrieval head",
-    "lserve(kr=ls_ring[:, :32])": r"k_ring of shape",
-    "lserve(kr=ls_ring.half())": r"k_ring to have k_cache's dtype",
+    "lserve(kr=ls_ring[:, :32], vr=ls_v_ring[:, :32])": r"k_ring of shape",
+    "lserve(kr=ls_ring.half(), vr=ls_v_ring.half())": r"k_ring to have k_cache's dtype",
     "lserve(pi=sel)": r"page_indices, page_counts and head_bits together",
     "lserve(pi=torch.tensor([[[5], [0]]], dtype=torch.int32), pc=cnt, hb=sel)": r"page_indices\[0, 0, 0\] = 5",
     "lserve(pi=torch.tensor([[[1, 0], [0, 0]]], dtype=torch.int32), pc=torch.tensor([[2, 0]], dtype=torch.int32), "
@@ -713,7 +716,7 @@ def test_fake_shapes():
         cache = torch.empty(10, 16, 2, 64, dtype=torch.bfloat16)
         table = torch.empty(3, 4, dtype=torch.int32)
         seqlens = torch.empty(3, dtype=torch.int32)
-        out, lse = torch.ops.tkpy.decode_attention(q, cache, cache, seqlens, block_table=table, window_right=0)
+        out, lse = torch.ops.tkpy.decode_attention(q, cache, cache.clone(), seqlens, block_table=table, window_right=0)
         assert out.shape == q.shape and out.dtype == q.dtype
         assert lse.shape == (3, 8, 2) and lse.dtype == torch.float32
         k = torch.empty(3, 5, 2, 64, dtype=torch.bfloat16)
@@ -723,7 +726,7 @@ def test_fake_shapes():
 def test_decode_refuses_backward():
     q = torch.randn(1, 1, 2, 64, dtype=torch.bfloat16, requires_grad=True)
     cache = torch.randn(1, 16, 2, 64, dtype=torch.bfloat16)
-    out, _ = decode(q, cache, cache, int32([10]), block_table=int32([[0]]))
+    out, _ = decode(q, cache, cache.clone(), int32([10]), block_table=int32([[0]]))
     with pytest.raises(NotImplementedError, match="forward-only"):
         out.float().sum().backward()
 

@@ -275,7 +275,7 @@ BAD_CALLS = [
     ("flash_attn_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([10, -1], dtype=torch.int32), block_table=bt)",
      r"cache_seqlens\[1\] = -1 is outside \[0, 48\]"),
     ("flash_attn_with_kvcache(q, kc, vc, cache_seqlens=49, block_table=bt)", r"cache_seqlens\[0\] = 49 is outside \[0, 48\]"),
-    ("flash_attn_with_kvcache(q, cc, cc, cache_seqlens=3, cache_batch_idx=torch.tensor([0, 3], dtype=torch.int32))",
+    ("flash_attn_with_kvcache(q, cc, cc.clone(), cache_seqlens=3, cache_batch_idx=torch.tensor([0, 3], dtype=torch.int32))",
      r"cache_batch_idx\[1\] = 3 is outside the cache's 3 rows"),
     ("flash_attn_with_kvcache(q, kc.half(), vc, cache_seqlens=lens, block_table=bt)", "k_cache must have q's dtype"),
     ("flash_attn_with_kvcache(q, kc, vc.half(), cache_seqlens=lens, block_table=bt)", "expected v_cache to have q's dtype BFloat16 or int8, got Half"),

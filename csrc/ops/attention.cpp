@@ -33,8 +33,11 @@ void check_qkv_tensor(const char* name, const at::Tensor& t, const at::Tensor& q
     TORCH_CHECK_VALUE(t.dim() == dims, kOp, ": expected ", name, " to be ", dims, "-D (",
                       dims == 4 ? "[batch, seqlen, heads, head_dim]" : "[total_tokens, heads, head_dim]", "), got ",
                       t.sizes());
+    TORCH_CHECK_VALUE(t.size(-1) == 64 || t.size(-1) == 128 || t.size(-1) == 256, kOp, ": expected ", name,
+                      " with head_dim 64, 128 or 256, got ", t.size(-1));
     check_last_dim_contiguous(kOp, name, t);
-    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(data_of(t)) % 16 == 0 || t.numel() == 0, kOp, ": expected ", name,
+    check_sizes_fit_int(kOp, name, t);
+    TORCH_CHECK_VALUE(address_of(t) % 16 == 0 || t.numel() == 0, kOp, ": expected ", name,
                       " to start on a 16-byte boundary (TMA's rule); got a view at an odd offset, call .contiguous()");
     // TMA moves rows of 16-byte units: every stride must be a whole number of them.
     for (int d = 0; d < dims - 1; ++d) {
@@ -46,8 +49,10 @@ void check_qkv_tensor(const char* name, const at::Tensor& t, const at::Tensor& q
 void check_cu_seqlens(const char* name, const at::Tensor& cu, const at::Tensor& q, int64_t batch, int64_t total,
                       int64_t max_seqlen) {
     check_same_device(kOp, name, cu, q);
-    TORCH_CHECK_VALUE(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.is_contiguous(), kOp, ": expected ", name,
-                      " to be a contiguous 1-D int32 tensor, got ", cu.scalar_type(), " ", cu.sizes());
+    TORCH_CHECK_VALUE(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.is_contiguous() && cu.numel() >= 1, kOp,
+                      ": expected ", name, " to be a contiguous 1-D int32 tensor of batch + 1 >= 1 entries, got ",
+                      cu.scalar_type(), " ", cu.sizes());
+    check_sizes_fit_int(kOp, name, cu);
     TORCH_CHECK_VALUE(cu.numel() == batch + 1, kOp, ": expected ", name, " of length batch + 1 = ", batch + 1, ", got ",
                       cu.numel());
     if (!values_checked(cu)) return;
@@ -92,18 +97,22 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       ") to be a multiple of k/v's heads (", heads_kv, ") for GQA/MQA");
     TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, kOp, ": window sizes must be >= -1, got (", window_left,
                       ", ", window_right, ")");
-    TORCH_CHECK_VALUE(softcap >= 0, kOp, ": softcap must be >= 0, got ", softcap);
+    check_softcap(kOp, softcap);
+    const double scale = checked_softmax_scale(kOp, softmax_scale, head_dim);
 
     Prepared prep;
     attention::AttentionParams& p = prep.params;
     if (varlen) {
         const int64_t batch = cu_seqlens_q->numel() - 1;
-        TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, kOp, ": max_seqlen_q/k must be >= 0");
+        check_int_range(kOp, "max_seqlen_q", max_seqlen_q, 0, kMaxIndex);
+        check_int_range(kOp, "max_seqlen_k", max_seqlen_k, 0, kMaxIndex);
         check_cu_seqlens("cu_seqlens_q", *cu_seqlens_q, q, batch, q.size(0), max_seqlen_q);
         check_cu_seqlens("cu_seqlens_k", *cu_seqlens_k, q, batch, k.size(0), max_seqlen_k);
         p.batch = int(batch);
-        p.seqlen_q = int(max_seqlen_q);
-        p.seqlen_k = int(max_seqlen_k);
+        // A loose bound is allowed, as in flash-attn; past the packed tokens it is clamped, since
+        // no sequence is longer (and the work is sized by it).
+        p.seqlen_q = int(std::min(max_seqlen_q, q.size(0)));
+        p.seqlen_k = int(std::min(max_seqlen_k, k.size(0)));
         p.cu_seqlens_q = data_of<int32_t>(*cu_seqlens_q);
         p.cu_seqlens_k = data_of<int32_t>(*cu_seqlens_k);
         p.total_q = q.size(0);
@@ -141,7 +150,7 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     p.heads_q = int(heads_q);
     p.heads_kv = int(heads_kv);
     p.head_dim = int(head_dim);
-    p.softmax_scale = float(softmax_scale.value_or(1.0 / std::sqrt(double(head_dim))));
+    p.softmax_scale = float(scale);
     p.softcap = float(softcap);
     p.window_left = clamp_window(window_left);
     p.window_right = clamp_window(window_right);
@@ -182,6 +191,32 @@ void check_head_values(int64_t heads, const at::Tensor& head_mask_type, const at
     TORCH_CHECK_VALUE(n_sparse == n_lists, kSparseOp, ": ", n_sparse,
                       " heads are block-sparse (head_mask_type 1) but there are ", n_lists,
                       " block lists (base_blockmask's dim 1; the streaming functions take none)");
+}
+
+// Each list's first block_counts entries are distinct key blocks in ascending order (the plan of a
+// mask): a count past the list or a block listed twice would read past it or count a block twice.
+void check_block_lists(const at::Tensor& block_indices, const at::Tensor& block_counts) {
+    const at::Tensor indices_host = host_values(block_indices);
+    const at::Tensor counts_host = host_values(block_counts);
+    const int32_t* indices = indices_host.data_ptr<int32_t>();
+    const int32_t* counts = counts_host.data_ptr<int32_t>();
+    const int64_t key_blocks = block_indices.size(3);
+    for (int64_t row = 0; row < block_counts.numel(); ++row) {
+        const int64_t b = row / (block_counts.size(1) * block_counts.size(2));
+        const int64_t list = row / block_counts.size(2) % block_counts.size(1);
+        const int64_t qb = row % block_counts.size(2);
+        TORCH_CHECK_VALUE(counts[row] >= 0 && counts[row] <= key_blocks, kSparseOp, ": block_counts[", b, ", ", list,
+                          ", ", qb, "] = ", counts[row], " is outside [0, ", key_blocks,
+                          "] (block_indices' last dim, the key blocks)");
+        const int32_t* blocks = indices + row * key_blocks;
+        for (int32_t n = 0; n < counts[row]; ++n) {
+            TORCH_CHECK_VALUE(blocks[n] >= 0 && blocks[n] < key_blocks && (n == 0 || blocks[n] > blocks[n - 1]),
+                              kSparseOp, ": block_indices[", b, ", ", list, ", ", qb,
+                              "] must start with block_counts = ", counts[row],
+                              " distinct key blocks in ascending order, each in [0, ", key_blocks, "); entry ", n,
+                              " is ", blocks[n]);
+        }
+    }
 }
 
 // Dense-attention preparation plus LServe's per-head types and block lists (varlen only).
@@ -230,6 +265,7 @@ Prepared prepare_sparse(const at::Tensor& q, const at::Tensor& k, const at::Tens
     }
     if (values_checked(head_mask_type)) {
         check_head_values(heads, head_mask_type, streaming_info, sparse_index, sp.n_sparse);
+        if (block_indices.has_value()) check_block_lists(*block_indices, *block_counts);
     }
     return prep;
 }

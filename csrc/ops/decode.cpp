@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
+#include <iterator>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -50,8 +52,9 @@ DType kv_dtype_of(at::ScalarType t) { return t == at::kChar ? DType::int8 : to_d
 // A tensor the kernels read in 16-byte vectors: aligned start, strides in whole 16-byte units.
 void check_vector_rows(const char* op, const char* name, const at::Tensor& t) {
     check_last_dim_contiguous(op, name, t);
+    check_sizes_fit_int(op, name, t);
     const int64_t per_16_bytes = 16 / int64_t(t.element_size());
-    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(data_of(t)) % 16 == 0 || t.numel() == 0, op, ": expected ", name,
+    TORCH_CHECK_VALUE(address_of(t) % 16 == 0 || t.numel() == 0, op, ": expected ", name,
                       " to start on a 16-byte boundary, got a view at an odd offset; call .contiguous()");
     for (int64_t d = 0; d < t.dim() - 1; ++d) {
         TORCH_CHECK_VALUE(t.stride(d) % per_16_bytes == 0 || t.size(d) <= 1, op, ": expected ", name,
@@ -67,6 +70,7 @@ void check_index_tensor(const char* op, const char* name, const at::Tensor& t, c
     TORCH_CHECK_VALUE(t.sizes() == shape, op, ": expected ", name, " of shape ", shape_names, " = ", shape, ", got ",
                       t.sizes());
     TORCH_CHECK_VALUE(t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ", t.strides());
+    check_sizes_fit_int(op, name, t);
 }
 
 void check_block_table(const char* op, const at::Tensor& t, const at::Tensor& q, int64_t batch) {
@@ -75,6 +79,7 @@ void check_block_table(const char* op, const at::Tensor& t, const at::Tensor& q,
                       ": expected block_table int32 [batch=", batch, ", max_pages >= 1], got ", t.scalar_type(), " ",
                       t.sizes());
     check_last_dim_contiguous(op, "block_table", t);
+    check_sizes_fit_int(op, "block_table", t);
 }
 
 // ---- the main pool ------------------------------------------------------------------------------
@@ -108,6 +113,9 @@ MainPool main_pool(const char* op, const at::Tensor& k_cache, const at::Tensor& 
     TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(), op,
                       ": expected k_cache and v_cache of one shape and strides, got ", k_cache.sizes(), " ",
                       k_cache.strides(), " and ", v_cache.sizes(), " ", v_cache.strides());
+    // Keys and values in one memory can only be a mistake, and an append would write both into it.
+    TORCH_CHECK_VALUE(!shares_memory(k_cache, v_cache), op,
+                      ": k_cache and v_cache share memory; pass separate key and value caches");
 
     MainPool m;
     m.pool.k = data_of(k_cache);
@@ -219,6 +227,8 @@ LServeHeads lserve_heads(const char* op, const std::optional<at::Tensor>& kv_hea
     TORCH_CHECK_VALUE(k_ring->sizes() == v_ring->sizes() && k_ring->strides() == v_ring->strides(), op,
                       ": expected k_ring and v_ring of one shape and strides, got ", k_ring->sizes(), " ", k_ring->strides(),
                       " and ", v_ring->sizes(), " ", v_ring->strides());
+    TORCH_CHECK_VALUE(!shares_memory(*k_ring, *v_ring), op,
+                      ": k_ring and v_ring share memory; pass separate key and value rings");
 
     detail::DecodeHeads& h = l.heads;
     h.kv_head_slot = data_of<int32_t>(slot);
@@ -368,6 +378,57 @@ void check_stats(const char* name, const at::Tensor& t, const at::Tensor& k, con
 }
 
 
+using NamedTensor = std::pair<const char*, const at::Tensor*>;
+
+const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
+
+// What an append writes (the pools, rings and page stats) neither overlaps itself (an expanded
+// view) nor any other argument: a write must not land in another pool or in what the op reads.
+void check_append_aliasing(std::initializer_list<NamedTensor> written, std::initializer_list<NamedTensor> read) {
+    for (auto w = written.begin(); w != written.end(); ++w) {
+        if (w->second == nullptr) continue;
+        check_no_internal_overlap(kAppendOp, w->first, *w->second);
+        for (auto other = std::next(w); other != written.end(); ++other) {
+            if (other->second != nullptr) check_not_aliased(kAppendOp, w->first, *w->second, other->first, *other->second);
+        }
+        for (const auto& [name, t] : read) {
+            if (t != nullptr) check_not_aliased(kAppendOp, w->first, *w->second, name, *t);
+        }
+    }
+}
+
+// No page or cache row of one append is written for two sequences (or two pages of one): one
+// write would overwrite the other's tokens (host pointers). Ring pages may be shared: a scratch ring slot takes the
+// streaming heads' tokens of rows that keep none (the runtime's prefill rows).
+void check_distinct_targets(const AppendPrepared& prep) {
+    constexpr const char* op = kAppendOp;
+    const decode::AppendParams& p = prep.params;
+    if (p.seqlen_new == 0) return;
+    struct Target {
+        int64_t id;
+        int b;
+    };
+    std::vector<Target> pages;
+    for (int b = 0; b < p.batch; ++b) {
+        if (p.table.table != nullptr) {
+            const int64_t old_len = p.seqlens[b];
+            const int64_t end = detail::ceil_div_int(int(old_len + p.seqlen_new), p.table.page_size);
+            for (int64_t n = old_len / p.table.page_size; n < end; ++n) {
+                pages.push_back({p.table.table[b * p.table.table_stride + n], b});
+            }
+        } else if (p.table.batch_idx != nullptr) {
+            pages.push_back({p.table.batch_idx[b], b});
+        }
+    }
+    std::sort(pages.begin(), pages.end(), [](const Target& l, const Target& r) { return l.id < r.id; });
+    const char* what = p.table.table != nullptr ? "page (block_table entry)" : "cache row (cache_batch_idx entry)";
+    for (size_t i = 1; i < pages.size(); ++i) {
+        TORCH_CHECK_VALUE(pages[i].id != pages[i - 1].id, op, ": ", what, " ", pages[i].id,
+                          " would be written twice, for sequences ", pages[i - 1].b, " and ", pages[i].b,
+                          "; the new tokens of each sequence and page need a page of their own");
+    }
+}
+
 // The tokens land inside the cache, on pages and rotary rows that exist (host pointers).
 void check_append_values(const AppendPrepared& prep) {
     constexpr const char* op = kAppendOp;
@@ -380,12 +441,14 @@ void check_append_values(const AppendPrepared& prep) {
                           " plus ", p.seqlen_new, " new tokens must fit in [0, ", prep.main.capacity,
                           "], the tokens the cache holds per sequence (", capacity_source(prep.main), ")");
         if (p.seqlen_new == 0) continue;
-        check_pages_in_pool(op, prep.main, b, old_len / p.table.page_size,
-                            detail::ceil_div_int(int(new_len), p.table.page_size));
+        // Every page up to the new end, not only those written: a decode after the append reads
+        // them all, and flash_attn_with_kvcache must refuse before the append writes anything.
+        check_pages_in_pool(op, prep.main, b, 0, detail::ceil_div_int(int(new_len), p.table.page_size));
         TORCH_CHECK_VALUE(p.rotary_cos == nullptr || new_len <= p.rotary_rows, op, ": sequence ", b,
                           " writes positions up to ",
                           new_len - 1, " but rotary_cos/sin have ", p.rotary_rows, " rows");
     }
+    check_distinct_targets(prep);
 }
 
 // The value checks read through the prepared pointers. Under the validation policy (validate.h)
@@ -449,9 +512,9 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
     TORCH_CHECK_VALUE(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
                       ": expected q to be bfloat16 or float16, got ", q.scalar_type());
     TORCH_CHECK_VALUE(q.dim() == 4, op, ": expected q to be 4-D [batch, seqlen_q, heads_q, head_dim], got ", q.sizes());
-    check_vector_rows(op, "q", q);
     const int64_t batch = q.size(0), seqlen_q = q.size(1), heads_q = q.size(2), head_dim = q.size(3);
     TORCH_CHECK_VALUE(is_head_dim_supported(head_dim), op, ": expected head_dim 64, 128 or 256, got ", head_dim);
+    check_vector_rows(op, "q", q);
     TORCH_CHECK_VALUE(seqlen_q >= 1 && heads_q >= 1, op, ": expected q with seqlen_q >= 1 and heads_q >= 1, got ",
                       q.sizes());
 
@@ -500,7 +563,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
     TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op, ": window sizes must be >= -1, got (", window_left,
                       ", ",
                       window_right, ")");
-    TORCH_CHECK_VALUE(softcap >= 0, op, ": softcap must be >= 0, got ", softcap);
+    check_softcap(op, softcap);
+    const double scale = checked_softmax_scale(op, softmax_scale, head_dim);
     TORCH_CHECK_VALUE(num_splits >= 0 && num_splits <= detail::kMaxSplits, op, ": expected num_splits in [0, ",
                       detail::kMaxSplits, "] (0 = auto), got ", num_splits);
 
@@ -527,7 +591,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
     p.kv_dtype = kv_dtype_of(k_cache.scalar_type());
     p.k_scale = float(k_scale);
     p.v_scale = float(v_scale);
-    p.softmax_scale = float(softmax_scale.value_or(1.0 / std::sqrt(double(head_dim))));
+    p.softmax_scale = float(scale);
     p.softcap = float(softcap);
     p.window_left = clamp_window(window_left);
     p.window_right = clamp_window(window_right);
@@ -583,9 +647,6 @@ void kv_append_(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::
                                batch, head_dim);
     TORCH_CHECK_VALUE(prep.lserve.heads_kv == heads_kv, op, ": expected k/v with ", prep.lserve.heads_kv, " heads (",
                       kv_head_slot ? "kv_head_slot's length" : "k_cache's heads", "), got ", heads_kv);
-    for (const auto& [name, t] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}}) {
-        check_no_internal_overlap(op, name, *t);
-    }
     check_seqlens_tensor(op, seqlens, k, batch);
 
     const bool int8 = k_cache.scalar_type() == at::kChar;
@@ -629,6 +690,12 @@ void kv_append_(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::
         p.rotary_dtype = to_dtype(cos.scalar_type());
     }
     p.rotary_interleaved = rotary_interleaved;
+    check_append_aliasing({{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"k_min", opt(k_min)}, {"k_max", opt(k_max)},
+                           {"k_ring", opt(k_ring)}, {"v_ring", opt(v_ring)}},
+                          {{"k", &k}, {"v", &v}, {"cache_seqlens", &seqlens}, {"block_table", opt(block_table)},
+                           {"cache_batch_idx", opt(cache_batch_idx)}, {"rotary_cos", opt(rotary_cos)},
+                           {"rotary_sin", opt(rotary_sin)}, {"kv_head_slot", opt(kv_head_slot)},
+                           {"ring_table", opt(ring_table)}});
 
     p.k = data_of(k);
     p.v = data_of(v);

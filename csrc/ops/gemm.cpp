@@ -25,11 +25,12 @@ void check_gemm_operand(const char* name, const at::Tensor& t) {
     TORCH_CHECK_VALUE(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, kOp, ": expected ", name,
                       " to be bfloat16 or float16, got ", t.scalar_type());
     TORCH_CHECK_VALUE(t.dim() == 2, kOp, ": expected ", name, " to be 2-D, got shape ", t.sizes());
+    check_sizes_fit_int(kOp, name, t);
     TORCH_CHECK_VALUE(t.size(0) % 8 == 0 && t.size(1) % 8 == 0, kOp, ": expected ", name,
                       "'s dims to be multiples of 8, got ", t.sizes());
     if (t.numel() == 0) return;  // no memory to address: strides and alignment do not matter
     check_last_dim_contiguous(kOp, name, t);
-    TORCH_CHECK_VALUE(t.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(data_of(t)) % 16 == 0, kOp, ": expected ",
+    TORCH_CHECK_VALUE(t.stride(0) % 8 == 0 && address_of(t) % 16 == 0, kOp, ": expected ",
                       name, " with a 16-byte aligned start and a row stride that is a multiple of 8 elements, got stride ",
                       t.strides());
 }

@@ -1,10 +1,11 @@
 // Bindings of the RoPE ops: validate every input once, fill the torch-free params struct, dispatch
 // to the CPU implementation or the CUDA launcher.
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <initializer_list>
+#include <utility>
 #include <optional>
 
 #include "cpu/cpu_ops.h"
@@ -34,6 +35,7 @@ RopeTensors rope_tensors(const char* op, const at::Tensor& q, const std::optiona
                       allow_3d_q ? "[B, S, H, D] or [T, H, D]" : "[B, S, H, D]", ", got ", q.sizes());
     check_last_dim_contiguous(op, "q", q);
     check_no_internal_overlap(op, "q", q);
+    check_sizes_fit_int(op, "q", q);
     const int64_t head_dim = q.size(-1);
     TORCH_CHECK_VALUE(head_dim <= kMaxHeadDim, op, ": expected head_dim <= ", kMaxHeadDim, ", got ", head_dim);
     TORCH_CHECK_VALUE(rotary_dim % 2 == 0 && rotary_dim <= head_dim, op, ": expected an even rotary dim <= head_dim ",
@@ -61,14 +63,22 @@ RopeTensors rope_tensors(const char* op, const at::Tensor& q, const std::optiona
                           op, ": expected k with q's token dims and head_dim (q ", q.sizes(), "), got ", kt.sizes());
         check_last_dim_contiguous(op, "k", kt);
         check_no_internal_overlap(op, "k", kt);
-        // Strided views (q and k sliced out of one qkv buffer) come back TooHard; only a proven
-        // overlap is an error.
-        const at::MemOverlapStatus overlap = at::get_overlap_status(q, kt);
-        TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
-                          ": q and k overlap in memory; each would be rotated twice");
+        check_sizes_fit_int(op, "k", kt);
+        // q and k sliced out of one qkv buffer are fine; an element in both would be rotated twice.
+        check_not_aliased(op, "q", q, "k", kt);
         x.k = describe(kt);
     }
     return x;
+}
+
+// q and k are rotated in place: the tables they are rotated with must not be part of them.
+void check_tables_not_rotated(const char* op, const at::Tensor& q, const std::optional<at::Tensor>& k,
+                              std::initializer_list<std::pair<const char*, const at::Tensor*>> tables) {
+    for (const auto& [name, table] : tables) {
+        if (table == nullptr) continue;
+        check_not_aliased(op, "q", q, name, *table);
+        if (k.has_value()) check_not_aliased(op, "k", *k, name, *table);
+    }
 }
 
 rope::Rope1dParams rope_1d_params(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
@@ -90,6 +100,7 @@ rope::Rope1dParams rope_1d_params(const at::Tensor& q, const std::optional<at::T
 
     rope::Rope1dParams p;
     p.x = rope_tensors(op, q, k, 2 * cos.size(1), /*allow_3d_q=*/true);
+    check_tables_not_rotated(op, q, k, {{"cos", &cos}, {"sin", &sin}, {"positions", positions ? &*positions : nullptr}});
     p.cos = data_of(cos);
     p.sin = data_of(sin);
     p.table_dtype = to_dtype(cos.scalar_type());
@@ -123,6 +134,8 @@ rope::Rope3dParams rope_3d_params(const at::Tensor& q, const std::optional<at::T
     TORCH_CHECK_VALUE(grid_thw.size() == 3, op, ": expected grid_thw = (T, H, W), got ", grid_thw);
     TORCH_CHECK_VALUE(grid_thw[0] > 0 && grid_thw[1] > 0 && grid_thw[2] > 0, op, ": expected a positive grid_thw, got ",
                       grid_thw);
+    TORCH_CHECK_VALUE(grid_thw[0] <= kMaxIndex && grid_thw[1] <= kMaxIndex && grid_thw[2] <= kMaxIndex, op,
+                      ": expected grid_thw entries <= ", kMaxIndex, ", got ", grid_thw);
 
     rope::Rope3dParams p;
     const at::Tensor* tables[3] = {&freqs_t, &freqs_h, &freqs_w};
@@ -146,8 +159,12 @@ rope::Rope3dParams rope_3d_params(const at::Tensor& q, const std::optional<at::T
         rotary_dim += 2 * table.size(1);
     }
     p.x = rope_tensors(op, q, k, rotary_dim, /*allow_3d_q=*/false);
-    TORCH_CHECK_VALUE(grid_thw[0] * grid_thw[1] * grid_thw[2] == p.x.seqlen, op, ": grid_thw ", grid_thw, " has ",
-                      grid_thw[0] * grid_thw[1] * grid_thw[2], " tokens but q has seqlen ", p.x.seqlen);
+    check_tables_not_rotated(op, q, k, {{"freqs_t", &freqs_t}, {"freqs_h", &freqs_h}, {"freqs_w", &freqs_w}});
+    // Each entry is within int32, so the frame (H * W) and, once the frame is at most seqlen,
+    // T * frame stay within int64.
+    const int64_t frame = grid_thw[1] * grid_thw[2];
+    TORCH_CHECK_VALUE(frame <= p.x.seqlen && grid_thw[0] * frame == p.x.seqlen, op, ": grid_thw ", grid_thw,
+                      " must hold q's seqlen ", p.x.seqlen, " tokens (T * H * W == seqlen)");
     return p;
 }
 

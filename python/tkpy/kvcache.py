@@ -38,6 +38,16 @@ def _seqlens_tensor(fn: str, cache_seqlens, batch: int, device: torch.device) ->
     return cache_seqlens
 
 
+def _on_meta(t):
+    """A tensor's shape, strides and storage offset on the meta device (no data, no copy), for a dry
+    run of an op's checks; anything else as it is."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    extent = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1 if t.numel() else 0
+    storage = torch.empty(extent, dtype=t.dtype, device="meta")
+    return storage.as_strided(t.shape, t.stride(), t.storage_offset())
+
+
 def _q_rotary_positions(cache_seqlens: torch.Tensor, seqlen_q: int, progressive: bool) -> torch.Tensor:
     # flash-attn: with a causal or local mask query i sits at cache_seqlens + i; otherwise every
     # query takes the rotation of position cache_seqlens.
@@ -162,9 +172,17 @@ def flash_attn_with_kvcache(
     if left >= 0 and right < 0:
         right = capacity
 
+    decode_options = dict(block_table=block_table, cache_batch_idx=cache_batch_idx,
+                          softmax_scale=_ops.optional_float(softmax_scale), window_left=left, window_right=right,
+                          softcap=float(softcap), num_splits=int(num_splits))
     seqlens = seqlens_before
     if k is not None:
         _require_tensor(fn, "k", k, 4, "[batch, seqlen_new, heads_kv, head_dim]")
+        if not torch.compiler.is_compiling():  # a trace runs both ops' checks before anything runs
+            # The decode's checks, on meta tensors, before the append writes the cache: a refused
+            # call must leave the cache as it was. The append checks the page ids both read.
+            _ops.call("decode_attention", *map(_on_meta, (q, k_cache, v_cache, seqlens_before)),
+                      **{name: _on_meta(value) for name, value in decode_options.items()})
         _ops.call("kv_append_", k_cache, v_cache, k, v, seqlens_before, block_table=block_table,
                   cache_batch_idx=cache_batch_idx, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                   rotary_interleaved=bool(rotary_interleaved))
@@ -175,7 +193,5 @@ def flash_attn_with_kvcache(
         q = q.clone(memory_format=torch.contiguous_format)
         apply_rope_(q, None, rotary_cos, rotary_sin, _q_rotary_positions(seqlens_before, seqlen_q, progressive),
                     interleaved=bool(rotary_interleaved))
-    out, lse = _ops.call("decode_attention", q, k_cache, v_cache, seqlens, block_table=block_table,
-                         cache_batch_idx=cache_batch_idx, softmax_scale=_ops.optional_float(softmax_scale),
-                         window_left=left, window_right=right, softcap=float(softcap), num_splits=int(num_splits))
+    out, lse = _ops.call("decode_attention", q, k_cache, v_cache, seqlens, **decode_options)
     return (out, lse) if return_softmax_lse else out

@@ -31,6 +31,12 @@ __all__ = [
 ]
 
 
+def _check_theta(fn: str, theta) -> None:
+    # A base <= 0 (or NaN, inf) gives NaN or constant angles: no rotation anyone could want.
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+        raise ArgumentError(f"{fn}: theta (the RoPE base) must be a finite number > 0, got {theta!r}")
+
+
 def _periods(b: float, d: int) -> list[int]:
     """Period N_j = round(2π / θ_j) of each RoPE component, θ_j = b^(-2(j-1)/d), j = 1..d/2."""
     return [round(2 * math.pi * b ** (2 * (j - 1) / d)) for j in range(1, d // 2 + 1)]
@@ -56,8 +62,8 @@ def identify_k(b: float, d: int, N: int) -> tuple[int, int]:
     """
     if d < 2 or d % 2:
         raise ArgumentError(f"identify_k: d must be a positive even number of dims, got {d}")
-    if b <= 1:
-        raise ArgumentError(f"identify_k: the RoPE base b must be > 1, got {b}")
+    if not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 1:
+        raise ArgumentError(f"identify_k: the RoPE base b must be a finite number > 1, got {b!r}")
     periods = _periods(b, d)
     distances = [abs(n_j - N) for n_j in periods]
     k = distances.index(min(distances)) + 1
@@ -93,6 +99,7 @@ def get_1d_rotary_pos_embed_riflex(
     """
     if dim <= 0 or dim % 2:
         raise ArgumentError(f"get_1d_rotary_pos_embed_riflex: dim must be a positive even number, got {dim}")
+    _check_theta("get_1d_rotary_pos_embed_riflex", theta)
     if isinstance(pos, int):
         pos = torch.arange(pos)
     elif isinstance(pos, np.ndarray):
@@ -104,7 +111,7 @@ def get_1d_rotary_pos_embed_riflex(
     if k is not None:
         if not 1 <= k <= dim // 2:
             raise ArgumentError(f"get_1d_rotary_pos_embed_riflex: k must be in [1, {dim // 2}], got {k}")
-        if L_test is None or L_test <= 0:
+        if L_test is None or not math.isfinite(L_test) or L_test <= 0:
             raise ArgumentError(f"get_1d_rotary_pos_embed_riflex: k={k} needs a positive L_test, got {L_test}")
         freqs[k - 1] = 0.9 * 2 * math.pi / L_test
 
@@ -127,6 +134,15 @@ class AxisSplit:
     w: int
     theta: float
     riflex_k: int
+
+    def __post_init__(self):
+        for axis in ("t", "h", "w"):
+            value = getattr(self, axis)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 2:
+                raise ArgumentError(f"AxisSplit: {axis} must be a positive even number of dims, got {value!r}")
+        _check_theta("AxisSplit", self.theta)
+        if isinstance(self.riflex_k, bool) or not isinstance(self.riflex_k, int) or not 1 <= self.riflex_k <= self.t // 2:
+            raise ArgumentError(f"AxisSplit: riflex_k must be in [1, t/2 = {self.t // 2}], got {self.riflex_k!r}")
 
     @property
     def period(self) -> int:
@@ -160,10 +176,10 @@ def axis_split(model: str, head_dim: int) -> AxisSplit:
         return AxisSplit(16, 56, 56, 256.0, 4)
     if model == "wan":
         spatial = 2 * (head_dim // 6)
-        split = AxisSplit(head_dim - 2 * spatial, spatial, spatial, 10000.0, 6)
-        if min(split.t, split.h) <= 0 or split.t % 2 or split.t // 2 < split.riflex_k:
+        temporal = head_dim - 2 * spatial
+        if min(temporal, spatial) <= 0 or temporal % 2 or temporal // 2 < 6:
             raise ArgumentError(f"axis_split: Wan's split is undefined for head_dim {head_dim}")
-        return split
+        return AxisSplit(temporal, spatial, spatial, 10000.0, 6)
     raise ArgumentError(f"axis_split: unknown model {model!r}; expected one of {_MODELS}")
 
 

@@ -153,15 +153,19 @@ TKPY_HD KeyBlockPlan sparse_plan(const SparseHeads& heads, int b, int h, int qb,
     const Range reach = reachable_blocks(qb, sq, sk, heads.causal);
     if (type == kBlockSparseHead) {
         // Unchecked values (CUDA's default policy): a head without a list of its own, or a count
-        // past the list's length, must not send the walk outside the lists.
+        // past the list's length, must not send the walk outside the lists, and a block listed
+        // twice must not be counted twice: the walk ends where the list stops ascending.
         const int32_t list = heads.sparse_index[h];
         if (heads.block_indices == nullptr || list < 0 || list >= heads.n_sparse || qb >= heads.mask_q_blocks) {
             return KeyBlockPlan{Range{0, 0}, Range{0, 0}, nullptr, 0, reach};
         }
         const int64_t row = (int64_t(b) * heads.n_sparse + list) * heads.mask_q_blocks + qb;
-        const int32_t count = heads.block_counts[row];
-        return KeyBlockPlan{Range{0, 0}, Range{0, 0}, heads.block_indices + row * heads.mask_k_blocks,
-                            count < 0 ? 0 : (count > heads.mask_k_blocks ? heads.mask_k_blocks : count), reach};
+        const int32_t* blocks = heads.block_indices + row * heads.mask_k_blocks;
+        const int32_t listed = heads.block_counts[row];
+        const int limit = listed < 0 ? 0 : (listed > heads.mask_k_blocks ? heads.mask_k_blocks : listed);
+        int count = limit > 0 ? 1 : 0;
+        while (count < limit && blocks[count] > blocks[count - 1]) ++count;
+        return KeyBlockPlan{Range{0, 0}, Range{0, 0}, blocks, count, reach};
     }
     return KeyBlockPlan{reach, Range{0, 0}, nullptr, 0, reach};
 }

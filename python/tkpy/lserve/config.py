@@ -59,6 +59,9 @@ class LServeConfig:
     v_scale: Optional[float] = None
 
     def __post_init__(self):
+        if self.pattern is not None and not isinstance(self.pattern, (str, PathLike)):
+            raise TypeError(f"LServeConfig: pattern must be a path (str or PathLike), "
+                            f"got {type(self.pattern).__name__}")
         if not isinstance(self.static_sparsity, (int, float)) or not 0.0 <= self.static_sparsity <= 1.0:
             raise ArgumentError(f"LServeConfig: static_sparsity must be in [0, 1], got {self.static_sparsity!r}")
         for name in ("sink", "local", "prefill_sink", "prefill_local", "token_budget", "reuse_interval"):

@@ -36,8 +36,12 @@ def _read_gates(path: Union[str, PathLike]) -> np.ndarray:
 
     Gates within ``GATE_SLACK`` of [0, 1] are clipped; anything else raises, naming the line.
     """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ArgumentError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows: list[list[float]] = []
-    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         row = []

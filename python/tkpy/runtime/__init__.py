@@ -17,7 +17,9 @@ Files, top down:
   layer's dense or LServe attention);
 - ``paging.py``: the pages and ring slot of each request, block tables;
 - ``model.py``: the decoder; ``config.py``: config.json; ``loader.py``: safetensors, tokenizer,
-  random weights; ``request.py``: a request, when it stops, its result, sampling;
+  random weights; ``files.py``: the checkpoint folder as a trust boundary (names resolved inside
+  it, JSON parsed naming the file); ``request.py``: a request, when it stops, its result, sampling;
+- ``resources.py``: the device argument, and whether a model and its KV cache fit its memory;
 - ``cli.py``: ``python -m tkpy generate``; ``dit.py``: the video-DiT attention block.
 """
 

@@ -17,10 +17,25 @@ import torch
 
 from .. import flash_attn_varlen_func, flash_attn_with_kvcache, token_streaming_attn_func
 from ..lserve import LServeCache, LServeConfig, PageSelector, sparse_decode
-from ..lserve.config import PAGE_TOKENS
+from ..lserve.config import LOGICAL_PAGE_TOKENS, PAGE_TOKENS
 from .config import ModelConfig
 
-__all__ = ["AttentionBackend", "DecodeMetadata", "PrefillMetadata"]
+__all__ = ["AttentionBackend", "DecodeMetadata", "PrefillMetadata", "cache_bytes"]
+
+
+def cache_bytes(config: ModelConfig, num_pages: int, max_seqs: int, dtype: torch.dtype,
+                lserve: Optional[LServeConfig] = None) -> int:
+    """Bytes of the caches an :class:`AttentionBackend` of these arguments allocates, known before
+    it does. Exact for dense attention. With LServe an upper bound: each kv head lives either in
+    the pool (with page stats) or in the rings, as the pattern, read later, decides."""
+    kv_dtype = dtype if lserve is None or lserve.kv_dtype is None else lserve.kv_dtype
+    page = 2 * PAGE_TOKENS * config.head_dim * kv_dtype.itemsize  # k and v of one head
+    if lserve is None:
+        per_head = num_pages * page
+    else:
+        stats = 2 * (PAGE_TOKENS // LOGICAL_PAGE_TOKENS) * config.head_dim * torch.float32.itemsize
+        per_head = max(num_pages * (page + stats), max_seqs * lserve.ring_pages * page)
+    return config.num_layers * config.num_kv_heads * per_head
 
 
 @dataclass

@@ -7,9 +7,11 @@ import sys
 
 import torch
 
+from ..errors import ArgumentError
 from ..lserve import LServeConfig
 from .engine import LLM
 from .loader import TINY_RANDOM
+from .request import check_sampling
 
 # --lserve-X flag -> LServeConfig field; giving any of them turns LServe on.
 LSERVE_FLAGS = {
@@ -47,12 +49,18 @@ def main(argv: list[str]) -> int:
     options = {field: getattr(args, "lserve_" + flag.replace("-", "_")) for flag, (field, _, _) in LSERVE_FLAGS.items()}
     options = {k: v for k, v in options.items() if v is not None}
     try:
+        # The checks that need no model first: a wrong flag should not wait for a model to load.
+        check_sampling(args.temperature, args.top_p, "generate")
+        if "static_sparsity" in options and "pattern" not in options:
+            raise ArgumentError("--lserve-sparsity ranks the heads of --lserve-pattern, which is missing")
         lserve = LServeConfig(**options) if args.lserve or options else None
         llm = LLM(args.model, device=args.device, dtype=getattr(torch, args.dtype), lserve=lserve,
                   max_batch_size=len(args.prompt), max_seq_len=args.max_seq_len, cuda_graphs=not args.no_cuda_graphs)
         outputs = llm.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_p, seed=args.seed)
-    except (FileNotFoundError, NotImplementedError, ValueError) as e:
-        # A wrong folder, flag or length: the message says what; a traceback would bury it.
+    except (ValueError, TypeError, NotImplementedError, OSError, torch.OutOfMemoryError) as e:
+        # A wrong folder, file, flag or size (tkpy.ArgumentError is a ValueError; UnicodeError and
+        # OSError's FileNotFoundError are among these): the message says what, and a traceback
+        # would bury it.
         print(f"error: {e}", file=sys.stderr)
         return 2
     for prompt, out in zip(args.prompt, outputs):

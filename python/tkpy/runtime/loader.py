@@ -4,24 +4,26 @@ benchmarks)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm.auto import tqdm
 
+from ..errors import ArgumentError
 from .config import ModelConfig
+from .files import read_json_object, resolve_inside
 from .model import Transformer
 
 __all__ = [
-    "TINY_RANDOM", "byte_tokenizer", "checkpoint_layout", "fill_weights", "load_tokenizer", "load_weights",
-    "random_weights", "tiny_random_config",
+    "TINY_RANDOM", "Shard", "byte_tokenizer", "checkpoint_layout", "checkpoint_shards", "fill_weights",
+    "load_tokenizer", "load_weights", "random_weights", "tiny_random_config",
 ]
 
 TINY_RANDOM = "tiny-random"
+INDEX = "model.safetensors.index.json"
 # Tensors that some checkpoints carry and the runtime recomputes instead.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -53,62 +55,102 @@ def checkpoint_layout(model: Transformer) -> dict[str, torch.Tensor]:
     return layout
 
 
-def _shards(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{folder}: {index.name} lists shards that are missing: {missing}")
-        return [folder / n for n in names]
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights (expected model.safetensors or sharded files)")
-    return shards
+class Shard(NamedTuple):
+    path: Path
+    # The tensors the index assigns to this file; None for a checkpoint without an index.
+    tensors: Optional[frozenset[str]]
 
 
-def load_weights(model: Transformer, folder: Path, progress: bool = True) -> None:
-    """Read every shard of the checkpoint into the model (see :func:`fill_weights`)."""
+def checkpoint_shards(folder: Path) -> list[Shard]:
+    """The checkpoint's safetensors files, as ``model.safetensors.index.json`` maps tensors to them
+    (else every ``*.safetensors`` file). Each must lie inside the folder (links followed)."""
+    index = folder / INDEX
+    if not index.is_file():
+        paths = sorted(folder.glob("*.safetensors"))
+        if not paths:
+            raise FileNotFoundError(f"{folder}: no *.safetensors weights (expected model.safetensors or sharded files)")
+        return [Shard(resolve_inside(folder, p.name, f"{folder}: {p.name}"), None) for p in paths]
+    weight_map = read_json_object(resolve_inside(folder, INDEX, f"{folder}: {INDEX}")).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ArgumentError(f"{index}: expected a non-empty object 'weight_map' (tensor name -> shard file), "
+                            f"got {type(weight_map).__name__}")
+    assigned: dict[Path, set[str]] = {}
+    for tensor, shard in weight_map.items():
+        path = resolve_inside(folder, shard, f"{index}: weight_map[{tensor!r}]")
+        assigned.setdefault(path, set()).add(tensor)
+    missing = sorted(p.name for p in assigned if not p.is_file())
+    if missing:
+        raise FileNotFoundError(f"{folder}: {INDEX} lists shards that are missing: {missing}")
+    return [Shard(path, frozenset(tensors)) for path, tensors in sorted(assigned.items())]
+
+
+def _read_shard(shard: Shard, folder: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Each tensor of one shard, after checking that it holds exactly what the index assigns it."""
+    try:
+        with safe_open(str(shard.path), framework="pt") as f:
+            names = set(f.keys())
+            if shard.tensors is not None and names != shard.tensors:
+                stray, absent = sorted(names - shard.tensors), sorted(shard.tensors - names)
+                if stray:
+                    # A tensor the index places elsewhere (or nowhere) must not override that copy.
+                    raise ArgumentError(f"{shard.path}: holds {stray[0]!r}, which {folder / INDEX} does not "
+                                        f"assign to this file ({len(stray)} such tensors)")
+                raise ArgumentError(f"{folder / INDEX}: assigns {absent[0]!r} to {shard.path.name}, which does "
+                                    f"not hold it ({len(absent)} such tensors)")
+            for name in sorted(names):
+                yield str(shard.path), name, f.get_tensor(name)
+    except SafetensorError as e:
+        raise ArgumentError(f"{shard.path}: not a readable safetensors file: {e}") from None
+
+
+def load_weights(model: Transformer, folder: Path, shards: list[Shard], progress: bool = True) -> None:
+    """Read the checkpoint's shards (from :func:`checkpoint_shards`) into the model (see
+    :func:`fill_weights`)."""
 
     def tensors():
-        for shard in tqdm(_shards(folder), desc="loading shards", unit="shard", disable=not progress):
-            with safe_open(str(shard), framework="pt") as f:
-                for name in f.keys():
-                    yield shard.name, name, f.get_tensor(name)
+        for shard in tqdm(shards, desc="loading shards", unit="shard", disable=not progress):
+            yield from _read_shard(shard, folder)
 
     fill_weights(model, tensors(), str(folder))
 
 
 @torch.no_grad()
 def fill_weights(model: Transformer, tensors: Iterable[tuple[str, str, torch.Tensor]], source: str) -> None:
-    """Copy each ``(where, name, tensor)`` into its place, converting the dtype; raise naming the
-    tensor for a wrong shape, an unexpected name or a missing tensor."""
+    """Copy each ``(where, name, tensor)`` into its place, converting the floating-point dtype; raise
+    naming the tensor for a wrong shape or dtype, an unexpected, repeated or missing tensor."""
     layout = checkpoint_layout(model)
     tied = model.lm_head is None
-    loaded = set()
+    loaded: dict[str, str] = {}  # name -> where it came from
     for where, name, tensor in tensors:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue  # tied checkpoints may still store the (identical) head
         if name not in layout:
-            raise ValueError(f"{where}: unexpected tensor {name!r} for {model.config.architecture} "
-                             f"with {model.config.num_layers} layers")
+            raise ArgumentError(f"{where}: unexpected tensor {name!r} for {model.config.architecture} "
+                                f"with {model.config.num_layers} layers")
+        if name in loaded:
+            raise ArgumentError(f"{where}: tensor {name!r} appears a second time (first in {loaded[name]})")
+        if not tensor.dtype.is_floating_point:
+            raise ArgumentError(f"{where}: {name}: expected floating-point weights, got {tensor.dtype}")
         target = layout[name]
         if tensor.shape != target.shape:
-            raise ValueError(f"{where}: {name}: expected shape {tuple(target.shape)} from config.json, "
-                             f"got {tuple(tensor.shape)}")
+            raise ArgumentError(f"{where}: {name}: expected shape {tuple(target.shape)} from config.json, "
+                                f"got {tuple(tensor.shape)}")
         target.copy_(tensor)
-        loaded.add(name)
-    missing = sorted(set(layout) - loaded)
+        loaded[name] = where
+    missing = sorted(set(layout) - set(loaded))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"{source}: checkpoint is missing {len(missing)} tensors: {shown}")
+        raise ArgumentError(f"{source}: checkpoint is missing {len(missing)} tensors: {shown}")
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:
-    path = folder / "tokenizer.json"
+    path = resolve_inside(folder, "tokenizer.json", f"{folder}: tokenizer.json")
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no tokenizer.json (the runtime reads tokenizers' fast-tokenizer file)")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise ArgumentError(f"{path}: not a tokenizers file: {e}") from None
 
 
 def byte_tokenizer() -> Tokenizer:

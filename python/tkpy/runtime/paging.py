@@ -14,24 +14,33 @@ __all__ = ["PAGE_TOKENS", "PageAllocator", "Paging"]
 
 
 class PageAllocator:
-    """A free list of ids ``1 .. count - 1``. Id 0 is never handed out: it is the scratch page
-    (and scratch ring slot) that padding rows and CUDA-graph warm-ups write into."""
+    """Hands out ids ``1 .. count - 1``. Id 0 is never handed out: it is the scratch page (and
+    scratch ring slot) that padding rows and CUDA-graph warm-ups write into.
+
+    Ids never handed out are a counter, not a list, so a pool of any size costs nothing until it is
+    used. Ids given back are handed out again before unused ones: the last batch given back first,
+    in its own order.
+    """
 
     def __init__(self, count: int, what: str = "pages"):
         self.count, self.what = count, what
-        self._free = list(range(count - 1, 0, -1))  # pop() hands out the lowest id first
+        self._next_unused = 1  # ids from here to count - 1 were never handed out
+        self._freed: list[int] = []  # each batch reversed: pop() returns the last batch's first id
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._freed) + self.count - self._next_unused
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"out of KV {self.what}: asked for {n}, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        if n > self.num_free:
+            raise RuntimeError(f"out of KV {self.what}: asked for {n}, {self.num_free} free")
+        reused = [self._freed.pop() for _ in range(min(n, len(self._freed)))]
+        fresh = range(self._next_unused, self._next_unused + n - len(reused))
+        self._next_unused = fresh.stop
+        return reused + list(fresh)
 
     def free(self, ids: list[int]) -> None:
-        self._free.extend(reversed(ids))
+        self._freed.extend(reversed(ids))
 
 
 class Paging:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Callable, Optional
 
 import torch
 
-__all__ = ["Generation", "Request", "StopRule", "Timing", "sample"]
+from ..errors import ArgumentError
+
+__all__ = ["Generation", "Request", "StopRule", "Timing", "check_sampling", "sample"]
 
 
 @dataclass
@@ -76,12 +80,36 @@ class StopRule:
             request.finish_reason = "length"
 
 
+def _is_finite(value) -> bool:
+    if not isinstance(value, Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def check_sampling(temperature: float, top_p: float, caller: str = "sample") -> None:
+    """Refuse sampling arguments that have no meaning, rather than answer wrongly: a top_p <= 0
+    would mask every token, a NaN or infinite temperature every probability."""
+    if not _is_finite(temperature) or temperature < 0:
+        raise ArgumentError(f"{caller}: temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if not isinstance(top_p, Real) or isinstance(top_p, bool) or not 0 < top_p <= 1:  # also false for NaN
+        raise ArgumentError(f"{caller}: top_p must be a number in (0, 1], got {top_p!r}")
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
     """int64 ``[B]`` next tokens from float32 ``[B, vocab]`` logits: greedy at temperature 0, else
     nucleus sampling."""
-    if temperature <= 0:
+    check_sampling(temperature, top_p)
+    if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # Shifted so that the best logit is 0 before the division: a tiny temperature then sends the
+    # others to -inf (probability 0), where dividing first would overflow the best to inf, and
+    # softmax(inf - inf) is NaN. Below the dtype's smallest normal number the temperature would
+    # round to 0 (and 0 / 0 is NaN); every such temperature is greedy anyway.
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
