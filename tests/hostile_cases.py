@@ -271,9 +271,8 @@ CASES = {
     "varlen/cu_seqlens_descending": (varlen, _set(cu_seqlens_q=lambda a: int32([0, 14, 10])), "cu_seqlens_q"),
     "decode/page_out_of_pool": (decode, _set(block_table=lambda a: int32([[0, 1, 2], [3, 9, 5]])), "block_table[1, 1]"),
     "decode/length_past_capacity": (decode, _set(cache_seqlens=lambda a: int32([20, 49])), "cache_seqlens[1]"),
-    "append/duplicate_page": (append, _set(block_table=lambda a: int32([[0, 1, 2], [3, 4, 1]])), "block_table"),
-    "append/duplicate_cache_row": (append_contiguous, _set(cache_batch_idx=lambda a: int32([1, 1])),
-                                   "cache_batch_idx"),
+    "append/cache_row_out_of_cache": (append_contiguous, _set(cache_batch_idx=lambda a: int32([1, 4])),
+                                      "cache_batch_idx[1] = 4"),
     "rope/position_past_table": (rope_1d, _set(positions=lambda a: torch.full((2, 8), 32)), "positions"),
     # public functions that write: nothing changes before the refusal
     "kvcache/num_splits=-1": (kvcache_append, _set(num_splits=-1), "num_splits"),
