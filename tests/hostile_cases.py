@@ -164,6 +164,53 @@ def riflex_embed():
                 meta=False)
 
 
+def append_lserve():
+    """The raw append with LServe's streaming heads (kv head 1 streams into a ring)."""
+    cache = LServeCache(8, 2, [False, True], 64, BF16, LServeConfig(sink=64, local=64))
+    return Call(torch.ops.tkpy.kv_append_,
+                dict(k_cache=cache.k, v_cache=cache.v, k=randn(2, 3, 2, 64), v=randn(2, 3, 2, 64),
+                     cache_seqlens=int32([10, 70]), block_table=int32([[1, 2], [3, 4]]),
+                     **cache.ring_arguments(cache.ring_table(int32([0, 1])))))
+
+
+def kvcache_rotary():
+    """flash_attn_with_kvcache appending one token and rotating 4 causal queries with it."""
+    angles = torch.randn(32, 32)
+    return Call(tkpy.flash_attn_with_kvcache,
+                dict(q=randn(2, 4, 4, 64), k_cache=randn(6, 16, 2, 64), v_cache=randn(6, 16, 2, 64),
+                     k=randn(2, 1, 2, 64), v=randn(2, 1, 2, 64), rotary_cos=angles.cos(), rotary_sin=angles.sin(),
+                     cache_seqlens=int32([20, 26]), block_table=int32([[0, 1, 2], [3, 4, 5]]), causal=True),
+                meta=False)
+
+
+def select_pages():
+    cache = LServeCache(8, 2, [False, True], 64, BF16, LServeConfig(sink=64, local=64))
+    cache.stats.k_min.copy_(torch.randn(cache.stats.k_min.shape))
+    cache.stats.k_max.copy_(cache.stats.k_min + torch.rand(cache.stats.k_min.shape))
+    return Call(tkpy.lserve.select_pages, dict(q=randn(2, 1, 4, 64), stats=cache.stats,
+                                               block_table=int32([[1, 2], [3, 4]]), cache_seqlens=int32([100, 70]),
+                                               token_budget=64), meta=False)
+
+
+def head_pattern():
+    return Call(tkpy.lserve.HeadPattern, dict(streaming_mask=torch.tensor([[True, False]]).numpy(),
+                                              num_query_heads=4), meta=False)
+
+
+def latent_frames():
+    return Call(riflex.latent_frames, dict(num_frames=17, temporal_compression=4), meta=False)
+
+
+def rope_3d_freqs():
+    return Call(riflex.rope_3d_freqs, dict(split=riflex.axis_split("wan", 128), grid_thw=(3, 2, 2)), meta=False)
+
+
+def public_rope_3d():
+    q = randn(1, 24, 2, 64)
+    return Call(rope.apply_rope_3d_, dict(q=q, k=None, grid_thw=(2, 3, 4), freqs_t=torch.randn(2, 8, 2),
+                                          freqs_h=torch.randn(3, 12, 2), freqs_w=torch.randn(4, 12, 2)), meta=False)
+
+
 def lserve_append():
     cache = LServeCache(8, 2, [False, True], 64, BF16, LServeConfig(sink=64, local=64))
     for pool in (cache.k, cache.v, cache.k_ring, cache.v_ring):
@@ -291,13 +338,40 @@ CASES = {
     "lserve_append/negative_length": (lserve_append, _set(cache_seqlens=lambda a: int32([10, -3])),
                                       "cache_seqlens[1]"),
     "lserve_append/k_float": (lserve_append, _set(k=lambda a: a["k"].float()), "k"),
+    # found by an independent probe
+    "kvcache/q_rotated_past_the_tables": (kvcache_rotary, _set(cache_seqlens=lambda a: int32([20, 30])), "positions"),
+    "decode/int8_scale_inf_as_float32": (decode, _set(k_cache=lambda a: a["k_cache"].to(torch.int8),
+                                                      v_cache=lambda a: a["v_cache"].to(torch.int8), v_scale=1e39),
+                                         "v_scale"),
+    "append/int8_scale_zero_as_float32": (append, _set(k_cache=lambda a: a["k_cache"].to(torch.int8),
+                                                       v_cache=lambda a: a["v_cache"].to(torch.int8), k_scale=1e-46,
+                                                       k_min=None, k_max=None), "k_scale"),
+    "riflex/theta_zero_as_float32": (riflex_embed, _set(theta=1e-320), "theta"),
+    "append_lserve/kv_head_slot_repeated": (append_lserve, _set(kv_head_slot=lambda a: int32([0, 0])),
+                                            "kv_head_slot names slot 0 for two kv heads"),
+    "select_pages/page_out_of_pool": (select_pages, _set(block_table=lambda a: int32([[1, 99], [3, 4]])),
+                                      "block_table[0]"),
+    "select_pages/length_negative": (select_pages, _set(cache_seqlens=lambda a: int32([100, -70])),
+                                     "cache_seqlens[1]"),
+    "select_pages/q_float64": (select_pages, _set(q=lambda a: a["q"].double()), "q must be bfloat16"),
+    "head_pattern/sink_past_int32": (head_pattern, _set(sink=2**31), "sink"),
+    "head_pattern/sink_float": (head_pattern, _set(sink=1.5), "sink"),
+    "latent_frames/compression_0": (latent_frames, _set(temporal_compression=0), "temporal_compression"),
+    "latent_frames/num_frames_nan": (latent_frames, _set(num_frames=math.nan), "num_frames"),
+    "rope_3d_freqs/two_axes": (rope_3d_freqs, _set(grid_thw=(3, 2)), "grid_thw"),
+    "public_rope_3d/fractional_grid": (public_rope_3d, _set(grid_thw=(2.5, 3, 4)), "grid_thw"),
+    "flash_attn_func/q_none": (flash_attn_func, _set(q=None), "q must be a Tensor"),
+    "flash_attn_func/softcap_string": (flash_attn_func, _set(softcap="0.5"), "softcap"),
+    "flash_attn_varlen_func/fractional_max_seqlen": (flash_attn_varlen_func, _set(max_seqlen_q=14.5),
+                                                     "max_seqlen_q"),
+    "kvcache/num_splits_none": (kvcache_append, _set(num_splits=None), "num_splits"),
 }
 
 # Mutations whose meta variant cannot apply: values (meta tensors have none) and aliasing (the
 # meta copies do not share storage).
 VALUE_OR_ALIAS = ("share memory", "block_counts[", "block_indices[", "head_mask_type[", "streaming_info",
                   "sparse_index", "cu_seqlens_q", "block_table", "cache_seqlens[", "cache_batch_idx", "positions",
-                  "expanded_cache")
+                  "expanded_cache", "kv_head_slot names")
 
 
 def _to_meta(x):

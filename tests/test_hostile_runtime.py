@@ -8,9 +8,12 @@ fresh random weights in two safetensors shards with their index.
 
 import json
 import math
+import os
 import re
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -102,12 +105,15 @@ def is_int(v) -> bool:
 
 
 def is_positive(v) -> bool:
+    """> 0 and finite once rounded to float32, what the model computes with."""
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         return False
     try:
-        return math.isfinite(float(v)) and v > 0
+        with np.errstate(over="ignore", under="ignore"):
+            rounded = float(np.float32(float(v)))
     except OverflowError:  # an integer beyond any float
         return False
+    return math.isfinite(rounded) and rounded > 0
 
 
 def limit(key: str) -> int:
@@ -418,8 +424,8 @@ def test_a_kv_cache_larger_than_memory_is_refused_before_allocation(nothing_allo
 
 
 def test_huge_lserve_rings_are_refused_before_allocation(nothing_allocated):
-    lserve = LServeConfig(local=2**40)
-    with pytest.raises(ArgumentError, match=r"local=1099511627776 tokens need \d+ bytes"):
+    lserve = LServeConfig(local=2**30)  # the largest window LServeConfig takes
+    with pytest.raises(ArgumentError, match=r"local=1073741824 tokens need \d+ bytes"):
         LLM("tiny-random", device="cpu", max_seq_len=256, lserve=lserve, progress=False)
 
 
@@ -564,7 +570,7 @@ def bad_shard(model: Path) -> Path:
     ["--device", "nonsense"], ["--device", "cuda:99"], ["--lserve-local", str(2**40)],
     ["--prompt", "caf\udce9"], ["--top-p", "0"], ["--top-p", "nan"], ["--temperature", "-1"],
     ["--temperature", "inf"], ["--max-new-tokens", "0"], ["--max-seq-len", "0"], ["--lserve-sparsity", "nan"],
-    ["--seed", "-1"], ["--lserve-sparsity", "0.5"],
+    ["--seed", "-1"], ["--lserve-sparsity", "0.5"], ["--lserve-budget", str(2**70)],
 ], ids=repr)
 def test_cli_bad_flags_print_an_error_and_exit_2(capsys, args):
     code, err = run_cli(capsys, "--model", "tiny-random", "--prompt", "hi", *args)
@@ -597,3 +603,30 @@ def test_cli_non_utf8_pattern(capsys, tmp_path):
     code, err = run_cli(capsys, "--model", "tiny-random", "--prompt", "hi", "--device", "cpu",
                         "--lserve-pattern", str(pattern))
     assert code == 2 and err.splitlines()[-1].startswith("error: ") and "not UTF-8" in err
+
+
+@pytest.mark.parametrize("args", [["--dtype", "float32"], ["--max-new-tokens", "abc"], ["--no-such-flag"]], ids=repr)
+def test_cli_argparse_refusals_end_in_one_error_line(capsys, args):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--model", "tiny-random", "--prompt", "hi", *args])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.splitlines()[-1].startswith("error: ") and "Traceback" not in err, err
+
+
+def test_a_fifo_named_like_a_shard_is_refused_without_blocking(model):
+    """Opening a FIFO blocks until a writer comes; the loader must not open one."""
+    (model / INDEX).unlink()
+    os.mkfifo(model / "zz.safetensors")
+    outcome = []
+
+    def attempt():
+        try:
+            load(model)
+        except ArgumentError as e:
+            outcome.append(str(e))
+
+    worker = threading.Thread(target=attempt, daemon=True)  # left blocked if the loader opens the FIFO
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the loader blocked on a FIFO"
+    assert outcome and "zz.safetensors: not a regular file" in outcome[0], outcome

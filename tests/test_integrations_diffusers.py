@@ -448,7 +448,7 @@ def test_wan_unsupported_uses_are_refused(rng):
         use_tkpy_attention(model, num_frames=33, mode="always")
     with pytest.raises(ValueError, match="k must be in"):
         use_tkpy_attention(model, num_frames=33, k=13)
-    with pytest.raises(ValueError, match="num_frames must be >= 1"):
+    with pytest.raises(ValueError, match="num_frames must be an int >= 1"):
         use_tkpy_attention(model, num_frames=0)
     assert isinstance(model.rope, diffusers.models.transformers.transformer_wan.WanRotaryPosEmbed)  # untouched
     apply_riflex(model, num_frames=4 * 400 + 1)

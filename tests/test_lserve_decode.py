@@ -168,6 +168,10 @@ def test_config_defaults_are_design_md():
     ({"kv_dtype": torch.int8}, "INT8 KV needs a static k_scale"),
     ({"kv_dtype": torch.int8, "k_scale": 0.1, "v_scale": -1.0}, "v_scale > 0"),
     ({"kv_dtype": torch.int8, "k_scale": float("nan"), "v_scale": 1.0}, "k_scale > 0"),
+    ({"kv_dtype": torch.int8, "k_scale": 1e39, "v_scale": 1.0}, "k_scale > 0"),  # inf as float32
+    ({"kv_dtype": torch.int8, "k_scale": 0.1, "v_scale": 1e-46}, "v_scale > 0"),  # 0 as float32
+    ({"local": 2**40}, "local must be at most"),
+    ({"token_budget": 2**70}, "token_budget must be at most"),
     ({"k_scale": 0.1}, "for kv_dtype=torch.int8 only"),
     ({"sink": 64.0}, "sink must be an int"),
 ])

@@ -111,7 +111,7 @@ def test_3d_freqs_within_the_period_are_plain_rope():
         (lambda: riflex.axis_split("sora", 64), "unknown model"),
         (lambda: riflex.axis_split("hunyuanvideo", 64), "head_dim 128"),
         (lambda: riflex.riflex_frequency_index(riflex.axis_split("wan", 128), 10, "sometimes"), "mode"),
-        (lambda: riflex.rope_3d_freqs(riflex.axis_split("wan", 128), (0, 2, 2)), "positive"),
+        (lambda: riflex.rope_3d_freqs(riflex.axis_split("wan", 128), (0, 2, 2)), r"grid_thw\[0\] must be an int >= 1"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(call, message):

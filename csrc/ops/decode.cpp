@@ -250,6 +250,11 @@ LServeHeads lserve_heads(const char* op, const std::optional<at::Tensor>& kv_hea
 // kv_head_slot names heads that exist, and ring_table names ring pages that exist (host pointers).
 void check_lserve_values(const char* op, const LServeHeads& l, const MainPool& main, int64_t batch) {
     if (l.heads.kv_head_slot == nullptr) return;
+    std::vector<int32_t> slots(l.heads.kv_head_slot, l.heads.kv_head_slot + l.heads_kv);
+    std::sort(slots.begin(), slots.end());
+    const auto repeated = std::adjacent_find(slots.begin(), slots.end());
+    TORCH_CHECK_VALUE(repeated == slots.end(), op, ": kv_head_slot names slot ", repeated == slots.end() ? 0 : *repeated,
+                      " for two kv heads; each kv head needs a pool or ring head of its own");
     for (int64_t h = 0; h < l.heads_kv; ++h) {
         const int32_t slot = l.heads.kv_head_slot[h];
         if (slot >= 0) {
@@ -525,8 +530,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
     }
 
     const bool int8 = k_cache.scalar_type() == at::kChar;
-    TORCH_CHECK_VALUE(!int8 || (k_scale > 0 && v_scale > 0 && std::isfinite(k_scale) && std::isfinite(v_scale)), op,
-                      ": an int8 cache needs finite k_scale, v_scale > 0, got ", k_scale, ", ", v_scale);
+    TORCH_CHECK_VALUE(!int8 || (positive_as_float(k_scale) && positive_as_float(v_scale)), op,
+                      ": an int8 cache needs k_scale, v_scale finite and > 0 as float32, got ", k_scale, ", ", v_scale);
     TORCH_CHECK_VALUE(int8 || (k_scale == 1.0 && v_scale == 1.0), op, ": k_scale/v_scale dequantise an int8 cache; a ",
                       k_cache.scalar_type(), " cache needs 1.0, got ", k_scale, ", ", v_scale);
     TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op, ": window sizes must be >= -1, got (", window_left,
@@ -619,8 +624,8 @@ void kv_append_(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::
     check_seqlens_tensor(op, seqlens, k, batch);
 
     const bool int8 = k_cache.scalar_type() == at::kChar;
-    TORCH_CHECK_VALUE(!int8 || (k_scale > 0 && v_scale > 0 && std::isfinite(k_scale) && std::isfinite(v_scale)), op,
-                      ": an int8 cache needs finite k_scale, v_scale > 0, got ", k_scale, ", ", v_scale);
+    TORCH_CHECK_VALUE(!int8 || (positive_as_float(k_scale) && positive_as_float(v_scale)), op,
+                      ": an int8 cache needs k_scale, v_scale finite and > 0 as float32, got ", k_scale, ", ", v_scale);
     TORCH_CHECK_VALUE(int8 || (k_scale == 1.0 && v_scale == 1.0), op,
                       ": k_scale/v_scale quantise into an int8 cache; a ",
                       k_cache.scalar_type(), " cache needs 1.0, got ", k_scale, ", ", v_scale);

@@ -69,20 +69,25 @@ inline void check_int_range(const char* op, const char* name, int64_t value, int
     TORCH_CHECK_VALUE(value >= lo && value <= hi, op, ": expected ", name, " in [", lo, ", ", hi, "], got ", value);
 }
 
+// The kernels take their scalars as float: a double that is finite and > 0 may still round to 0 or
+// overflow to inf there.
+inline bool positive_as_float(double x) {
+    const float used = float(x);
+    return std::isfinite(used) && used > 0;
+}
+
 // softmax_scale: finite and > 0 as the float the kernels use (NaN, inf, 0 or a negative scale can
 // only give a meaningless softmax).
 inline double checked_softmax_scale(const char* op, std::optional<double> scale, int64_t head_dim) {
     if (!scale.has_value()) return 1.0 / std::sqrt(double(head_dim));
-    const float used = float(*scale);
-    TORCH_CHECK_VALUE(std::isfinite(used) && used > 0, op,
+    TORCH_CHECK_VALUE(positive_as_float(*scale), op,
                       ": expected softmax_scale finite and > 0 (as a float32), got ", *scale);
     return *scale;
 }
 
 // softcap: 0 (off) or finite and > 0 as the float the kernels use.
 inline void check_softcap(const char* op, double softcap) {
-    const float used = float(softcap);
-    TORCH_CHECK_VALUE(std::isfinite(used) && softcap >= 0 && (softcap == 0 || used > 0), op,
+    TORCH_CHECK_VALUE(softcap == 0 || positive_as_float(softcap), op,
                       ": expected softcap finite and >= 0 (0 turns it off) as a float32, got ", softcap);
 }
 

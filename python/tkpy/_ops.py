@@ -6,6 +6,7 @@ by the binding itself (csrc/torch_bindings.cpp): the same checks as a real call,
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -27,9 +28,38 @@ def cuda_compiled() -> bool:
     return bool(_C.cuda_enabled)
 
 
+# What each schema type accepts from Python (bool is an int to Python, never one here).
+_ACCEPTS = {
+    "Tensor": lambda x: isinstance(x, torch.Tensor),
+    "int": lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool),
+    "float": lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool),
+    "bool": lambda x: isinstance(x, bool),
+}
+
+
+def _check_types(op: str, args: tuple, kwargs: dict) -> None:
+    """A TypeError naming the argument for a value the schema cannot take (None for a Tensor, a
+    string for a float), instead of the dispatcher's RuntimeError from deep inside torch."""
+    arguments = getattr(torch.ops.tkpy, op).default._schema.arguments
+    given = {**dict(zip((a.name for a in arguments), args)), **kwargs}
+    for argument in arguments:
+        if argument.name not in given:
+            continue
+        kind = str(argument.type)
+        optional = kind.startswith("Optional[")
+        base = kind[len("Optional["):-1] if optional else kind
+        value = given[argument.name]
+        if base in _ACCEPTS and not (optional and value is None) and not _ACCEPTS[base](value):
+            raise TypeError(f"{op}: {argument.name} must be {'None or ' if optional else ''}a {base}, "
+                            f"got {type(value).__name__}")
+
+
 def call(op: str, *args, **kwargs):
     """``torch.ops.tkpy.<op>(*args, **kwargs)``, with a refused argument (the bindings' ValueError)
-    raised as :class:`ArgumentError`, so that it is also a RuntimeError like flash-attn's."""
+    raised as :class:`ArgumentError`, so that it is also a RuntimeError like flash-attn's, and an
+    argument of the wrong Python type as a TypeError that names it."""
+    if not torch.compiler.is_compiling():  # a trace sees fake tensors and symbolic sizes
+        _check_types(op, args, kwargs)
     try:
         return getattr(torch.ops.tkpy, op)(*args, **kwargs)
     except ArgumentError:
@@ -38,9 +68,26 @@ def call(op: str, *args, **kwargs):
         raise ArgumentError(str(exc)) from None
 
 
-def optional_float(x) -> Optional[float]:
-    """An optional float argument (softmax_scale) as the schemas take it."""
-    return None if x is None else float(x)
+def float_arg(name: str, x) -> float:
+    """A float argument as the schemas take it: a real number (a Python, numpy or 0-d torch one),
+    or a TypeError naming the argument. Its range is the op's to check."""
+    if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor)) or \
+            (isinstance(x, torch.Tensor) and (x.numel() != 1 or x.is_complex())):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    return float(x)
+
+
+def optional_float(name: str, x) -> Optional[float]:
+    """An optional float argument (softmax_scale): None or :func:`float_arg`."""
+    return None if x is None else float_arg(name, x)
+
+
+def int_arg(name: str, x) -> int:
+    """An int argument as the schemas take it: an integer (not a bool, a float or a string), or a
+    TypeError naming the argument."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__} {x!r}")
+    return int(x)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):

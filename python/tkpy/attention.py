@@ -67,8 +67,8 @@ def flash_attn_func(
     """
     _refuse_unimplemented("flash_attn_func", dropout_p, alibi_slopes)
     left, right = window_edges(causal, window_size)
-    out, lse = _ops.call("attention_forward", q, k, v, softmax_scale=_ops.optional_float(softmax_scale),
-                         window_left=left, window_right=right, softcap=float(softcap))
+    out, lse = _ops.call("attention_forward", q, k, v, softmax_scale=_ops.optional_float("softmax_scale", softmax_scale),
+                         window_left=left, window_right=right, softcap=_ops.float_arg("softcap", softcap))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -111,7 +111,8 @@ def flash_attn_varlen_func(
         raise ArgumentError("flash_attn_varlen_func: cu_seqlens_q and cu_seqlens_k are required (int32 [batch + 1])")
     left, right = window_edges(causal, window_size)
     out, lse = _ops.call("attention_forward", q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                         max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
-                         softmax_scale=_ops.optional_float(softmax_scale), window_left=left, window_right=right,
-                         softcap=float(softcap))
+                         max_seqlen_q=_ops.int_arg("max_seqlen_q", max_seqlen_q),
+                         max_seqlen_k=_ops.int_arg("max_seqlen_k", max_seqlen_k),
+                         softmax_scale=_ops.optional_float("softmax_scale", softmax_scale), window_left=left, window_right=right,
+                         softcap=_ops.float_arg("softcap", softcap))
     return (out, lse, None) if return_attn_probs else out

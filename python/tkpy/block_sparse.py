@@ -72,14 +72,15 @@ def _run(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info
         raise ArgumentError(f"{fn}: base_blockmask must be a bool Tensor [batch, n_sparse_heads, ceil(max_seqlen_q / "
                             f"{BLOCK}), ceil(max_seqlen_k / {BLOCK})], got "
                             f"{getattr(base_blockmask, 'dtype', type(base_blockmask).__name__)}")
+    max_seqlen_q, max_seqlen_k = _ops.int_arg("max_seqlen_q", max_seqlen_q), _ops.int_arg("max_seqlen_k", max_seqlen_k)
     sparse_index, indices, counts = plan(head_mask_type, base_blockmask)
     out, lse = _ops.call(
         "block_sparse_attention_forward", q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
-        sparse_index, int(max_seqlen_q), int(max_seqlen_k), block_indices=indices, block_counts=counts,
-        softmax_scale=_ops.optional_float(softmax_scale), is_causal=bool(is_causal),
+        sparse_index, max_seqlen_q, max_seqlen_k, block_indices=indices, block_counts=counts,
+        softmax_scale=_ops.optional_float("softmax_scale", softmax_scale), is_causal=bool(is_causal),
         exact_streaming=bool(exact_streaming),
     )
-    return (out, lse_per_sequence(lse, cu_seqlens_q, int(max_seqlen_q)), None) if return_attn_probs else out
+    return (out, lse_per_sequence(lse, cu_seqlens_q, max_seqlen_q), None) if return_attn_probs else out
 
 
 def lse_per_sequence(lse: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int) -> torch.Tensor:

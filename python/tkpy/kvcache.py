@@ -173,8 +173,17 @@ def flash_attn_with_kvcache(
         right = capacity
 
     decode_options = dict(block_table=block_table, cache_batch_idx=cache_batch_idx,
-                          softmax_scale=_ops.optional_float(softmax_scale), window_left=left, window_right=right,
-                          softcap=float(softcap), num_splits=int(num_splits))
+                          softmax_scale=_ops.optional_float("softmax_scale", softmax_scale), window_left=left, window_right=right,
+                          softcap=_ops.float_arg("softcap", softcap),
+                          num_splits=_ops.int_arg("num_splits", num_splits))
+    if rotary_cos is not None:
+        # A rotated copy of q, made before the append so that positions past the tables are refused
+        # while the cache is untouched. flash-attn picks the positions after dropping the edges
+        # past the capacity (above).
+        progressive = left >= 0 or right >= 0
+        q = q.clone(memory_format=torch.contiguous_format)
+        apply_rope_(q, None, rotary_cos, rotary_sin, _q_rotary_positions(seqlens_before, seqlen_q, progressive),
+                    interleaved=bool(rotary_interleaved))
     seqlens = seqlens_before
     if k is not None:
         _require_tensor(fn, "k", k, 4, "[batch, seqlen_new, heads_kv, head_dim]")
@@ -187,11 +196,5 @@ def flash_attn_with_kvcache(
                   cache_batch_idx=cache_batch_idx, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                   rotary_interleaved=bool(rotary_interleaved))
         seqlens = seqlens_before + k.shape[1]
-    if rotary_cos is not None:
-        # flash-attn picks the positions after dropping the edges past the capacity (above).
-        progressive = left >= 0 or right >= 0
-        q = q.clone(memory_format=torch.contiguous_format)
-        apply_rope_(q, None, rotary_cos, rotary_sin, _q_rotary_positions(seqlens_before, seqlen_q, progressive),
-                    interleaved=bool(rotary_interleaved))
     out, lse = _ops.call("decode_attention", q, k_cache, v_cache, seqlens, **decode_options)
     return (out, lse) if return_softmax_lse else out

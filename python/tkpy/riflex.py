@@ -12,6 +12,7 @@ per-axis frequency tables for the 3D RoPE of CogVideoX, HunyuanVideo and Wan, in
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -32,9 +33,17 @@ __all__ = [
 
 
 def _check_theta(fn: str, theta) -> None:
-    # A base <= 0 (or NaN, inf) gives NaN or constant angles: no rotation anyone could want.
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
-        raise ArgumentError(f"{fn}: theta (the RoPE base) must be a finite number > 0, got {theta!r}")
+    # A base <= 0 (or NaN, inf, or one that float32, the frequencies' dtype, rounds to 0 or inf)
+    # gives NaN or constant angles: no rotation anyone could want.
+    if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not math.isfinite(theta) \
+            or not 0 < torch.tensor(float(theta), dtype=torch.float64).float().item() < math.inf:
+        raise ArgumentError(f"{fn}: theta (the RoPE base) must be a finite number > 0 as a float32, got {theta!r}")
+
+
+def _check_int(fn: str, name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ArgumentError(f"{fn}: {name} must be an int >= {low}, got {value!r}")
+    return int(value)
 
 
 def _periods(b: float, d: int) -> list[int]:
@@ -60,8 +69,9 @@ def identify_k(b: float, d: int, N: int) -> tuple[int, int]:
         The 1-based index of the component whose period is closest to ``N``, and that period.
         The first closest wins on ties. HunyuanVideo: ``identify_k(256, 16, 48) == (4, 50)``.
     """
-    if d < 2 or d % 2:
+    if _check_int("identify_k", "d", d, low=2) % 2:
         raise ArgumentError(f"identify_k: d must be a positive even number of dims, got {d}")
+    _check_int("identify_k", "N", N)
     if not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 1:
         raise ArgumentError(f"identify_k: the RoPE base b must be a finite number > 1, got {b!r}")
     periods = _periods(b, d)
@@ -97,21 +107,25 @@ def get_1d_rotary_pos_embed_riflex(
         Number of latent frames at inference; required with ``k``. Component ``k`` becomes
         ``0.9 · 2π / L_test``.
     """
-    if dim <= 0 or dim % 2:
+    if _check_int("get_1d_rotary_pos_embed_riflex", "dim", dim, low=2) % 2:
         raise ArgumentError(f"get_1d_rotary_pos_embed_riflex: dim must be a positive even number, got {dim}")
     _check_theta("get_1d_rotary_pos_embed_riflex", theta)
-    if isinstance(pos, int):
-        pos = torch.arange(pos)
+    if isinstance(pos, numbers.Integral) and not isinstance(pos, bool):
+        pos = torch.arange(_check_int("get_1d_rotary_pos_embed_riflex", "pos", pos, low=0))
     elif isinstance(pos, np.ndarray):
         pos = torch.from_numpy(pos)
     elif not isinstance(pos, torch.Tensor):
         raise TypeError(f"get_1d_rotary_pos_embed_riflex: pos must be an int, np.ndarray or Tensor, got {type(pos).__name__}")
+    if pos.dim() != 1 or pos.is_complex():
+        raise ArgumentError(f"get_1d_rotary_pos_embed_riflex: pos must be 1-D real positions [S], got "
+                            f"{pos.dtype} {tuple(pos.shape)}")
 
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, device=pos.device)[: dim // 2].float() / dim))
     if k is not None:
-        if not 1 <= k <= dim // 2:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= dim // 2:
             raise ArgumentError(f"get_1d_rotary_pos_embed_riflex: k must be in [1, {dim // 2}], got {k}")
-        if L_test is None or not math.isfinite(L_test) or L_test <= 0:
+        if isinstance(L_test, bool) or not isinstance(L_test, numbers.Real) or not math.isfinite(L_test) \
+                or L_test <= 0:
             raise ArgumentError(f"get_1d_rotary_pos_embed_riflex: k={k} needs a positive L_test, got {L_test}")
         freqs[k - 1] = 0.9 * 2 * math.pi / L_test
 
@@ -163,9 +177,10 @@ def axis_split(model: str, head_dim: int) -> AxisSplit:
 
     ``model`` is one of ``"cogvideox"``, ``"hunyuanvideo"``, ``"wan"``.
     """
+    if not isinstance(model, str):
+        raise ArgumentError(f"axis_split: model must be one of {_MODELS}, got {model!r}")
     model = model.lower()
-    if head_dim <= 0:
-        raise ArgumentError(f"axis_split: head_dim must be positive, got {head_dim}")
+    _check_int("axis_split", "head_dim", head_dim)
     if model == "cogvideox":
         if head_dim % 8:
             raise ArgumentError(f"axis_split: CogVideoX needs head_dim % 8 == 0, got {head_dim}")
@@ -185,8 +200,8 @@ def axis_split(model: str, head_dim: int) -> AxisSplit:
 
 def latent_frames(num_frames: int, temporal_compression: int = 4) -> int:
     """Latent frames of a clip of ``num_frames`` frames: ``(num_frames - 1) // 4 + 1``."""
-    if num_frames < 1:
-        raise ArgumentError(f"latent_frames: num_frames must be >= 1, got {num_frames}")
+    _check_int("latent_frames", "num_frames", num_frames)
+    _check_int("latent_frames", "temporal_compression", temporal_compression)
     return (num_frames - 1) // temporal_compression + 1
 
 
@@ -199,8 +214,10 @@ def riflex_frequency_index(split: AxisSplit, L_test: int, mode: str = "training_
       - ``"fine_tuned"``: the model was fine-tuned with the frequency set at ``L = N_k``.
       - ``"off"``: never change RoPE.
     """
-    if L_test < 1:
-        raise ArgumentError(f"riflex_frequency_index: L_test must be >= 1, got {L_test}")
+    if not isinstance(split, AxisSplit):
+        raise ArgumentError(f"riflex_frequency_index: split must be an AxisSplit (from axis_split), got "
+                            f"{type(split).__name__}")
+    _check_int("riflex_frequency_index", "L_test", L_test)
     if mode == "off":
         return None, None
     if mode == "training_free":
@@ -238,9 +255,9 @@ def rope_3d_freqs(
     -------
     (freqs_t, freqs_h, freqs_w) : complex64 ``[T, t/2]``, ``[H, h/2]``, ``[W, w/2]``.
     """
-    t_len, h_len, w_len = (int(x) for x in grid_thw)
-    if min(t_len, h_len, w_len) < 1:
-        raise ArgumentError(f"rope_3d_freqs: grid_thw must be positive, got {tuple(grid_thw)}")
+    if len(grid_thw) != 3:
+        raise ArgumentError(f"rope_3d_freqs: grid_thw must be (T, H, W), got {tuple(grid_thw)}")
+    t_len, h_len, w_len = (_check_int("rope_3d_freqs", f"grid_thw[{i}]", x) for i, x in enumerate(grid_thw))
     k, L = riflex_frequency_index(split, t_len if L_test is None else L_test, mode)
     pos_t = torch.arange(t_len, device=device, dtype=torch.float32)
     if positions_hw is None:

@@ -93,7 +93,7 @@ def apply_rope_3d_(
     -------
     (q, k) : the same tensors, rotated.
     """
-    grid = [int(x) for x in grid_thw]
+    grid = [_ops.int_arg(f"apply_rope_3d_: grid_thw[{i}]", x) for i, x in enumerate(grid_thw)]
     _ops.call(
         "apply_rope_3d_",
         q,

@@ -17,6 +17,16 @@ __all__ = ["LServeConfig", "PAGE_TOKENS", "LOGICAL_PAGE_TOKENS"]
 # A physical KV page and the logical pages (page-stats granularity) inside it (DESIGN.md §5).
 PAGE_TOKENS = 64
 LOGICAL_PAGE_TOKENS = 16
+# Windows and budgets in tokens: the kernels hold them in int32 (decode caps sink and local at 2^30).
+MAX_TOKENS = 2**30
+
+
+def _positive_as_float32(value) -> bool:
+    """Finite and > 0 once rounded to the float32 the kernels use (1e-46 is 0 there, 1e39 inf)."""
+    if not math.isfinite(value):
+        return False
+    rounded = torch.tensor(float(value), dtype=torch.float64).float().item()
+    return 0 < rounded < math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +78,9 @@ class LServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"LServeConfig: {name} must be an int, got {type(value).__name__}")
+            if value > MAX_TOKENS:
+                raise ArgumentError(f"LServeConfig: {name} must be at most {MAX_TOKENS} (the kernels' windows), "
+                                    f"got {value}")
         if self.sink < 0 or self.sink % PAGE_TOKENS:
             raise ArgumentError(f"LServeConfig: sink must be a multiple of {PAGE_TOKENS} tokens >= 0, got {self.sink}")
         if self.local < PAGE_TOKENS or self.local % PAGE_TOKENS:
@@ -87,8 +100,9 @@ class LServeConfig:
             for name in ("k_scale", "v_scale"):
                 value = getattr(self, name)
                 if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) \
-                        or not math.isfinite(value) or value <= 0:
-                    raise ArgumentError(f"LServeConfig: INT8 KV needs a static {name} > 0 (finite float), got {value!r}")
+                        or not _positive_as_float32(value):
+                    raise ArgumentError(f"LServeConfig: INT8 KV needs a static {name} > 0, finite as the kernels' "
+                                        f"float32, got {value!r}")
         elif self.k_scale is not None or self.v_scale is not None:
             raise ArgumentError("LServeConfig: k_scale/v_scale are for kv_dtype=torch.int8 only")
 

@@ -60,6 +60,7 @@ def sparse_decode(q: torch.Tensor, cache: LServeCache, block_table: torch.Tensor
     out, lse = _ops.call("decode_attention", q, cache.k, cache.v, cache_seqlens, block_table=block_table,
                          page_indices=page_indices, page_counts=page_counts, head_bits=head_bits,
                          k_scale=cache.k_scale, v_scale=cache.v_scale,
-                         softmax_scale=_ops.optional_float(softmax_scale), num_splits=int(num_splits),
+                         softmax_scale=_ops.optional_float("softmax_scale", softmax_scale),
+                         num_splits=_ops.int_arg("num_splits", num_splits),
                          **cache.ring_arguments(ring_table))
     return (out, lse) if return_softmax_lse else out

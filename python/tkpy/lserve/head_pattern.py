@@ -8,6 +8,7 @@ quantile rule (DESIGN.md §5) and the pattern then hands out, per layer, the ``h
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -29,6 +30,8 @@ TIE_NOISE = 1e-6
 GATE_SLACK = 1e-3
 
 DENSE, STREAMING = 0, -1
+# Head counts and windows end up in int32 tensors.
+MAX_TOKENS = 2**31 - 1
 
 
 def _read_gates(path: Union[str, PathLike]) -> np.ndarray:
@@ -89,7 +92,11 @@ class HeadPattern:
     exact_streaming: bool = True
 
     def __post_init__(self):
-        mask = np.array(self.streaming_mask)
+        try:
+            mask = np.array(self.streaming_mask)
+        except ValueError:
+            raise ArgumentError("streaming_mask: expected a bool [num_layers, num_kv_heads] array, got rows of "
+                                "different lengths") from None
         if mask.dtype != np.bool_ or mask.ndim != 2 or mask.size == 0:
             raise ArgumentError(
                 f"streaming_mask: expected a non-empty bool [num_layers, num_kv_heads] array, "
@@ -97,6 +104,10 @@ class HeadPattern:
             )
         mask.setflags(write=False)
         object.__setattr__(self, "streaming_mask", mask)
+        for name in ("num_query_heads", "sink", "local"):
+            _check_int(name, getattr(self, name))
+        if not isinstance(self.exact_streaming, bool):
+            raise TypeError(f"exact_streaming must be a bool, got {type(self.exact_streaming).__name__}")
         if self.num_query_heads <= 0 or self.num_query_heads % self.num_kv_heads:
             raise ArgumentError(
                 f"num_query_heads must be a positive multiple of num_kv_heads={self.num_kv_heads} "
@@ -147,8 +158,10 @@ class HeadPattern:
         seed : int
             Seed of the tie-breaking noise; the same seed gives the same pattern.
         """
-        if not 0.0 <= static_sparsity <= 1.0:  # also false for NaN
-            raise ArgumentError(f"static_sparsity must be in [0, 1], got {static_sparsity}")
+        if isinstance(static_sparsity, bool) or not isinstance(static_sparsity, numbers.Real) \
+                or not 0.0 <= static_sparsity <= 1.0:  # also false for NaN
+            raise ArgumentError(f"static_sparsity must be in [0, 1] (a number), got {static_sparsity!r}")
+        _check_int("seed", seed, low=0)
         gates = _read_gates(path)
         noisy = gates + np.random.default_rng(seed).uniform(0.0, TIE_NOISE, size=gates.shape)
         if static_sparsity == 1.0:
@@ -192,6 +205,13 @@ class HeadPattern:
         return torch.tensor(pair * self.num_query_heads, dtype=torch.int32, device=device)
 
     def _check_layer(self, layer: int) -> int:
-        if not 0 <= layer < self.num_layers:
-            raise ArgumentError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= layer < self.num_layers:
+            raise ArgumentError(f"layer must be in [0, {self.num_layers}), got {layer!r} (an int is needed)")
         return layer
+
+
+def _check_int(name: str, value, low: int = 0, high: int = MAX_TOKENS) -> None:
+    """An int (not a bool, a float or a string) in [low, high]; sizes above MAX_TOKENS would not
+    fit the int32 tensors they end up in."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise ArgumentError(f"{name} must be an int in [{low}, {high}], got {value!r}")

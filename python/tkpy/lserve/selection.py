@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..errors import ArgumentError
+from ..validation import values_checked
 from .cache import LOGICAL_PER_PAGE, PageStats
 from .config import LOGICAL_PAGE_TOKENS, PAGE_TOKENS
 
@@ -45,6 +46,9 @@ def _check_inputs(fn: str, q, stats, block_table, cache_seqlens) -> torch.Tensor
         raise ArgumentError(f"{fn}: q must be a Tensor [batch, heads_q, head_dim] or [batch, 1, heads_q, head_dim]"
                          f"{'' if not isinstance(q, torch.Tensor) else f', got {tuple(q.shape)}'}")
     q = q[:, 0] if q.dim() == 4 else q
+    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[1] < 1:
+        raise ArgumentError(f"{fn}: q must be bfloat16 or float16 with at least one head, got {q.dtype} "
+                            f"{tuple(q.shape)}")
     if not isinstance(stats, PageStats):
         raise TypeError(f"{fn}: stats must be a PageStats (LServeCache.stats; None when the cache was made "
                         f"with page_stats=False), got {type(stats).__name__}")
@@ -57,9 +61,11 @@ def _check_inputs(fn: str, q, stats, block_table, cache_seqlens) -> torch.Tensor
     if tuple(cache_seqlens.shape) != (batch,):
         raise ArgumentError(f"{fn}: cache_seqlens must be [batch={batch}], got {tuple(cache_seqlens.shape)}")
     if stats.k_max.dim() != 4 or stats.k_max.shape[1] != LOGICAL_PER_PAGE or stats.k_max.shape[3] != head_dim \
-            or stats.k_min.shape != stats.k_max.shape:
-        raise ArgumentError(f"{fn}: stats must be [num_pages, {LOGICAL_PER_PAGE}, heads, head_dim={head_dim}], "
-                         f"got {tuple(stats.k_min.shape)} and {tuple(stats.k_max.shape)}")
+            or stats.k_min.shape != stats.k_max.shape or stats.k_min.dtype != torch.float32 \
+            or stats.k_max.dtype != torch.float32:
+        raise ArgumentError(f"{fn}: stats must be float32 [num_pages, {LOGICAL_PER_PAGE}, heads, head_dim={head_dim}], "
+                            f"got {stats.k_min.dtype} {tuple(stats.k_min.shape)} and {stats.k_max.dtype} "
+                            f"{tuple(stats.k_max.shape)}")
     heads_kv = stats.num_kv_heads
     if heads_q % heads_kv or heads_q // heads_kv > MAX_GROUP:
         raise ArgumentError(f"{fn}: q's {heads_q} heads must be a multiple of the {heads_kv} kv heads, "
@@ -67,7 +73,32 @@ def _check_inputs(fn: str, q, stats, block_table, cache_seqlens) -> torch.Tensor
     for name, t in (("stats", stats.k_max), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
         if t.device != q.device:
             raise ArgumentError(f"{fn}: {name} must be on q's device {q.device}, got {t.device}")
+    if block_table.shape[1] > 2**31 - 1:
+        raise ArgumentError(f"{fn}: block_table has {block_table.shape[1]} columns, more than int32 indices address")
+    if values_checked(cache_seqlens):
+        _check_values(fn, stats, block_table, cache_seqlens)
     return q
+
+
+def _check_values(fn: str, stats: PageStats, block_table: torch.Tensor, cache_seqlens: torch.Tensor) -> None:
+    """The pages each sequence holds are in the pool, its length within block_table's capacity, and
+    kv_head_slot names distinct pool heads that exist (host reads: the validation policy's)."""
+    capacity = block_table.shape[1] * PAGE_TOKENS
+    lengths = cache_seqlens.tolist()
+    for b, length in enumerate(lengths):
+        if not 0 <= length <= capacity:
+            raise ArgumentError(f"{fn}: cache_seqlens[{b}] = {length} is outside [0, {capacity}] "
+                                f"(block_table's {block_table.shape[1]} pages of {PAGE_TOKENS} tokens)")
+        used = block_table[b, :-(-length // PAGE_TOKENS)]
+        if used.numel() and not 0 <= int(used.min()) <= int(used.max()) < stats.k_max.shape[0]:
+            raise ArgumentError(f"{fn}: block_table[{b}] holds pages outside the {stats.k_max.shape[0]} pages of "
+                                f"stats in its first {used.numel()} entries: {used.tolist()}")
+    if stats.kv_head_slot is not None:
+        slots = stats.kv_head_slot.tolist()
+        retrieval = [s for s in slots if s >= 0]
+        if len(set(slots)) != len(slots) or any(s >= stats.k_max.shape[2] for s in retrieval):
+            raise ArgumentError(f"{fn}: stats.kv_head_slot must name distinct pool heads in [0, "
+                                f"{stats.k_max.shape[2]}) (and -1 - ring head for streaming heads), got {slots}")
 
 
 def _retrieval_query_heads(stats: PageStats, heads_q: int, device) -> torch.Tensor:

@@ -26,8 +26,15 @@ LSERVE_FLAGS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # Every refusal of the command, argparse's included, is one line starting with "error:".
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tkpy generate", description=__doc__)
+    p = _Parser(prog="python -m tkpy generate", description=__doc__)
     p.add_argument("--model", required=True, help=f"Hugging Face checkpoint folder, or {TINY_RANDOM!r} (built in)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=64)

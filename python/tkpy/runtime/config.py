@@ -58,12 +58,14 @@ def _is_int(value) -> bool:
 
 
 def _is_positive_finite(value) -> bool:
+    """A number > 0 and finite as the float32 the model computes with (1e-320 is 0 there)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return False
     try:
-        return math.isfinite(float(value)) and value > 0
+        rounded = torch.tensor(float(value), dtype=torch.float64).float().item()
     except OverflowError:  # an integer beyond any float
         return False
+    return 0 < rounded < math.inf
 
 
 def _check_int(where: str, value, low: int, high: int) -> int:
@@ -74,7 +76,7 @@ def _check_int(where: str, value, low: int, high: int) -> int:
 
 def _check_positive(where: str, value) -> float:
     if not _is_positive_finite(value):
-        raise ArgumentError(f"{where} must be a finite number > 0, got {_shown(value)}")
+        raise ArgumentError(f"{where} must be a finite number > 0 (as a float32), got {_shown(value)}")
     return float(value)
 
 
@@ -107,7 +109,7 @@ class _Fields:
     def int(self, key: str, low: int, high: int, default=_REQUIRED) -> int:
         return _check_int(self.where(key), self.get(key, default), low, high)
 
-    def positive(self, key: str, default=_REQUIRED) -> float:
+    def positive(self, key: str, default=_REQUIRED) -> float:  # finite and > 0 as a float32
         return _check_positive(self.where(key), self.get(key, default))
 
     def flag(self, key: str) -> bool:

@@ -28,7 +28,7 @@ def _allowed_roots(folder: Path) -> tuple[Path, ...]:
 def resolve_inside(folder: Path, name, what: str) -> Path:
     """``folder / name``, refused unless ``name`` is a relative path that stays inside the folder
     once links are followed. ``what`` says where the name comes from, for the error."""
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name or "\0" in name:
         raise ArgumentError(f"{what}: expected a file name, got {name!r}")
     if PurePath(name).is_absolute() or ".." in PurePath(name).parts:
         raise ArgumentError(f"{what}: {name!r} is not a plain name inside the model folder {folder}")

@@ -69,7 +69,11 @@ def checkpoint_shards(folder: Path) -> list[Shard]:
         paths = sorted(folder.glob("*.safetensors"))
         if not paths:
             raise FileNotFoundError(f"{folder}: no *.safetensors weights (expected model.safetensors or sharded files)")
-        return [Shard(resolve_inside(folder, p.name, f"{folder}: {p.name}"), None) for p in paths]
+        shards = [Shard(resolve_inside(folder, p.name, f"{folder}: {p.name}"), None) for p in paths]
+        for shard in shards:  # a FIFO or a device named *.safetensors would block the reader
+            if not shard.path.is_file():
+                raise ArgumentError(f"{shard.path}: not a regular file")
+        return shards
     weight_map = read_json_object(resolve_inside(folder, INDEX, f"{folder}: {INDEX}")).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ArgumentError(f"{index}: expected a non-empty object 'weight_map' (tensor name -> shard file), "
