@@ -161,6 +161,24 @@ def test_custom_4d_mask_is_refused(llama):
         _logits(llama, NAME, input_ids=ids, attention_mask=mask)
 
 
+def _direct_call(**kwargs):
+    """The attention function as transformers calls it: [B, H, S, D] q, k, v."""
+    q, k, v = (torch.randn(2, 2, 8, 64).bfloat16() for _ in range(3))
+    return tkpy_attention_forward(torch.nn.Module(), q, k, v, kwargs.pop("attention_mask", None), **kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"sliding_window": 0}, "sliding_window must be an int >= 1"),
+    ({"sliding_window": -5}, "sliding_window must be an int >= 1"),
+    ({"attention_mask": torch.full((2, 8), 0.5)}, "attention_mask torch.float32"),
+    ({"attention_mask": torch.ones(3, 8, dtype=torch.bool)}, r"\[batch=2, kv_len\]"),
+    ({"cu_seq_lens_q": torch.tensor([0, 8], dtype=torch.int32)}, "packed sequences need all of"),
+], ids=["window_0", "window_negative", "float_mask", "mask_batch", "cu_q_alone"])
+def test_arguments_transformers_would_pass_wrongly_are_refused_by_name(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        _direct_call(**kwargs)
+
+
 def test_float32_model_is_refused():
     register()
     model = LlamaForCausalLM(LlamaConfig(**SHAPES)).eval()

@@ -38,7 +38,7 @@ RopeTensors rope_tensors(const char* op, const at::Tensor& q, const std::optiona
     check_sizes_fit_int(op, "q", q);
     const int64_t head_dim = q.size(-1);
     TORCH_CHECK_VALUE(head_dim <= kMaxHeadDim, op, ": expected head_dim <= ", kMaxHeadDim, ", got ", head_dim);
-    TORCH_CHECK_VALUE(rotary_dim % 2 == 0 && rotary_dim <= head_dim, op, ": expected an even rotary dim <= head_dim ",
+    TORCH_CHECK_VALUE(rotary_dim % 2 == 0 && rotary_dim <= head_dim, op, ": expected an even rotary dim (twice cos/sin's columns, or the freqs tables' dims together) <= head_dim ",
                       head_dim, ", got ", rotary_dim);
 
     const bool batched = q.dim() == 4;

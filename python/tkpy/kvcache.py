@@ -32,8 +32,8 @@ def _seqlens_tensor(fn: str, cache_seqlens, batch: int, device: torch.device) ->
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
         raise TypeError(f"{fn}: cache_seqlens must be an int or an int32 Tensor [{batch}], got {type(cache_seqlens).__name__}")
     if isinstance(cache_seqlens, int):
-        if cache_seqlens < 0:
-            raise ArgumentError(f"{fn}: cache_seqlens must be >= 0, got {cache_seqlens}")
+        if not 0 <= cache_seqlens <= 2**31 - 1:
+            raise ArgumentError(f"{fn}: cache_seqlens must be in [0, 2**31 - 1], got {cache_seqlens}")
         return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
     return cache_seqlens
 

@@ -121,6 +121,10 @@ def tkpy_attention_forward(
             "load it with dtype=torch.bfloat16"
         )
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                       or sliding_window < 1):
+        raise ArgumentError(f"attn_implementation='tkpy': sliding_window must be an int >= 1 (the query and the "
+                            f"sliding_window - 1 tokens before it), got {sliding_window!r}")
     window = (-1, -1) if sliding_window is None else (sliding_window - 1, sliding_window - 1)
     options = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, window_size=window, softcap=softcap or 0.0)
     # tkpy's layout: [B, S, H, D]. These are views; the op reads strided tensors.
@@ -154,11 +158,12 @@ def _padded_attention(q, k, v, mask: torch.Tensor, options: dict) -> torch.Tenso
     length (an unfilled static cache) are never gathered.
     """
     batch, seqlen_q = q.shape[:2]
-    if mask.dim() != 2 or not seqlen_q <= mask.shape[1] <= k.shape[1]:
+    if mask.dim() != 2 or mask.shape[0] != batch or not seqlen_q <= mask.shape[1] <= k.shape[1] \
+            or mask.dtype.is_floating_point or mask.dtype.is_complex:
         raise ArgumentError(
-            "attn_implementation='tkpy' takes transformers' 2-D padding mask [batch, kv_len] with "
-            f"{seqlen_q} <= kv_len <= {k.shape[1]}; got a mask of shape {tuple(mask.shape)} "
-            "(a custom 4-D mask needs attn_implementation='eager' or 'sdpa')"
+            f"attn_implementation='tkpy' takes transformers' 2-D padding mask (bool or 0/1 integers) [batch={batch}, "
+            f"kv_len] with {seqlen_q} <= kv_len <= {k.shape[1]}; got an attention_mask {mask.dtype} of shape "
+            f"{tuple(mask.shape)} (a custom 4-D or float mask needs attn_implementation='eager' or 'sdpa')"
         )
     mask = mask.bool()
     if options["window_size"] != (-1, -1):
@@ -189,7 +194,10 @@ def _packed_seqlens(q: torch.Tensor, k: torch.Tensor, kwargs: dict) -> Optional[
     smallest position id.
     """
     names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-    if all(kwargs.get(name) is not None for name in names):
+    given = [name for name in names if kwargs.get(name) is not None]
+    if given and len(given) < len(names):
+        raise ArgumentError(f"attn_implementation='tkpy': packed sequences need all of {names}, got only {given}")
+    if given:
         cu_q, cu_k, max_q, max_k = (kwargs[name] for name in names)
         return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
     position_ids = kwargs.get("position_ids")

@@ -266,6 +266,8 @@ class PageSelector:
 
     def __call__(self, step: int, q: torch.Tensor, stats: PageStats, block_table: torch.Tensor,
                  cache_seqlens: torch.Tensor) -> PageSelection:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ArgumentError(f"PageSelector: step must be an int >= 0, got {step!r}")
         if self.selection is None or step % self.reuse_interval == 0:
             self.selection = select_pages(q, stats, block_table, cache_seqlens, self.token_budget)
         return self.selection
