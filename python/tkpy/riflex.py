@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import ArgumentError
+from .validation import positive_as_float32
 
 __all__ = [
     "identify_k",
@@ -35,8 +36,7 @@ __all__ = [
 def _check_theta(fn: str, theta) -> None:
     # A base <= 0 (or NaN, inf, or one that float32, the frequencies' dtype, rounds to 0 or inf)
     # gives NaN or constant angles: no rotation anyone could want.
-    if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not math.isfinite(theta) \
-            or not 0 < torch.tensor(float(theta), dtype=torch.float64).float().item() < math.inf:
+    if not positive_as_float32(theta):
         raise ArgumentError(f"{fn}: theta (the RoPE base) must be a finite number > 0 as a float32, got {theta!r}")
 
 

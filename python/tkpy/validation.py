@@ -17,13 +17,15 @@ way on the CPU to prove that none reads a value on the host.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import torch
 
 from .errors import ArgumentError
 
-__all__ = ["values_checked", "window_edges"]
+__all__ = ["positive_as_float32", "values_checked", "window_edges"]
 
 
 def values_checked(t: torch.Tensor) -> bool:
@@ -34,6 +36,18 @@ def values_checked(t: torch.Tensor) -> bool:
     if t.device.type == "cpu":
         return True
     return mode == "1" and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def positive_as_float32(value) -> bool:
+    """Whether a real number (not a bool) is finite and > 0 once rounded to float32, the dtype the
+    kernels and the model compute with: 1e-46 is 0 there and 1e39 is inf."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        rounded = torch.tensor(float(value), dtype=torch.float64).float().item()
+    except OverflowError:  # an integer beyond any float
+        return False
+    return 0 < rounded < math.inf
 
 
 def window_edges(causal: bool, window_size) -> tuple[int, int]:

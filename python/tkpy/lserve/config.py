@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from os import PathLike
 from typing import Optional, Union
@@ -10,6 +9,7 @@ from typing import Optional, Union
 import torch
 
 from ..errors import ArgumentError
+from ..validation import positive_as_float32
 from .head_pattern import HeadPattern
 
 __all__ = ["LServeConfig", "PAGE_TOKENS", "LOGICAL_PAGE_TOKENS"]
@@ -19,14 +19,6 @@ PAGE_TOKENS = 64
 LOGICAL_PAGE_TOKENS = 16
 # Windows and budgets in tokens: the kernels hold them in int32 (decode caps sink and local at 2^30).
 MAX_TOKENS = 2**30
-
-
-def _positive_as_float32(value) -> bool:
-    """Finite and > 0 once rounded to the float32 the kernels use (1e-46 is 0 there, 1e39 inf)."""
-    if not math.isfinite(value):
-        return False
-    rounded = torch.tensor(float(value), dtype=torch.float64).float().item()
-    return 0 < rounded < math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +91,7 @@ class LServeConfig:
         if self.kv_dtype == torch.int8:
             for name in ("k_scale", "v_scale"):
                 value = getattr(self, name)
-                if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) \
-                        or not _positive_as_float32(value):
+                if not positive_as_float32(value):
                     raise ArgumentError(f"LServeConfig: INT8 KV needs a static {name} > 0, finite as the kernels' "
                                         f"float32, got {value!r}")
         elif self.k_scale is not None or self.v_scale is not None:

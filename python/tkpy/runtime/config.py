@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ..errors import ArgumentError
+from ..validation import positive_as_float32
 from .files import read_json_object, resolve_inside
 
 __all__ = ["ARCHITECTURES", "HEAD_DIMS", "ModelConfig", "SIZE_LIMITS", "rope_cos_sin", "rope_inv_freq"]
@@ -57,17 +58,6 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_positive_finite(value) -> bool:
-    """A number > 0 and finite as the float32 the model computes with (1e-320 is 0 there)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        rounded = torch.tensor(float(value), dtype=torch.float64).float().item()
-    except OverflowError:  # an integer beyond any float
-        return False
-    return 0 < rounded < math.inf
-
-
 def _check_int(where: str, value, low: int, high: int) -> int:
     if not _is_int(value) or not low <= value <= high:
         raise ArgumentError(f"{where} must be an integer in [{low}, {high}], got {_shown(value)}")
@@ -75,7 +65,7 @@ def _check_int(where: str, value, low: int, high: int) -> int:
 
 
 def _check_positive(where: str, value) -> float:
-    if not _is_positive_finite(value):
+    if not positive_as_float32(value):
         raise ArgumentError(f"{where} must be a finite number > 0 (as a float32), got {_shown(value)}")
     return float(value)
 
