@@ -84,6 +84,9 @@ class Case:
     prepare: Callable[[torch.device, torch.Generator], Run]
     dtype: torch.dtype = BF16
     dims: dict = field(default_factory=dict)  # recorded as they are (the attention plot reads them)
+    # Runs the Hopper attention forward: on CUDA, each kernel (tkpy.use_attention_kernel) is
+    # checked and timed, side by side.
+    attention_kernels: bool = False
 
 
 def all_cases(device: Union[str, torch.device], head_pattern: Optional[Path]) -> list[Case]:
@@ -152,14 +155,22 @@ def measure(case: Case, device: torch.device, seed: int = 0) -> dict[str, Any]:
     Returns the record (pytest-benchmark's ``extra_info``, which scripts/summarize_gpu_run.py and
     plot.py read): ``tkpy_<unit>`` and ``peer_<unit>`` (``tflops`` or ``gbps``), ``ratio`` (tkpy's
     rate over the peer's), ``peers`` (each one's figures, or why it did not run), ``rel_err`` and
-    ``check_passed``, and the family's own figures and dimensions.
+    ``check_passed``, and the family's own figures and dimensions. Attention cases on CUDA run under
+    the process's kernel (``kernel``, :func:`tkpy.attention_kernel`) and record every other one in
+    ``other_kernels`` (checked and timed the same way; ``ratio``: its time over the main kernel's).
     """
     run = case.prepare(device, torch.Generator(device).manual_seed(seed))
-    ours, ref = run.check()
-    error = rel_err(ours, ref)
-    del ours, ref  # the reference's float64 tensors are large on the GPU
     unit, scale, work_key = UNITS[case.metric]
-    tkpy_s = median_seconds(run.tkpy, device)
+    kernel = tkpy.attention_kernel() if case.attention_kernels and device.type == "cuda" else None
+    error, tkpy_s = _check_and_time(run, device)
+    other_kernels = {}
+    for name in ATTENTION_KERNELS if kernel is not None else ():
+        if name != kernel:
+            with tkpy.use_attention_kernel(name):
+                other_error, seconds = _check_and_time(run, device)
+            other_kernels[name] = {"median_us": seconds * 1e6, unit: run.work / seconds / scale,
+                                   "ratio": seconds / tkpy_s, "rel_err": other_error,
+                                   "check_passed": other_error <= REL_TOL[case.dtype]}
     peers = {}
     for name, call in run.peers.items():
         seconds = peer_seconds(call, device)
@@ -174,9 +185,21 @@ def measure(case: Case, device: torch.device, seed: int = 0) -> dict[str, Any]:
         "tkpy_median_us": tkpy_s * 1e6, f"tkpy_{unit}": run.work / tkpy_s / scale, "peer": main,
         "peer_median_us": peer.get("median_us"), f"peer_{unit}": peer.get(unit), "ratio": peer.get("ratio"),
         "peers": peers, "rel_err": error, "tolerance": REL_TOL[case.dtype],
-        "check_passed": error <= REL_TOL[case.dtype], **case.dims,
+        "check_passed": error <= REL_TOL[case.dtype] and all(k["check_passed"] for k in other_kernels.values()),
+        "kernel": kernel, "other_kernels": other_kernels, **case.dims,
     }
     return {**record, **run.figures(record)}
+
+
+ATTENTION_KERNELS = ("pipelined", "baseline")
+
+
+def _check_and_time(run: Run, device: torch.device) -> tuple[float, float]:
+    """tkpy's relative error against the reference, and its median seconds."""
+    ours, ref = run.check()
+    error = rel_err(ours, ref)
+    del ours, ref  # the reference's float64 tensors are large on the GPU
+    return error, median_seconds(run.tkpy, device)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -238,8 +261,8 @@ _SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDN
 
 def attention_cases(cuda: bool) -> Iterator[Case]:
     """:func:`tkpy.flash_attn_func` against each of torch SDPA's backends on its own (on the CPU, SDPA's
-    choice): D 64, 128 and 256 at heads·D = hidden, full and causal, batch·S = tokens. S 200 leaves a
-    partial tile."""
+    choice) and, on FLEX_DENSE's shapes, compiled FlexAttention: D 64, 128 and 256 at heads·D =
+    hidden, full and causal, batch·S = tokens. S 200 leaves a partial tile."""
     tokens, hidden, seqlens = (16384, 2048, (1024, 2048, 4096, 8192, 16384, 32768)) if cuda else (256, 256, (128, 200))
     for head_dim in (64, 128, 256):
         for causal in (False, True):
@@ -248,7 +271,8 @@ def attention_cases(cuda: bool) -> Iterator[Case]:
                 yield Case("flash_attn_func", f"{mask}-D{head_dim}-S{seqlen}",
                            f"B{batch} S{seqlen} H{heads} D{head_dim} {mask}", TFLOPS, FASTEST,
                            partial(_attention, batch, seqlen, heads, head_dim, causal),
-                           dims=dict(batch=batch, seqlen=seqlen, heads=heads, head_dim=head_dim, causal=causal))
+                           dims=dict(batch=batch, seqlen=seqlen, heads=heads, head_dim=head_dim, causal=causal),
+                           attention_kernels=True)
 
 
 def _sdpa(bhsd: list[torch.Tensor], causal: bool, backend: Optional[SDPBackend]) -> torch.Tensor:
@@ -256,19 +280,37 @@ def _sdpa(bhsd: list[torch.Tensor], causal: bool, backend: Optional[SDPBackend])
         return F.scaled_dot_product_attention(*bhsd, is_causal=causal)
 
 
+# Dense cases that FlexAttention (compiled, one compile per shape) also times: few enough to stay
+# within Dynamo's recompile limit with the sparse cases' shapes, and the GPU run's time.
+FLEX_DENSE = {(128, 4096), (128, 16384)}
+
+
+def _flex_dense(bhsd: list[torch.Tensor], causal: bool) -> Callable:
+    """Compiled FlexAttention on SDPA's layout, with a causal block mask or none."""
+    attend = _compiled(flex_attention)
+    if not causal:
+        return lambda: attend(*bhsd)
+    batch, heads, seqlen = bhsd[0].shape[:3]
+    block_mask = functools.cache(lambda: _compiled(create_block_mask)(
+        lambda b, h, q_idx, kv_idx: kv_idx <= q_idx, None, None, seqlen, seqlen, device=bhsd[0].device))
+    return lambda: attend(*bhsd, block_mask=block_mask())
+
+
 def _attention(batch: int, seqlen: int, heads: int, head_dim: int, causal: bool, device, gen) -> Run:
     q, k, v = (_randn(gen, device, BF16, (batch, seqlen, heads, head_dim)) for _ in range(3))
     bhsd = [t.transpose(1, 2) for t in (q, k, v)]  # SDPA's layout: views, made once
     backends = _SDPA if device.type == "cuda" else {"sdpa": None}
     call = partial(tkpy.flash_attn_func, q, k, v, causal=causal)
+    peers = {name: partial(_sdpa, bhsd, causal, backend) for name, backend in backends.items()}
+    if device.type == "cuda" and (head_dim, seqlen) in FLEX_DENSE:
+        peers["flex"] = _flex_dense(bhsd, causal)
 
     def check() -> tuple[torch.Tensor, torch.Tensor]:
         # Causal masks are bottom-right aligned: q's last rows alone see what they see in the full call.
         tail = slice(max(0, seqlen - CHECK_ROWS), seqlen)
         return call()[0, tail], reference.attention(q[:1, tail], k[:1], v[:1], causal)[0][0]
 
-    return Run(call, {name: partial(_sdpa, bhsd, causal, backend) for name, backend in backends.items()}, check,
-               4 * batch * heads * seqlen**2 * head_dim // (2 if causal else 1))
+    return Run(call, peers, check, 4 * batch * heads * seqlen**2 * head_dim // (2 if causal else 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,11 +331,12 @@ def sparse_prefill_cases(cuda: bool, head_pattern: Optional[Path]) -> Iterator[C
     for seqlen, heads_q, heads_kv, rho in sparse:
         yield Case("block_sparse_attn_func", f"rho{rho:g}-S{seqlen}",
                    f"B1 S{seqlen} Hq{heads_q} Hkv{heads_kv} D{D} causal", TFLOPS, "dense",
-                   partial(_sparse_prefill, seqlen, heads_q, heads_kv, rho, None, 0))
+                   partial(_sparse_prefill, seqlen, heads_q, heads_kv, rho, None, 0), attention_kernels=True)
     for seqlen, heads_q, heads_kv, local in lserve:
         yield Case("token_streaming_attn_func", f"lserve-S{seqlen}",
                    f"B1 S{seqlen} Hq{heads_q} Hkv{heads_kv} D{D} causal 50% streaming sink{SINK} local{local}",
-                   TFLOPS, "dense", partial(_sparse_prefill, seqlen, heads_q, heads_kv, None, head_pattern, local))
+                   TFLOPS, "dense", partial(_sparse_prefill, seqlen, heads_q, heads_kv, None, head_pattern, local),
+                   attention_kernels=True)
 
 
 def _duo_layer(path: Optional[Path], heads_q: int, local: int) -> tuple[HeadPattern, int, str]:

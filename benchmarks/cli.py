@@ -132,15 +132,19 @@ def _op_table(rows: list[dict[str, Any]]) -> list[str]:
     metric = rows[0]["metric"]
     unit = cases.UNITS[metric][0]
     peers = list(dict.fromkeys(name for r in rows for name in r["peers"]))
+    kernels = list(dict.fromkeys(name for r in rows for name in r.get("other_kernels") or {}))
     figures = [key for key in FIGURE_COLUMNS if key in rows[0]]
     main = dict.fromkeys(r["peer"] for r in rows)
-    lines = [f"{rows[0]['op']}: {metric}; ratio = tkpy's rate over {' or '.join(map(str, main))}'s", "",
-             "| case | shape | dtype | tkpy us | tkpy | " + "".join(f"{name} | " for name in peers) + "ratio | "
+    ran = dict.fromkeys(r["kernel"] for r in rows if r.get("kernel"))
+    lines = [f"{rows[0]['op']}: {metric}; ratio = tkpy's rate over {' or '.join(map(str, main))}'s"
+             + (f"; tkpy ran its {' or '.join(ran)} attention kernel" if ran else ""), "",
+             "| case | shape | dtype | tkpy us | tkpy | " + "".join(f"tkpy {name} | " for name in kernels)
+             + "".join(f"{name} | " for name in peers) + "ratio | "
              + "".join(f"{FIGURE_COLUMNS[key]} | " for key in figures) + "check |",
-             "|---|---|---|--:|--:|" + "--:|" * (len(peers) + 1 + len(figures)) + "---|"]
+             "|---|---|---|--:|--:|" + "--:|" * (len(kernels) + len(peers) + 1 + len(figures)) + "---|"]
     refused: dict[tuple[str, str], list[str]] = {}
     for r in rows:
-        cells = []
+        cells = [_cell((r.get("other_kernels") or {}).get(name, {}).get(unit, "n/a")) for name in kernels]
         for name in peers:
             peer = r["peers"].get(name, {"error": "not a peer of this case"})
             cells.append(_cell(peer.get(unit, "n/a")))

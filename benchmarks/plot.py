@@ -35,6 +35,8 @@ def plot_attention(records: list[dict[str, Any]], env: dict[str, Any], out: Path
     for r in records:
         lines = panels[r["head_dim"], r["causal"]]
         lines["tkpy"].append((r["seqlen"], r["tkpy_tflops"]))
+        for name, other in r.get("other_kernels", {}).items():
+            lines[f"tkpy {name}"].append((r["seqlen"], other["tflops"]))
         for name, peer in r["peers"].items():
             if "tflops" in peer:
                 lines[name].append((r["seqlen"], peer["tflops"]))

@@ -73,7 +73,37 @@ TORCH_LIBRARY_IMPL(tkpy, CUDA, m) { register_implementations(m); }
 
 namespace {
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "tkpy's compiled ops (torch.ops.tkpy)", -1, nullptr};
+// _C.set_attention_kernel(name): "baseline", "pipelined", or None for the environment's choice.
+PyObject* set_attention_kernel(PyObject*, PyObject* arg) {
+    tkpy::attention::Kernel kernel = tkpy::attention::Kernel::automatic;
+    if (arg != Py_None) {
+        const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+        if (name == nullptr || !tkpy::attention::parse_kernel(name, &kernel)) {
+            PyErr_SetString(PyExc_ValueError, "set_attention_kernel: expected 'baseline', 'pipelined' or None");
+            return nullptr;
+        }
+    }
+    tkpy::ops::set_attention_kernel(kernel);
+    Py_RETURN_NONE;
+}
+
+// _C.attention_kernel(): the name of the kernel CUDA attention calls run now.
+PyObject* attention_kernel(PyObject*, PyObject*) {
+    try {
+        return PyUnicode_FromString(tkpy::attention::kernel_name(tkpy::ops::selected_attention_kernel()));
+    } catch (const std::exception& e) {
+        PyErr_SetString(PyExc_ValueError, e.what());
+        return nullptr;
+    }
+}
+
+PyMethodDef module_methods[] = {
+    {"set_attention_kernel", set_attention_kernel, METH_O, "Select the Hopper attention forward kernel."},
+    {"attention_kernel", attention_kernel, METH_NOARGS, "The Hopper attention forward kernel in use."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "tkpy's compiled ops (torch.ops.tkpy)", -1, module_methods};
 
 }  // namespace
 

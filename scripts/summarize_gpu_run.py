@@ -174,6 +174,10 @@ def benchmark_rows(bench: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
                 "timer": info.get("timer"),
                 "pytest_benchmark_median_us": None if median_s is None else median_s * 1e6,
                 "each_peer": _each_peer(info),
+                "kernel": info.get("kernel"),
+                "other_kernels": {name: {"value": k.get("tflops", k.get("gbps")), "ratio": k.get("ratio"),
+                                         "check_passed": k.get("check_passed")}
+                                  for name, k in (info.get("other_kernels") or {}).items()},
             }
         )
     return rows

@@ -13,6 +13,14 @@ if not os.environ.get("TKPY_SHARED_DATA") and _SHARED_DATA.is_dir():
 
 
 def pytest_collection_modifyitems(config, items):
+    # The attention kernel choice is CUDA's: CPU items run once, under the default.
+    cpu_duplicates = [item for item in items
+                      if getattr(item, "callspec", None) is not None
+                      and item.callspec.params.get("attention_kernel", "pipelined") != "pipelined"
+                      and item.get_closest_marker("gpu") is None]
+    if cpu_duplicates:
+        config.hook.pytest_deselected(items=cpu_duplicates)
+        items[:] = [item for item in items if item not in cpu_duplicates]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none visible)")
@@ -27,3 +35,13 @@ def rng():
     seed = torch.seed() % 2**31
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(params=["pipelined", "baseline"])
+def attention_kernel(request):
+    """Runs a test's CUDA attention calls on each Hopper forward kernel (tkpy.use_attention_kernel);
+    modules opt in with pytestmark = pytest.mark.usefixtures("attention_kernel")."""
+    import tkpy
+
+    with tkpy.use_attention_kernel(request.param):
+        yield request.param

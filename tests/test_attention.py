@@ -17,6 +17,9 @@ from tkpy import flash_attn_func, flash_attn_varlen_func, reference
 
 from helpers import REL_TOL, assert_bad_call_raises, assert_bad_calls_survive, poison_cuda_allocator, randn, rel_err
 
+# Every CUDA test runs on both Hopper forward kernels (conftest.attention_kernel).
+pytestmark = pytest.mark.usefixtures("attention_kernel")
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 LSE_TOL = 1e-3  # lse is fp32, computed from fp32 scores: far tighter than the output's rounding
@@ -453,3 +456,73 @@ def test_bad_input_raises_clear_error(code, message):
 
 def test_bad_input_never_crashes_the_process():
     assert_bad_calls_survive(SETUP, [code for code, _ in BAD_CALLS])
+
+
+# ---- which Hopper forward kernel CUDA calls run (TKPY_ATTENTION_KERNEL, tkpy.use_attention_kernel) ----
+
+
+def test_attention_kernel_defaults_to_pipelined_and_can_be_switched():
+    assert tkpy.attention_kernel() == "pipelined"
+    with tkpy.use_attention_kernel("baseline"):
+        assert tkpy.attention_kernel() == "baseline"
+        with tkpy.use_attention_kernel("pipelined"):
+            assert tkpy.attention_kernel() == "pipelined"
+        assert tkpy.attention_kernel() == "baseline"
+    assert tkpy.attention_kernel() == "pipelined"
+    with pytest.raises(ValueError, match="'baseline', 'pipelined' or None"):
+        with tkpy.use_attention_kernel("fast"):
+            pass
+
+
+def _run_with_environment(value, code):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TKPY_ATTENTION_KERNEL=value)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_attention_kernel_environment_is_read_once():
+    proc = _run_with_environment("baseline", """
+        import os, tkpy
+        first = tkpy.attention_kernel()
+        os.environ["TKPY_ATTENTION_KERNEL"] = "pipelined"
+        print(first, tkpy.attention_kernel())
+        with tkpy.use_attention_kernel("pipelined"):
+            print(tkpy.attention_kernel())
+        print(tkpy.attention_kernel())
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["baseline", "baseline", "pipelined", "baseline"]
+
+
+def test_attention_kernel_environment_naming_no_kernel_is_a_clear_error():
+    proc = _run_with_environment("fastest", """
+        import torch, tkpy
+        q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
+        out = tkpy.flash_attn_func(q, q, q)  # the CPU path has one kernel: the variable is not read
+        assert out.shape == q.shape
+        try:
+            tkpy.attention_kernel()
+        except ValueError as e:
+            print("ValueError:", e)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "ValueError: TKPY_ATTENTION_KERNEL must be 'baseline' or 'pipelined'" in proc.stdout, proc.stdout
+    assert "'fastest'" in proc.stdout
+
+
+@pytest.mark.gpu
+def test_cuda_call_with_an_unknown_kernel_in_the_environment_is_refused():
+    proc = _run_with_environment("fastest", """
+        import torch, tkpy
+        q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16, device="cuda")
+        try:
+            tkpy.flash_attn_func(q, q, q)
+        except ValueError as e:
+            print("ValueError:", e)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "TKPY_ATTENTION_KERNEL must be 'baseline' or 'pipelined'" in proc.stdout, proc.stdout

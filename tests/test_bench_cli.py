@@ -47,3 +47,23 @@ def test_the_table_and_the_suite_records_come_from_one_run(tmp_path):
     assert len(cases) == len(set(cases)) == 5
     for entry in entries:
         assert f"| {entry['extra_info']['case']} | {entry['extra_info']['shape']} |" in proc.stdout
+
+
+def test_the_table_shows_each_attention_kernel_side_by_side():
+    """On CUDA an attention case records the kernel it ran (``kernel``) and every other one
+    (``other_kernels``, checked and timed alike); the table gives each its column."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import cli
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    record = {"op": "flash_attn_func", "case": "full-D128-S4096", "shape": "B4 S4096 H16 D128 full", "dtype": "bfloat16",
+              "metric": "TFLOP/s", "peer": "sdpa-cudnn", "tkpy_median_us": 1000.0, "tkpy_tflops": 600.0,
+              "peers": {"sdpa-cudnn": {"median_us": 1100.0, "tflops": 545.0, "ratio": 1.1}}, "ratio": 1.1,
+              "rel_err": 1e-3, "check_passed": True, "kernel": "pipelined",
+              "other_kernels": {"baseline": {"median_us": 1500.0, "tflops": 400.0, "ratio": 1.5, "rel_err": 1e-3,
+                                             "check_passed": True}}}
+    lines = cli._op_table([record])
+    assert "tkpy ran its pipelined attention kernel" in lines[0]
+    assert "| tkpy us | tkpy | tkpy baseline | sdpa-cudnn | ratio |" in lines[2]
+    assert "| 1,000 | 600 | 400 | 545 | 1.10x |" in lines[4]

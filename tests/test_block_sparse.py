@@ -29,6 +29,9 @@ from tkpy import (
 from helpers import REL_TOL, assert_bad_call_raises, assert_bad_calls_survive, poison_cuda_allocator, rel_err
 from test_attention import DEVICES, LSE_TOL, check_attention, packed_inputs
 
+# Every CUDA test runs on both Hopper forward kernels (conftest.attention_kernel).
+pytestmark = pytest.mark.usefixtures("attention_kernel")
+
 BLOCK = 128  # Block-Sparse-Attention's mask and streaming block, in tokens
 
 

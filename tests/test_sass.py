@@ -37,17 +37,41 @@ WARP_SPECIALIZED = ("HGMMA", "UTMALDG", "UTMASTG", "USETMAXREG", "SYNCS")
 # and, past the cycle budget, the watchdog's trap (watchdog.cuh).
 MBARRIER_TRY_WAIT = r"SYNCS\.PHASECHK\.TRANS64\.TRYWAIT"
 WAIT_WATCHDOG = (r"CS2R R\d+, SR_CLOCKLO", r"BPT\.TRAP")
+
+
+def attention_kernels(kernel, head_dims=r"\d+"):
+    """The demangled names of one attention kernel's layouts, AttnLayout<T, D, consumers,
+    (tkpy::attention::Kernel)k, ScoreRule{...}> (include/tkpy/attention.h numbers the kernels)."""
+    number = {"baseline": 1, "pipelined": 2}[kernel]
+    return (rf"tk::pipeline::lcf_kernel<tkpy::attention::AttnLayout<[^<>,]*, (?:{head_dims}), \d+, "
+            rf"\(tkpy::attention::Kernel\){number},")
+
+
+TURN_WAIT = r"BAR\.SYNC\.DEFER_BLOCKING R\d+, 0x100"
+TURN_PASS = r"BAR\.ARV R\d+, 0x100"
+DEPTH_1_WAIT = r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1"
 FAMILIES = [
     # The warp-specialised wgmma GEMM on tk's pipeline template.
     Family("gemm", r"tk::pipeline::lcf_kernel<tkpy::gemm::GemmLayout<", WARP_SPECIALIZED, LOCAL_MEMORY),
-    # Dense attention forward: TMA producer + two wgmma consumer warpgroups.
-    Family("attention forward", r"tkpy::attention::attention_fwd_kernel<", WARP_SPECIALIZED, LOCAL_MEMORY),
+    # Dense attention forward on tk's pipeline (task form): a TMA producer and 2 or 3 wgmma
+    # consumer warpgroups. Baseline: one wgmma group at a time.
+    Family("attention forward, baseline", attention_kernels("baseline"), WARP_SPECIALIZED, LOCAL_MEMORY),
+    # Pipelined: the consumers take turns issuing wgmma through named barriers (bar.sync on the
+    # warpgroup's own id, bar.arrive on the next one's, 256 threads each), and at D = 64 and 128
+    # wait with depth 1 (in-warpgroup overlap); D = 256 takes the turns only (attn_tile<256>).
+    Family("attention forward, pipelined", attention_kernels("pipelined", "64|128"),
+           (*WARP_SPECIALIZED, TURN_WAIT, TURN_PASS, DEPTH_1_WAIT), LOCAL_MEMORY),
+    Family("attention forward, pipelined, ping-pong only", attention_kernels("pipelined", "256"),
+           (*WARP_SPECIALIZED, TURN_WAIT, TURN_PASS), (*LOCAL_MEMORY, DEPTH_1_WAIT)),
     # The tile library's self-test kernels (tests/test_tk.py).
     Family("tk selftest: TMA", r"tk_selftest::.*tma_roundtrip_kernel<", ("UTMALDG", "UTMASTG", "UTMAREDG", "SYNCS"),
            LOCAL_MEMORY, selftest=True),
     Family("tk selftest: wgmma", r"tk_selftest::.*wgmma_kernel<", ("HGMMA", "UTMALDG", "SYNCS"), LOCAL_MEMORY,
            selftest=True),
     Family("tk selftest: register ops", r"tk_selftest::.*register_ops_kernel", (), LOCAL_MEMORY, selftest=True),
+    # The online softmax vocabulary: exp2 and, for the softcap, tanh through the SFU.
+    Family("tk selftest: online softmax", r"tk_selftest::.*online_softmax_kernel", ("MUFU.EX2", "MUFU.TANH"),
+           LOCAL_MEMORY, selftest=True),
     # A wait nobody arrives at, as the library builds it: the watchdog's trap, and no call (a call
     # into the CUDA runtime would serialise a wgmma kernel's wgmma); and with the report
     # (TK_WAIT_WATCHDOG_REPORT), which prints through the runtime's vprintf.
@@ -181,3 +205,50 @@ def test_no_spills(sass, ptxas_spills):
     assert not missing, f"kernels missing from the ptxas report: {sorted(missing)[:5]}"
     spilling = {name: s for name, s in ptxas_spills.items() if s != (0, 0)}
     assert not spilling, f"ptxas reports spills (store, load bytes): {spilling}"
+
+
+@pytest.mark.parametrize("kernel", ["baseline", "pipelined"])
+def test_attention_kernels_for_every_head_dim_and_dtype(kernel, sass):
+    """Each kernel is compiled for every head dim and dtype (and the pipelined one at D = 64 for
+    both its dense 3-consumer and its sparse 2-consumer tiles)."""
+    names = [name for name in sass if re.search(attention_kernels(kernel), name)]
+    found = {(m.group(1), int(m.group(2)), int(m.group(3)))
+             for name in names
+             for m in [re.search(r"AttnLayout<(__nv_bfloat16|__half), (\d+), (\d+),", name)]}
+    expected = {(t, d, 2) for t in ("__nv_bfloat16", "__half") for d in (64, 128, 256)}
+    if kernel == "pipelined":
+        expected |= {(t, 64, 3) for t in ("__nv_bfloat16", "__half")}
+    assert found == expected, f"{kernel}: compiled (dtype, head_dim, consumers) {sorted(found)}"
+
+
+def work_between_wgmma_waits(text):
+    """For each depth-1 wgmma wait (S is in, P·V still running): the instructions the warpgroup
+    runs before the next depth-0 wait, i.e. under P·V."""
+    windows = []
+    pending = None
+    for line in text.splitlines():
+        if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in line:
+            pending = []
+        elif "WARPGROUP.DEPBAR.LE gsb0, 0x0" in line and pending is not None:
+            windows.append(pending)
+            pending = None
+        elif pending is not None and re.search(r"/\*[0-9a-f]{4,}\*/", line):
+            pending.append(line.split("*/", 1)[1].split(";")[0].strip())
+    return windows
+
+
+def test_pipelined_attention_overlaps_softmax_with_pv(sass):
+    """The in-warpgroup overlap in SASS: after issuing S_j+1 = Q·K_j+1ᵀ and O += P_j·V_j, the
+    warpgroup waits for S_j+1 only (depth 1) and starts its softmax, the first MUFU of which is
+    the exp2 (MUFU.EX2), or with a softcap the tanh (MUFU.TANH), before it waits for P·V. ptxas
+    places the depth-0 wait where it expects P·V to be done, so the window is part of the softmax."""
+    members = {name: text for name, text in sass.items() if re.search(attention_kernels("pipelined", "64|128"), name)}
+    assert len(members) == 16, sorted(members)  # 2 dtypes x (D 64: dense 3-consumer, sparse; D 128: dense, sparse) x softcap
+    for name, text in members.items():
+        capped = re.search(r"ScoreRule\{\w+, \w+, (\w+)\}", name).group(1) == "true"
+        first_mufu = "MUFU.TANH" if capped else "MUFU.EX2"
+        windows = work_between_wgmma_waits(text)
+        assert len(windows) == 1, f"{name}: expected one depth-1 wait (one loop body), found {len(windows)}"
+        work = windows[0]
+        assert len(work) >= 48 and any(i.startswith(first_mufu) for i in work), (
+            f"{name}: only {len(work)} instructions and no {first_mufu} between the depth-1 and depth-0 wgmma waits")

@@ -69,6 +69,38 @@ def test_gemm_tile_order_is_a_banded_bijection(tiles_m, tiles_n, group_m):
     assert bands == sorted(bands)
 
 
+@pytest.mark.parametrize("q_tiles,heads_q,heads_kv,batch,section_heads",
+                         [(5, 8, 2, 3, 4), (3, 6, 6, 2, 5), (1, 4, 1, 1, 4), (7, 32, 8, 2, 8), (4, 3, 3, 3, 9)])
+def test_attention_task_order(q_tiles, heads_q, heads_kv, batch, section_heads):
+    """detail::attention_task, which both attention kernels' producer and consumers run: every
+    (batch, head, tile) exactly once; sections of section_heads (batch, head) pairs, heads fastest,
+    one after another; inside a section the tiles heaviest (last) first, each with every head of the
+    section, so a kv head's query heads run side by side."""
+    order = [tuple(t) for t in selftest.attention_task_order(q_tiles, heads_q, batch, section_heads).tolist()]
+    assert sorted(order) == [(b, h, t) for b in range(batch) for h in range(heads_q) for t in range(q_tiles)]
+    pairs = [b * heads_q + h for b, h, _ in order]
+    sections = [p // section_heads for p in pairs]
+    assert sections == sorted(sections), "a section must finish before the next starts"
+    for section in sorted(set(sections)):
+        tasks = [(p, t) for p, (_, _, t), s in zip(pairs, order, sections) if s == section]
+        heads = sorted({p for p, _ in tasks})
+        assert heads == list(range(section * section_heads, section * section_heads + len(heads)))
+        chunks = [tasks[i:i + len(heads)] for i in range(0, len(tasks), len(heads))]
+        assert [c[0][1] for c in chunks] == list(range(q_tiles - 1, -1, -1)), "tiles go heaviest (last) first"
+        for chunk in chunks:
+            assert [p for p, _ in chunk] == heads and len({t for _, t in chunk}) == 1, "a tile with every head in order"
+
+
+def test_attention_section_heads_fit_l2_in_whole_kv_heads():
+    # K and V of 8192 x 128 bf16 per kv head = 4 MiB; half of 50 MiB of L2 holds 6 of them.
+    assert selftest.attention_section_heads(32, 8, 2, 8192, 128, 2, 50 * 2**20) == 6 * 4
+    # Never less than one kv head with its query heads, never more than there are pairs.
+    assert selftest.attention_section_heads(32, 8, 1, 2**20, 256, 2, 50 * 2**20) == 4
+    assert selftest.attention_section_heads(4, 2, 1, 128, 64, 2, 50 * 2**20) == 4
+    # No keys: one section for everything.
+    assert selftest.attention_section_heads(8, 8, 3, 0, 64, 2, 50 * 2**20) == 24
+
+
 def test_selftest_index_ops_reject_bad_arguments():
     with pytest.raises(RuntimeError, match="swizzle must be 32, 64 or 128"):
         selftest.tk_tile_offsets(8, 64, 2, 16)
@@ -114,6 +146,32 @@ def test_register_ops(rows, cols, rng):
     torch.testing.assert_close(col_sum.cpu().double(), tile.sum(0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y.cpu().double(), torch.exp2(tile - tile.amax(1, keepdim=True))[:rows, :cols], rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(z.cpu().double(), (tile + tile.amax(0))[:rows, :cols], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.sanitizer
+@pytest.mark.parametrize("cols", [32, 96, 256])
+@pytest.mark.parametrize("softcap", [0.0, 2.5])
+def test_online_softmax(cols, softcap, rng):
+    """tk's softmax vocabulary (softmax_state, softcap, mask, rescale, finish) block by block
+    against a float64 softmax: o[r][c] sums row r's probabilities of columns c, c + 32, ...; rows
+    that see no column (keys 0) give 0 and -inf; row 1 sees only the first block, row 2 only the
+    first column, so the running max changes and rescales O."""
+    x = 4 * randn((16, cols), torch.float32, rng, "cuda")
+    keys = torch.randint(1, cols + 1, (16,), generator=rng, dtype=torch.int32)
+    keys[0], keys[1], keys[2], keys[3] = 0, 32, 1, cols
+    scale = 0.3
+    o, lse = selftest.tk_online_softmax(x, keys.cuda(), scale, softcap)
+    s = x.double().cpu() * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(torch.arange(cols)[None, :] >= keys[:, None].long(), float("-inf"))
+    probs = torch.softmax(s, 1).nan_to_num(0.0)
+    expected_o = probs.view(16, cols // 32, 32).sum(1)
+    expected_lse = torch.logsumexp(s, 1)
+    tol = 2e-3 if softcap > 0 else 1e-5  # tanh.approx's relative error is about 2^-11
+    torch.testing.assert_close(o.cpu().double(), expected_o, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.cpu().double(), expected_lse, rtol=tol, atol=tol)
 
 
 VARIANTS = {"ABt": 0, "AB": 1, "AtB": 2, "AtBt": 3, "reg_ABt": 4, "reg_AB": 5}

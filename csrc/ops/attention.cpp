@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -19,6 +20,22 @@
 #endif
 
 namespace tkpy::ops {
+
+namespace {
+// set_attention_kernel's choice; automatic: the environment's.
+std::atomic<int> kernel_override{int(attention::Kernel::automatic)};
+}  // namespace
+
+void set_attention_kernel(attention::Kernel kernel) { kernel_override.store(int(kernel)); }
+
+attention::Kernel selected_attention_kernel() {
+    attention::Kernel kernel;
+    TORCH_CHECK_VALUE(attention::resolve_kernel(attention::Kernel(kernel_override.load()), &kernel),
+                      "TKPY_ATTENTION_KERNEL must be 'baseline' or 'pipelined' (or unset, for 'pipelined'), got '",
+                      attention::kernel_environment(), "'");
+    return kernel;
+}
+
 namespace {
 
 constexpr const char* kOp = "attention_forward";
@@ -272,6 +289,7 @@ Prepared prepare_sparse(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 // CPU, CUDA and Meta (torch.compile's fake tensors: the same checks, no launch) share one path.
 std::tuple<at::Tensor, at::Tensor> run(const char* op, Prepared prep, const at::Tensor& q) {
+    if (q.is_cuda()) prep.params.kernel = selected_attention_kernel();
     if (q.is_cpu()) {
         cpu::attention_forward(prep.params);
     } else if (q.is_cuda()) {

@@ -27,6 +27,8 @@
 #if defined(TKPY_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include "tk/common/device.h"
 #endif
 
 namespace tkpy::ops {
@@ -460,14 +462,6 @@ class HostIndices {
     std::vector<at::Tensor> held_;
 };
 
-#if defined(TKPY_WITH_CUDA)
-// SMs of the current device: a cached attribute query, no sync.
-int sm_count(const at::Tensor& q) {
-    int count = 0;
-    check_launch(kDecodeOp, cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, q.get_device()));
-    return count;
-}
-#endif
 
 }  // namespace
 
@@ -584,7 +578,9 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
     } else if (q.is_cuda()) {
 #if defined(TKPY_WITH_CUDA)
         const c10::cuda::CUDAGuard guard(q.device());
-        plan_workspace(prep, sm_count(q));
+        const int sms = tk::sm_count();  // q's device: the guard made it current
+        TORCH_CHECK(sms > 0, kDecodeOp, ": could not query the SM count of ", q.device());
+        plan_workspace(prep, sms);
         check_launch(kDecodeOp, decode::launch_decode_attention(prep.params, c10::cuda::getCurrentCUDAStream()));
 #endif
     }

@@ -9,6 +9,8 @@
 #include <optional>
 #include <tuple>
 
+#include "tkpy/attention.h"
+
 namespace tkpy::ops {
 
 void apply_rope_(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos, const at::Tensor& sin,
@@ -17,6 +19,11 @@ void apply_rope_3d_(const at::Tensor& q, const std::optional<at::Tensor>& k, at:
                     const at::Tensor& freqs_t, const at::Tensor& freqs_h, const at::Tensor& freqs_w);
 
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, bool trans_b);
+
+// The Hopper forward kernel CUDA calls run: set_attention_kernel's choice, else TKPY_ATTENTION_KERNEL's
+// (read once), else pipelined. A ValueError names the variable when it names no kernel.
+void set_attention_kernel(attention::Kernel kernel);
+attention::Kernel selected_attention_kernel();
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const std::optional<at::Tensor>& cu_seqlens_q,

@@ -7,6 +7,7 @@
 #include "ops/ops.h"
 #include "ops/validate.h"
 #include "tk/types/shared/layout.h"
+#include "tkpy/detail/attention_index.h"
 #include "tkpy/detail/gemm_index.h"
 #include "tkpy/tk_selftest.h"
 
@@ -42,6 +43,31 @@ at::Tensor gemm_tile_order(int64_t tiles_m, int64_t tiles_n, int64_t group_m) {
     return out;
 }
 
+int64_t attention_section_heads(int64_t heads_q, int64_t heads_kv, int64_t batch, int64_t seqlen_k, int64_t head_dim,
+                                int64_t elem_bytes, int64_t l2_bytes) {
+    TORCH_CHECK(heads_q > 0 && heads_kv > 0 && heads_q % heads_kv == 0 && batch > 0 && seqlen_k >= 0 && head_dim > 0 &&
+                    elem_bytes > 0 && l2_bytes >= 0,
+                "attention_section_heads: expected positive sizes, heads_q a multiple of heads_kv");
+    return detail::attention_section_heads(int(heads_q), int(heads_kv), int(batch), int(seqlen_k), int(head_dim),
+                                           int(elem_bytes), l2_bytes);
+}
+
+at::Tensor attention_task_order(int64_t q_tiles, int64_t heads_q, int64_t batch, int64_t section_heads) {
+    TORCH_CHECK(q_tiles > 0 && heads_q > 0 && batch > 0 && section_heads > 0,
+                "attention_task_order: expected positive sizes");
+    const int64_t tasks = q_tiles * heads_q * batch;
+    at::Tensor out = at::empty({tasks, 3}, at::kLong);
+    auto o = out.accessor<int64_t, 2>();
+    for (int64_t t = 0; t < tasks; ++t) {
+        const detail::TaskCoord c =
+            detail::attention_task(int(t), int(q_tiles), int(heads_q), int(batch), int(section_heads));
+        o[t][0] = c.batch;
+        o[t][1] = c.head;
+        o[t][2] = c.q_tile;
+    }
+    return out;
+}
+
 #if defined(TKPY_WITH_CUDA)
 namespace {
 
@@ -71,6 +97,27 @@ void tk_tma_roundtrip(const at::Tensor& x, const at::Tensor& y, const at::Tensor
     p.col = int(col);
     p.swizzle = int(swizzle);
     check_launch(op, tk_selftest::launch_tma_roundtrip(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+std::vector<at::Tensor> tk_online_softmax(const at::Tensor& x, const at::Tensor& keys, double scale, double softcap) {
+    constexpr const char* op = "tk_online_softmax";
+    check_cuda_input(op, "x", x, at::kFloat, 2);
+    check_cuda_input(op, "keys", keys, at::kInt, 1);
+    TORCH_CHECK(x.size(0) == 16 && x.size(1) % 32 == 0 && x.size(1) >= 32 && x.size(1) <= 256 && keys.size(0) == 16,
+                op, ": x must be [16, 32..256 (a multiple of 32)] and keys [16], got ", x.sizes(), " and ",
+                keys.sizes());
+    const c10::cuda::CUDAGuard guard(x.device());
+    std::vector<at::Tensor> out = {at::empty({16, 32}, x.options()), at::empty({16}, x.options())};
+    tk_selftest::OnlineSoftmaxParams p;
+    p.x = x.data_ptr<float>();
+    p.keys = keys.data_ptr<int>();
+    p.cols = int(x.size(1));
+    p.scale = float(scale);
+    p.softcap = float(softcap);
+    p.o = out[0].data_ptr<float>();
+    p.lse = out[1].data_ptr<float>();
+    check_launch(op, tk_selftest::launch_online_softmax(p, c10::cuda::getCurrentCUDAStream()));
+    return out;
 }
 
 std::vector<at::Tensor> tk_register_ops(const at::Tensor& x) {
@@ -191,8 +238,12 @@ void tk_stuck_wait(const at::Tensor& reached, bool report) {
 TORCH_LIBRARY(tkpy_selftest, m) {
     m.def("tk_tile_offsets(int rows, int cols, int elem_bytes, int swizzle) -> Tensor");
     m.def("gemm_tile_order(int tiles_m, int tiles_n, int group_m) -> Tensor");
+    m.def("attention_section_heads(int heads_q, int heads_kv, int batch, int seqlen_k, int head_dim, int elem_bytes, "
+          "int l2_bytes) -> int");
+    m.def("attention_task_order(int q_tiles, int heads_q, int batch, int section_heads) -> Tensor");
     m.def("tk_tma_roundtrip(Tensor x, Tensor(a!) y, Tensor(b!) z, int swizzle, int row, int col) -> ()");
     m.def("tk_register_ops(Tensor x) -> Tensor[]");
+    m.def("tk_online_softmax(Tensor x, Tensor keys, float scale, float softcap) -> Tensor[]");
     m.def("tk_wgmma(Tensor a, Tensor b, int variant) -> Tensor");
     m.def("tk_warp_mma(Tensor a, Tensor b, int variant, int b_valid_rows=-1) -> Tensor");
     m.def("tk_stuck_wait(Tensor(a!) reached, bool report) -> ()");
@@ -201,12 +252,15 @@ TORCH_LIBRARY(tkpy_selftest, m) {
 TORCH_LIBRARY_IMPL(tkpy_selftest, CompositeExplicitAutograd, m) {
     m.impl("tk_tile_offsets", &tkpy::ops::tk_tile_offsets);
     m.impl("gemm_tile_order", &tkpy::ops::gemm_tile_order);
+    m.impl("attention_section_heads", &tkpy::ops::attention_section_heads);
+    m.impl("attention_task_order", &tkpy::ops::attention_task_order);
 }
 
 #if defined(TKPY_WITH_CUDA)
 TORCH_LIBRARY_IMPL(tkpy_selftest, CUDA, m) {
     m.impl("tk_tma_roundtrip", &tkpy::ops::tk_tma_roundtrip);
     m.impl("tk_register_ops", &tkpy::ops::tk_register_ops);
+    m.impl("tk_online_softmax", &tkpy::ops::tk_online_softmax);
     m.impl("tk_wgmma", &tkpy::ops::tk_wgmma);
     m.impl("tk_warp_mma", &tkpy::ops::tk_warp_mma);
     m.impl("tk_stuck_wait", &tkpy::ops::tk_stuck_wait);

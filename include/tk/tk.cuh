@@ -2,6 +2,7 @@
 #pragma once
 
 #include "common/base.cuh"
+#include "common/device.h"
 #include "types/register/rt.cuh"
 #include "types/register/rv.cuh"
 #include "types/shared/layout.h"
@@ -9,6 +10,7 @@
 #include "types/global/gl.cuh"
 #include "pipeline/sync.cuh"
 #include "ops/warp/register.cuh"
+#include "ops/warp/softmax.cuh"
 #include "ops/warp/memory.cuh"
 #include "ops/warp/mma.cuh"
 #include "ops/cp_async.cuh"

@@ -6,6 +6,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "tkpy/detail/block_sparse_index.h"
 #include "tkpy/types.h"
@@ -15,6 +17,56 @@
 #endif
 
 namespace tkpy::attention {
+
+// Which Hopper forward kernel runs (DESIGN.md §5). Both compute the same attention, with the same
+// masks and plans:
+//   pipelined: FlashAttention-3's overlaps: consumer warpgroups take turns issuing wgmma
+//              (ping-pong), and each issues the next block's Q·Kᵀ before the softmax of the current
+//              one; 3 consumer warpgroups (192-row tiles) at head_dim 64 for dense attention;
+//   baseline:  one wgmma at a time per warpgroup, 2 consumer warpgroups (128-row tiles).
+// automatic: the TKPY_ATTENTION_KERNEL environment variable (baseline | pipelined), read once per
+// process; pipelined when it is unset or empty.
+enum class Kernel : int { automatic = 0, baseline = 1, pipelined = 2 };
+
+// The kernel a name selects: true and *kernel set for "baseline" and "pipelined", false otherwise.
+inline bool parse_kernel(const char* name, Kernel* kernel) {
+    const auto equals = [](const char* a, const char* b) {
+        while (*a != 0 && *a == *b) ++a, ++b;
+        return *a == *b;
+    };
+    if (equals(name, "baseline")) *kernel = Kernel::baseline;
+    else if (equals(name, "pipelined")) *kernel = Kernel::pipelined;
+    else return false;
+    return true;
+}
+
+// TKPY_ATTENTION_KERNEL as the process started with it (read on first use, then kept), "" if unset.
+inline const char* kernel_environment() {
+    static const std::string value = [] {
+        const char* v = std::getenv("TKPY_ATTENTION_KERNEL");
+        return std::string(v == nullptr ? "" : v);
+    }();
+    return value.c_str();
+}
+
+// The kernel `requested` means: itself, or for automatic the environment's choice (pipelined when
+// unset or empty). False when the environment names no kernel.
+inline bool resolve_kernel(Kernel requested, Kernel* kernel) {
+    if (requested != Kernel::automatic) {
+        *kernel = requested;
+        return true;
+    }
+    const char* env = kernel_environment();
+    if (*env == 0) {
+        *kernel = Kernel::pipelined;
+        return true;
+    }
+    return parse_kernel(env, kernel);
+}
+
+inline const char* kernel_name(Kernel kernel) {
+    return kernel == Kernel::baseline ? "baseline" : kernel == Kernel::pipelined ? "pipelined" : "automatic";
+}
 
 struct AttentionParams {
     const void* q = nullptr;
@@ -49,9 +101,11 @@ struct AttentionParams {
     // types and block lists, in 128-token blocks. head_mask_type == nullptr: plain dense attention
     // with the window above. Otherwise varlen only, and the window fields are unused.
     detail::SparseHeads sparse{};
+    Kernel kernel = Kernel::automatic;
 };
 
 #if defined(TKPY_WITH_CUDA)
+// cudaErrorInvalidValue when params.kernel is automatic and TKPY_ATTENTION_KERNEL names no kernel.
 cudaError_t launch_attention_forward(const AttentionParams& params, cudaStream_t stream);
 #endif
 

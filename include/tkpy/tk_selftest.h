@@ -43,6 +43,22 @@ struct RegisterOpsParams {
     float* z = nullptr;
 };
 
+// One warp, tk's online softmax (tk/ops/warp/softmax.cuh) over x, fp32 [16, cols] (cols a multiple
+// of 32, at most 256, row stride cols), in blocks of 32 columns: row r sees columns [0, keys[r])
+// (tk::warp::mask); scores are x · scale, or cap · tanh(x · scale / cap) for softcap > 0. Each
+// block's weights are added column for column into o (fp32 [16, 32]), as O += P·V with V a stack
+// of identities, so o[r][c] = sum over blocks b of softmax(row r)[32 b + c]; lse [16] is natural.
+// A row that sees nothing gets o = 0 and lse = -inf.
+struct OnlineSoftmaxParams {
+    const float* x = nullptr;
+    const int* keys = nullptr;
+    int cols = 0;
+    float scale = 1.f;
+    float softcap = 0.f;
+    float* o = nullptr;
+    float* lse = nullptr;
+};
+
 // One warpgroup: d (fp32 [64, n]) = A * B with A and B in shared memory (TMA-loaded), or A read
 // into registers first. a is [64, k] (or [k, 64] for the A-transposed variants), b is [n, k] for
 // the B-transposed variants and [k, n] otherwise; all row-major.
@@ -113,6 +129,7 @@ struct StuckWaitParams {
 #if defined(TKPY_WITH_CUDA)
 cudaError_t launch_tma_roundtrip(const TmaRoundtripParams& p, cudaStream_t stream);
 cudaError_t launch_register_ops(const RegisterOpsParams& p, cudaStream_t stream);
+cudaError_t launch_online_softmax(const OnlineSoftmaxParams& p, cudaStream_t stream);
 cudaError_t launch_wgmma(const WgmmaParams& p, cudaStream_t stream);
 cudaError_t launch_warp_mma(const WarpMmaParams& p, cudaStream_t stream);
 cudaError_t launch_stuck_wait(const StuckWaitParams& p, cudaStream_t stream);

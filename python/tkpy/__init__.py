@@ -1,7 +1,7 @@
 """tkpy: H100 tile kernels (dense and LServe sparse attention, RIFLEx RoPE) as drop-in torch ops."""
 
 from . import _ops, lserve, riflex, rope
-from ._ops import cuda_compiled
+from ._ops import attention_kernel, cuda_compiled, use_attention_kernel
 from .attention import flash_attn_func, flash_attn_varlen_func
 from .block_sparse import block_sparse_attn_func, block_streaming_attn_func, token_streaming_attn_func
 from .errors import ArgumentError
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentError",
+    "attention_kernel",
     "block_sparse_attn_func",
     "block_streaming_attn_func",
     "cuda_compiled",
@@ -24,5 +25,6 @@ __all__ = [
     "riflex",
     "rope",
     "token_streaming_attn_func",
+    "use_attention_kernel",
     "__version__",
 ]

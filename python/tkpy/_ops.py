@@ -6,6 +6,7 @@ by the binding itself (csrc/torch_bindings.cpp): the same checks as a real call,
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Optional
 
@@ -66,6 +67,35 @@ def call(op: str, *args, **kwargs):
         raise
     except ValueError as exc:
         raise ArgumentError(str(exc)) from None
+
+
+def attention_kernel() -> str:
+    """The Hopper attention forward kernel CUDA calls run: ``"pipelined"`` (FlashAttention-3's
+    overlaps; the default) or ``"baseline"``. TKPY_ATTENTION_KERNEL chooses it, read once per
+    process, unless :func:`use_attention_kernel` overrides it. Raises ValueError, naming the
+    variable, when TKPY_ATTENTION_KERNEL names no kernel."""
+    return _C.attention_kernel()
+
+
+@contextlib.contextmanager
+def use_attention_kernel(name: Optional[str]):
+    """Run CUDA attention calls inside the block on kernel ``name`` (``"baseline"``,
+    ``"pipelined"``, or None for TKPY_ATTENTION_KERNEL's choice); the previous choice comes back
+    after. Process-wide, for tests and benchmarks that compare the two kernels; under CUDA graphs
+    the kernel is fixed when the graph is captured."""
+    if name not in ("baseline", "pipelined", None):
+        raise ValueError(f"use_attention_kernel: expected 'baseline', 'pipelined' or None, got {name!r}")
+    previous = _override[0]
+    _C.set_attention_kernel(name)
+    _override[0] = name
+    try:
+        yield
+    finally:
+        _C.set_attention_kernel(previous)
+        _override[0] = previous
+
+
+_override: list = [None]  # use_attention_kernel's current choice, restored on exit
 
 
 def float_arg(name: str, x) -> float:

@@ -15,7 +15,7 @@
 //     zero-filled, never read;
 //   - each page is therefore read once per CTA and serves all the group's query heads and rows;
 //   - warp w owns 16 rows (tile w % MTiles) and key groups w / MTiles, w / MTiles + 4 / MTiles, ...
-//     of every chunk, with its own fp32 online softmax (exp2, scale folded into log2 e) and O;
+//     of every chunk, with its own fp32 online softmax (tk::softmax_state) and O;
 //   - at the end the warps of a row tile are combined through shared memory and written: out / lse
 //     (one split), or fp32 partials that merge_kernel combines by lse.
 // Tensor cores (mma.sync m16n8k16, tk::warp::mma_ABt) rather than CUDA-core FMAs: a group of 32
@@ -45,8 +45,6 @@ inline constexpr int kChunkSlots = 64;  // key slots per pipeline stage
 inline constexpr int kGroupSlots = 16;  // keys of one warp mma step
 inline constexpr int kGroups = kChunkSlots / kGroupSlots;
 inline constexpr int kMergeThreads = 128;
-inline constexpr float kLog2e = 1.4426950408889634f;
-inline constexpr float kLn2 = 0.6931471805599453f;
 static_assert(kGroups == kWarps, "decode: each warp of a row tile takes whole 16-key groups of a chunk");
 
 // Per-head-dim pipeline depth: 64-key stages of K and V (16, 32, 64 KiB at D = 64, 128, 256) keep
@@ -66,14 +64,6 @@ template <>
 struct decode_tile<256> {
     static constexpr int stages = 2;
 };
-
-// The softmax weight of a score (or a partial's max / lse) x, base 2, in a sum normalised at m:
-// exp2(x - m). Before any key (m = -inf) the offset is 0, so -inf - -inf never happens and an
-// unseen x = -inf weighs 0. The online update, the warp combine and the split merge all use it.
-__device__ inline float softmax_weight(float x, float m) { return exp2f(x - (m == -INFINITY ? 0.f : m)); }
-
-// lse (natural log) of a row whose scores, base 2, sum to l at max m; -inf when it saw no key.
-__device__ inline float row_lse(float m, float l) { return l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY; }
 
 // A 16-slot group of a chunk: `count` consecutive tokens from token0 (0: empty), at `offset`
 // elements into the pool (K and V alike), attended by the query heads in `heads`.
@@ -208,6 +198,19 @@ __device__ inline bool row_sees(const RowMask& r, uint32_t heads, int token, boo
     return head_on && token >= r.keys.lo && token < r.keys.hi && (!streaming || ring.visible(token, len));
 }
 
+// Which of a key group's 16 slots one row sees: what tk::warp::mask asks of each row.
+struct GroupRow {
+    RowMask row;
+    KeyGroup group;
+    bool streaming;
+    const detail::Ring* ring;
+    int len;
+
+    __device__ bool contains(int slot) const {
+        return slot < group.count && row_sees(row, group.heads, group.token0 + slot, streaming, *ring, len);
+    }
+};
+
 template <typename T, typename KV, int D, int MTiles>
 __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_constant__ DecodeParams p, int row_chunks) {
     using K = DecodeKernel<T, KV, D, MTiles>;
@@ -289,29 +292,26 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
         tk::cp_async::commit();  // empty groups too: the wait count below stays uniform
     }
 
-    // This thread's two rows (g and g + 8 of its warp's row tile).
+    // The rows of this warp's row tile, as each lane holds them.
     const int tile = warp % MTiles;
-    RowMask rows[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        const int row = row0 + 16 * tile + lane / 4 + 8 * hh;
+    tk::row_values<RowMask, 16> rows;
+    tk::warp::make_rows(rows, [&](int r) {
+        const int row = row0 + 16 * tile + r;
         const int qi = row / group;
-        rows[hh].head = row - qi * group;
-        rows[hh].keys = row < rows_total
-                            ? detail::visible_keys(qi, p.seqlen_q, s.walk.plan.len, p.window_left, p.window_right)
-                            : detail::Range{0, 0};
-    }
-    // Scores in base-2 units: scale (and int8's k_scale) folded into log2 e, softcap via tanh.
+        return RowMask{row < rows_total ? detail::visible_keys(qi, p.seqlen_q, s.walk.plan.len, p.window_left,
+                                                               p.window_right)
+                                        : detail::Range{0, 0},
+                       row - qi * group};
+    });
+    // Scores: q·k scaled by the softmax scale and int8's k_scale, or soft-capped (tk::softmax_state).
     const float qk_scale = p.softmax_scale * (K::quantized ? p.k_scale : 1.f);
     const bool capped = p.softcap > 0.f;
-    const float pre_cap = capped ? qk_scale / p.softcap : qk_scale * kLog2e;
-    const float post_cap = p.softcap * kLog2e;
 
     const auto q_rows = tk::warp::ldsm_rows(s.q, 16 * tile, 0);
     tk::rt_fl<16, D> o;
     tk::warp::zero(o);
-    float m[2] = {-INFINITY, -INFINITY};
-    float l[2] = {0.f, 0.f};  // this thread's columns only; the quad is summed at the end
+    tk::softmax_state<16> st;
+    tk::warp::softmax_init(st, capped ? tk::kLog2e : qk_scale * tk::kLog2e);
 
     for (int c = 0; c < chunks; ++c) {
         tk::cp_async::wait<stages - 2>();
@@ -359,85 +359,41 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
         for (int g = warp / MTiles; g < kGroups; g += kWarps / MTiles) {
             const KeyGroup kg = s.groups[c % (stages + 1)][g];
             if (kg.count == 0) continue;
-            tk::rt_base<float> x;
-#pragma unroll
-            for (int k = 0; k < 4; ++k) x.data[k] = make_float2(0.f, 0.f);
+            tk::rt_fl<16, kGroupSlots> x;
+            tk::warp::zero(x);
             const auto k_rows = tk::warp::ldsm_rows(*kt, g * kGroupSlots, 0);
 #pragma unroll 4
             for (int kk = 0; kk < D / 16; ++kk) {
                 tk::rt_base<T> qa, kb;
                 tk::warp::load_base(qa, q_rows, kk);
                 tk::warp::load_base(kb, k_rows, kk);
-                tk::warp::mma_ABt(x, qa, kb);
+                tk::warp::mma_ABt(x.tiles[0][0], qa, kb);
             }
-            // Scale, cap and mask; register k holds row g + 8 (k & 1), keys 2t + 8 (k >> 1) + {0, 1}.
-            float block_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                const RowMask& r = rows[k & 1];
-                const int key = 2 * (lane % 4) + 8 * (k >> 1);
-                float* v2 = reinterpret_cast<float*>(&x.data[k]);
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const float sc = capped ? post_cap * tanhf(v2[e] * pre_cap) : v2[e] * pre_cap;
-                    const bool on = key + e < kg.count &&
-                                    row_sees(r, kg.heads, kg.token0 + key + e, streaming, p.heads.ring, len);
-                    v2[e] = on ? sc : -INFINITY;
-                    block_max[k & 1] = fmaxf(block_max[k & 1], v2[e]);
-                }
-            }
-            float alpha[2];
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                block_max[hh] = fmaxf(block_max[hh], __shfl_xor_sync(0xffffffffu, block_max[hh], 1));
-                block_max[hh] = fmaxf(block_max[hh], __shfl_xor_sync(0xffffffffu, block_max[hh], 2));
-                const float m_new = fmaxf(m[hh], block_max[hh]);
-                alpha[hh] = softmax_weight(m[hh], m_new);
-                m[hh] = m_new;
-                l[hh] *= alpha[hh];
-            }
-            tk::rt_base<T> prob;
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                const float p0 = softmax_weight(x.data[k].x, m[k & 1]);
-                const float p1 = softmax_weight(x.data[k].y, m[k & 1]);
-                l[k & 1] += p0 + p1;
-                prob.data[k] = tk::from_float2<T>(make_float2(p0, p1));
-            }
+            if (capped) tk::warp::softcap(x, x, qk_scale, p.softcap);
+            tk::row_values<GroupRow, 16> sees;
+            tk::warp::map_rows(sees, rows, [&](const RowMask& r) { return GroupRow{r, kg, streaming, &p.heads.ring, len}; });
+            tk::warp::mask(x, x, sees, 0, -INFINITY);
+            tk::warp::softmax_update(st, x);
+            tk::warp::softmax_rescale(o, st);
+            tk::rt<T, 16, kGroupSlots> prob;
+            tk::warp::copy(prob, x);
             const auto v_cols = tk::warp::ldsm_rows_transposed(*vt, g * kGroupSlots, 0);
 #pragma unroll
             for (int n = 0; n < D / 16; ++n) {
-#pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    o.tiles[0][n].data[k].x *= alpha[k & 1];
-                    o.tiles[0][n].data[k].y *= alpha[k & 1];
-                }
                 tk::rt_base<T> vb;
                 tk::warp::load_base_transposed(vb, v_cols, n);
-                tk::warp::mma_ABt(o.tiles[0][n], prob, vb);
+                tk::warp::mma_ABt(o.tiles[0][n], prob.tiles[0][0], vb);
             }
         }
     }
     tk::cp_async::wait<0>();
     __syncthreads();  // every warp is done with the stages: their memory now holds the warps' O
 
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
-        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
-        if (lane % 4 == 0) {
-            s.row_max[warp][lane / 4 + 8 * hh] = m[hh];
-            s.row_sum[warp][lane / 4 + 8 * hh] = l[hh];
-        }
-    }
-#pragma unroll
-    for (int n = 0; n < D / 16; ++n)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const int r = tk::base_row(k);
-            const int col = 16 * n + tk::base_col(k);
-            *reinterpret_cast<float2*>(&s.o[warp][r][col]) = o.tiles[0][n].data[k];
-        }
+    tk::rv_rows<float, 16> max_log2, sum;
+    tk::warp::softmax_partials(max_log2, sum, st);
+    tk::warp::store(s.row_max[warp], max_log2, 0, 16);
+    tk::warp::store(s.row_sum[warp], sum, 0, 16);
+    tk::warp::store(tk::gl<float>{&s.o[warp][0][0], 16, D, K::o_pitch}, o, 0, 0);
     __syncthreads();
 
     // Combine the warps of each row tile and write 8 columns per thread.
@@ -457,7 +413,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
         float acc[8] = {};
 #pragma unroll
         for (int wi = t; wi < kWarps; wi += MTiles) {
-            const float wt = softmax_weight(s.row_max[wi][rr], mx);
+            const float wt = tk::softmax_weight(s.row_max[wi][rr], mx);
             sum += s.row_sum[wi][rr] * wt;
 #pragma unroll
             for (int e = 0; e < 8; ++e) acc[e] += s.o[wi][rr][col + e] * wt;
@@ -465,7 +421,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
         const float norm = sum > 0.f ? v_scale / sum : 0.f;
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[e] = poisoned ? NAN : acc[e] * norm;
-        const float lse = poisoned ? NAN : row_lse(mx, sum);
+        const float lse = poisoned ? NAN : tk::softmax_lse(mx, sum);
         const int qi = row / group;
         const int qh = h * group + (row - qi * group);
         const int64_t out_row = (int64_t(b) * p.seqlen_q + qi) * p.heads_q + qh;
@@ -507,12 +463,12 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const __grid_const
     for (int sp = 0; sp < p.num_splits; ++sp) {
         const float x = p.partial_lse[sp * rows_all + lse_index];
         poisoned |= isnan(x);
-        mx = fmaxf(mx, x * kLog2e);
+        mx = fmaxf(mx, x * tk::kLog2e);
     }
     float sum = 0.f;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int sp = 0; sp < p.num_splits; ++sp) {
-        const float wt = softmax_weight(p.partial_lse[sp * rows_all + lse_index] * kLog2e, mx);
+        const float wt = tk::softmax_weight(p.partial_lse[sp * rows_all + lse_index] * tk::kLog2e, mx);
         if (wt == 0.f) continue;  // nothing seen (or negligible): its partial is not read
         const float4 part = *reinterpret_cast<const float4*>(p.partial_out + (sp * rows_all + row) * D + col);
         sum += wt;
@@ -527,7 +483,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const __grid_const
 #pragma unroll
     for (int e = 0; e < 4; ++e) packed[e] = tk::from_float<T>(poisoned ? NAN : out[e]);
     *reinterpret_cast<uint2*>(static_cast<T*>(p.out) + row * D + col) = *reinterpret_cast<const uint2*>(packed);
-    if (col == 0) p.lse[lse_index] = poisoned ? NAN : (sum > 0.f ? (mx + log2f(sum)) * kLn2 : -INFINITY);
+    if (col == 0) p.lse[lse_index] = poisoned ? NAN : tk::softmax_lse(mx, sum);
 }
 
 // cp.async moves 16-byte units: the pool's base and strides must keep every token row aligned

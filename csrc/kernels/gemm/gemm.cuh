@@ -96,17 +96,6 @@ struct GemmLayout {
     }
 };
 
-// Number of SMs of the current device, asked once per device (no sync, graph-safe).
-inline int sm_count() {
-    int device = 0;
-    if (cudaGetDevice(&device) != cudaSuccess) return 0;
-    static int counts[64] = {};
-    if (device < 64 && counts[device] == 0) {
-        cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device);
-    }
-    return device < 64 ? counts[device] : 0;
-}
-
 template <typename T, bool TransB>
 cudaError_t launch_typed(const GemmParams& g, cudaStream_t stream) {
     using L = GemmLayout<T, TransB>;
@@ -128,7 +117,7 @@ cudaError_t launch_typed(const GemmParams& g, cudaStream_t stream) {
     const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (attr != cudaSuccess) return attr;
     const int tasks = p.tiles_m * p.tiles_n;
-    const int sms = sm_count();
+    const int sms = tk::sm_count();
     const int grid = sms > 0 && sms < tasks ? sms : tasks;
     kernel<<<grid, tk::pipeline::threads<L>, smem, stream>>>(p);
     return cudaGetLastError();

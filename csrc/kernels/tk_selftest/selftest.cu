@@ -95,14 +95,8 @@ __global__ void __launch_bounds__(tk::kWarpThreads) register_ops_kernel(Register
     tk::warp::col_sum(col_sum, tile);
     tk::warp::store(p.row_max, row_max, 0, 32);
     tk::warp::store(p.row_sum, row_sum, 0, 32);
-    if (tk::laneid() < 4) {  // lanes 0..3 hold every column once (t = lane)
-        for (int j = 0; j < 4; ++j)
-            for (int c = 0; c < 4; ++c) {
-                const int col = 16 * j + 2 * tk::laneid() + 8 * (c >> 1) + (c & 1);
-                p.col_max[col] = col_max.data[j][c];
-                p.col_sum[col] = col_sum.data[j][c];
-            }
-    }
+    tk::warp::store(p.col_max, col_max, 0, 64);
+    tk::warp::store(p.col_sum, col_sum, 0, 64);
 
     tk::rt_fl<32, 64> shifted;
     tk::warp::sub_row(shifted, tile, row_max);
@@ -113,6 +107,39 @@ __global__ void __launch_bounds__(tk::kWarpThreads) register_ops_kernel(Register
     tk::rt_fl<32, 64> z;
     tk::warp::add_col(z, tile, col_max);
     tk::warp::store(tk::gl<float>{p.z, p.rows, p.cols, p.cols}, z, 0, 0);
+}
+
+// ---- the online softmax vocabulary: state, softcap, row masks, rescale, finish ----------------
+
+// The columns [0, hi) a row sees.
+struct ColumnsBelow {
+    int hi;
+    __device__ bool contains(int col) const { return col < hi; }
+};
+
+__global__ void __launch_bounds__(tk::kWarpThreads) online_softmax_kernel(OnlineSoftmaxParams p) {
+    constexpr int kBlock = 32;
+    const tk::gl<float> x{const_cast<float*>(p.x), 16, p.cols, p.cols};
+    tk::row_values<ColumnsBelow, 16> rows;
+    tk::warp::make_rows(rows, [&](int r) { return ColumnsBelow{p.keys[r]}; });
+    const bool capped = p.softcap > 0.f;
+    tk::softmax_state<16> st;
+    tk::warp::softmax_init(st, capped ? tk::kLog2e : p.scale * tk::kLog2e);
+    tk::rt_fl<16, kBlock> o;
+    tk::warp::zero(o);
+    for (int c0 = 0; c0 < p.cols; c0 += kBlock) {
+        tk::rt_fl<16, kBlock> s;
+        tk::warp::load(s, x, 0, c0);
+        if (capped) tk::warp::softcap(s, s, p.scale, p.softcap);
+        tk::warp::mask(s, s, rows, c0, -INFINITY);
+        tk::warp::softmax_update(st, s);
+        tk::warp::softmax_rescale(o, st);
+        tk::warp::add(o, o, s);
+    }
+    tk::rv_rows<float, 16> lse;
+    tk::warp::softmax_finish(o, lse, st);
+    tk::warp::store(tk::gl<float>{p.o, 16, kBlock, kBlock}, o, 0, 0);
+    tk::warp::store(p.lse, lse, 0, 16);
 }
 
 // ---- wgmma: every operand layout, A from shared memory or registers ----------------------------
@@ -225,6 +252,12 @@ cudaError_t launch_tma_roundtrip(const TmaRoundtripParams& p, cudaStream_t strea
 
 cudaError_t launch_register_ops(const RegisterOpsParams& p, cudaStream_t stream) {
     register_ops_kernel<<<1, tk::kWarpThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+}
+
+cudaError_t launch_online_softmax(const OnlineSoftmaxParams& p, cudaStream_t stream) {
+    if (p.cols <= 0 || p.cols % 32 != 0 || p.cols > 256) return cudaErrorInvalidValue;
+    online_softmax_kernel<<<1, tk::kWarpThreads, 0, stream>>>(p);
     return cudaGetLastError();
 }
 

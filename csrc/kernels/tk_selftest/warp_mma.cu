@@ -77,11 +77,10 @@ __global__ void __launch_bounds__(kMaxWarps * tk::kWarpThreads) warp_mma_kernel(
     tk::rt_fl<16, N> c;
     if constexpr (!Transposed) {
         // S = Q·Kᵀ: per 16 columns of c (16 keys), reduce over k 16 at a time.
+        tk::warp::zero(c);
 #pragma unroll
         for (int n = 0; n < N / 16; ++n) {
             tk::rt_base<float>& x = c.tiles[0][n];
-#pragma unroll
-            for (int k = 0; k < 4; ++k) x.data[k] = make_float2(0.f, 0.f);
             const auto b_rows = tk::warp::ldsm_rows(s.b, 16 * n, 0);
 #pragma unroll
             for (int kk = 0; kk < K / 16; ++kk) {
@@ -100,21 +99,19 @@ __global__ void __launch_bounds__(kMaxWarps * tk::kWarpThreads) warp_mma_kernel(
         tk::warp::load_base(eye, tk::warp::ldsm_rows(s.eye, 0, 0), 0);
 #pragma unroll
         for (int kk = 0; kk < K / 16; ++kk) {
-            tk::rt_base<float> x;
-#pragma unroll
-            for (int k = 0; k < 4; ++k) x.data[k] = make_float2(0.f, 0.f);
+            tk::rt_fl<16, 16> x;
+            tk::warp::zero(x);
             tk::rt_base<T> qa;
             tk::warp::load_base(qa, a_rows, kk);
-            tk::warp::mma_ABt(x, qa, eye);
-            tk::rt_base<T> prob;
-#pragma unroll
-            for (int k = 0; k < 4; ++k) prob.data[k] = tk::from_float2<T>(x.data[k]);
+            tk::warp::mma_ABt(x.tiles[0][0], qa, eye);
+            tk::rt<T, 16, 16> prob;
+            tk::warp::copy(prob, x);
             const auto v_cols = tk::warp::ldsm_rows_transposed(s.b, 16 * kk, 0);
 #pragma unroll
             for (int n = 0; n < N / 16; ++n) {
                 tk::rt_base<T> vb;
                 tk::warp::load_base_transposed(vb, v_cols, n);
-                tk::warp::mma_ABt(c.tiles[0][n], prob, vb);
+                tk::warp::mma_ABt(c.tiles[0][n], prob.tiles[0][0], vb);
             }
         }
     }

@@ -21,6 +21,9 @@ using bf16_2 = __nv_bfloat162;
 using half_2 = __half2;
 
 inline constexpr int kWarpThreads = 32;
+// log2(e) and ln(2): softmax runs in base 2 (exp2 is one MUFU.EX2), lse is reported in base e.
+inline constexpr float kLog2e = 1.4426950408889634f;
+inline constexpr float kLn2 = 0.6931471805599453f;
 inline constexpr int kWarpgroupWarps = 4;
 inline constexpr int kWarpgroupThreads = kWarpThreads * kWarpgroupWarps;
 

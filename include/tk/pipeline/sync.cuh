@@ -135,6 +135,14 @@ __device__ inline void named_barrier_sync(int id) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(Threads) : "memory");
 }
 
+// Arrives at a named barrier without waiting: with named_barrier_sync on the same id, one group
+// of threads signals another (e.g. whose turn it is to issue tensor-core work).
+template <int Threads>
+__device__ inline void named_barrier_arrive(int id) {
+    static_assert(Threads % kWarpThreads == 0, "a named barrier counts whole warps");
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(Threads) : "memory");
+}
+
 // Orders this thread's generic-proxy shared-memory writes before later async-proxy reads
 // (TMA stores, wgmma operands). Every writer runs it, then the writers synchronise.
 __device__ inline void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }

@@ -72,4 +72,41 @@ TKPY_HD Sequence sequence(const int32_t* cu_seqlens, int b, int fixed_len, int64
     return Sequence{start, int(end - start < fixed_len ? end - start : fixed_len)};
 }
 
+// The order a persistent attention kernel takes its tasks (batch, query head, query tile) in.
+// Query heads are grouped into sections of `section_heads` (batch, head) pairs, heads varying
+// fastest so a kv head's query heads sit next to each other; a section covers whole kv heads
+// whose K and V fit in L2 together (attention_section_heads). Inside a section the query tiles
+// go heaviest first (the last ones, under bottom-right causal masks), and for each tile every
+// head of the section. The CTAs running at one time therefore read the K/V of a few kv heads,
+// which stay hot in L2, and the long causal tiles start first.
+struct TaskCoord {
+    int batch;
+    int head;
+    int q_tile;
+};
+
+TKPY_HD TaskCoord attention_task(int index, int q_tiles, int heads_q, int batch, int section_heads) {
+    const int pairs = heads_q * batch;
+    const int per_section = section_heads * q_tiles;
+    const int section = index / per_section;
+    const int pair0 = section * section_heads;
+    const int width = pairs - pair0 < section_heads ? pairs - pair0 : section_heads;  // the last may be narrower
+    const int rank = index - section * per_section;
+    const int pair = pair0 + rank % width;
+    return TaskCoord{pair / heads_q, pair % heads_q, q_tiles - 1 - rank / width};
+}
+
+// (batch, head) pairs per section of attention_task: as many whole kv heads (with all their query
+// heads) as fit in half of L2 with both their K and V of seqlen_k x head_dim, at least one.
+TKPY_HD int attention_section_heads(int heads_q, int heads_kv, int batch, int seqlen_k, int head_dim,
+                                    int elem_bytes, int64_t l2_bytes) {
+    const int group = heads_q / heads_kv;
+    const int64_t kv_head_bytes = 2 * int64_t(seqlen_k) * head_dim * elem_bytes;
+    int64_t kv_heads = kv_head_bytes > 0 ? (l2_bytes / 2) / kv_head_bytes : int64_t(heads_kv) * batch;
+    kv_heads = kv_heads < 1 ? 1 : kv_heads;
+    const int64_t pairs = int64_t(heads_q) * batch;
+    const int64_t heads = kv_heads * group;
+    return int(heads < pairs ? heads : pairs);
+}
+
 }  // namespace tkpy::detail

@@ -47,7 +47,8 @@ struct KeyRanges {
     Range a;
     Range b;
 
-    TKPY_HD bool contains(int j) const { return (j >= a.lo && j < a.hi) || (j >= b.lo && j < b.hi); }
+    // Bitwise, not short-circuit: no branch, so a kernel can mask between two wgmma waits.
+    TKPY_HD bool contains(int j) const { return ((j >= a.lo) & (j < a.hi)) | ((j >= b.lo) & (j < b.hi)); }
 };
 
 TKPY_HD KeyRanges sparse_visible_keys(int i, int sq, int sk, int32_t type, int sink, int local, const SparseHeads& h) {

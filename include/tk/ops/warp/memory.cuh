@@ -129,5 +129,19 @@ __device__ inline void store(U* dst, const rv_rows<T, R>& src, int64_t row0, int
         }
 }
 
+// A per-column vector to global memory (lanes 0..3 hold every column once; columns past `cols`
+// are skipped).
+template <tile_element U, tile_element T, int C>
+__device__ inline void store(U* dst, const rv_cols<T, C>& src, int64_t col0, int64_t cols) {
+    if (laneid() >= 4) return;
+#pragma unroll
+    for (int j = 0; j < C / 16; ++j)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int64_t c = col0 + 16 * j + 2 * laneid() + 8 * (k >> 1) + (k & 1);
+            if (c < cols) dst[c] = from_float<U>(to_float(src.data[j][k]));
+        }
+}
+
 }  // namespace warp
 }  // namespace tk

@@ -121,8 +121,10 @@ __device__ inline void copy(rv_rows<T, R>& dst, const rv_rows<T, R>& src) {
 
 // vec[r] = Op over the columns of row r. Register k of a base tile is in row g + 8 * (k & 1);
 // the 4 lanes of a quad (same g) hold the row's other columns, so a quad shuffle finishes it.
-template <typename Op, tile_element TV, tile_element T, int R, int C>
-__device__ inline void row_reduce(rv_rows<TV, R>& vec, const rt<T, R, C>& src) {
+// With `accum`, vec[r] = Op(accum[r], that); without `Quad`, each lane keeps its own columns' part
+// (a running sum can add the quad's parts once, at the end: complete_row_sum).
+template <typename Op, bool Quad = true, tile_element TV, tile_element T, int R, int C>
+__device__ inline void row_reduce(rv_rows<TV, R>& vec, const rt<T, R, C>& src, const rv_rows<TV, R>* accum = nullptr) {
 #pragma unroll
     for (int i = 0; i < src.height; ++i) {
         float acc[2] = {Op::identity(), Op::identity()};
@@ -135,8 +137,11 @@ __device__ inline void row_reduce(rv_rows<TV, R>& vec, const rt<T, R, C>& src) {
             }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            acc[h] = Op::apply(acc[h], __shfl_xor_sync(0xffffffff, acc[h], 1));
-            acc[h] = Op::apply(acc[h], __shfl_xor_sync(0xffffffff, acc[h], 2));
+            if constexpr (Quad) {
+                acc[h] = Op::apply(acc[h], __shfl_xor_sync(0xffffffff, acc[h], 1));
+                acc[h] = Op::apply(acc[h], __shfl_xor_sync(0xffffffff, acc[h], 2));
+            }
+            if (accum != nullptr) acc[h] = Op::apply(to_float(accum->data[i][h]), acc[h]);
             vec.data[i][h] = from_float<TV>(acc[h]);
         }
     }
@@ -171,6 +176,30 @@ template <typename V, typename RT>
 __device__ inline void row_max(V& vec, const RT& src) { row_reduce<ops::max>(vec, src); }
 template <typename V, typename RT>
 __device__ inline void row_sum(V& vec, const RT& src) { row_reduce<ops::sum>(vec, src); }
+// Accumulating forms: vec = max(accum, row max of src), vec = accum + row sum of src.
+template <typename V, typename RT>
+__device__ inline void row_max(V& vec, const RT& src, const V& accum) { row_reduce<ops::max>(vec, src, &accum); }
+template <typename V, typename RT>
+__device__ inline void row_sum(V& vec, const RT& src, const V& accum) { row_reduce<ops::sum>(vec, src, &accum); }
+// vec = accum + this lane's part of the row sum of src: no shuffle. A running sum built this way
+// is whole only after complete_row_sum.
+template <typename V, typename RT>
+__device__ inline void row_partial_sum(V& vec, const RT& src, const V& accum) {
+    row_reduce<ops::sum, false>(vec, src, &accum);
+}
+// Adds up the quad's parts of a row sum made by row_partial_sum.
+template <tile_element T, int R>
+__device__ inline void complete_row_sum(rv_rows<T, R>& vec) {
+#pragma unroll
+    for (int i = 0; i < R / 16; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float v = to_float(vec.data[i][h]);
+            v += __shfl_xor_sync(0xffffffff, v, 1);
+            v += __shfl_xor_sync(0xffffffff, v, 2);
+            vec.data[i][h] = from_float<T>(v);
+        }
+}
 template <typename V, typename RT>
 __device__ inline void col_max(V& vec, const RT& src) { col_reduce<ops::max>(vec, src); }
 template <typename V, typename RT>
@@ -204,6 +233,43 @@ __device__ inline void broadcast_cols(rt<T, R, C>& dst, const rt<T, R, C>& src, 
                 const int c = 2 * (k >> 1);
                 dst.tiles[i][j].data[k] = from_float2<T>(
                     make_float2(f(v.x, to_float(vec.data[j][c])), f(v.y, to_float(vec.data[j][c + 1]))));
+            }
+}
+
+// rows[r] = f(r) for each row r (0 .. R - 1, tile-relative) this lane holds: 2 per 16-row band.
+template <typename X, int R, typename F>
+__device__ inline void make_rows(row_values<X, R>& rows, F f) {
+#pragma unroll
+    for (int i = 0; i < R / 16; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) rows.data[i][h] = f(16 * i + laneid() / 4 + 8 * h);
+}
+
+// dst[r] = f(src[r]) for each row this lane holds.
+template <typename Y, typename X, int R, typename F>
+__device__ inline void map_rows(row_values<Y, R>& dst, const row_values<X, R>& src, F f) {
+#pragma unroll
+    for (int i = 0; i < R / 16; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) dst.data[i][h] = f(src.data[i][h]);
+}
+
+// dst = src where rows[r].contains(col0 + c), `fill` elsewhere: a mask described row by row (e.g.
+// the keys a query row sees), so the per-row work is done once per row, not per element.
+template <tile_element T, int R, int C, typename X>
+__device__ inline void mask(rt<T, R, C>& dst, const rt<T, R, C>& src, const row_values<X, R>& rows, int col0,
+                            float fill) {
+#pragma unroll
+    for (int i = 0; i < dst.height; ++i)
+#pragma unroll
+        for (int j = 0; j < dst.width; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const X& row = rows.data[i][k & 1];
+                const int col = col0 + 16 * j + 2 * (laneid() % 4) + 8 * (k >> 1);
+                const float2 v = to_float2<T>(src.tiles[i][j].data[k]);
+                dst.tiles[i][j].data[k] =
+                    from_float2<T>(make_float2(row.contains(col) ? v.x : fill, row.contains(col + 1) ? v.y : fill));
             }
 }
 

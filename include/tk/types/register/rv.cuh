@@ -26,6 +26,15 @@ struct rv_cols {
     T data[Cols / 16][4];
 };
 
+// Any per-row value (e.g. the key range a query row sees), spread over the warp like rv_rows: what
+// warp::mask takes to decide, row by row, which columns to keep.
+template <typename X, int Rows>
+struct row_values {
+    static_assert(Rows > 0 && Rows % 16 == 0, "row_values length must be a positive multiple of 16");
+    static constexpr int length = Rows;
+    X data[Rows / 16][2];
+};
+
 template <register_tile RT>
 using rows_of = rv_rows<typename RT::dtype, RT::rows>;
 template <register_tile RT>

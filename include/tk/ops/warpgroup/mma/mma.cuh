@@ -90,6 +90,15 @@ __device__ inline void mma_fence(rt<float, 16, N>& d, rt<T, 16, K>& a) {
     mma_fence(d);
 }
 
+// Computes a register tile's pending values here: the compiler may neither sink their computation
+// past this point nor hoist later reads above it. Between a wait for one wgmma group and the wait
+// for the next, it keeps work meant to overlap the second (a softmax) ahead of its wait.
+template <int R, int N>
+__device__ inline void pin(rt<float, R, N>& x) {
+    static_assert(R == 16, "pin: a warp's 16-row tile");
+    detail::pin_accumulator(x);
+}
+
 __device__ inline void mma_commit_group() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 
 // Waits until at most N committed wgmma groups are still running, then pins d so that no read of

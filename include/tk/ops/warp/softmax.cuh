@@ -1,0 +1,149 @@
+// The online softmax of attention (FlashAttention 2/3), as warp-scope ops on register tiles: one
+// definition for every kernel that normalises scores block by block (prefill, decode).
+//
+// Scores stay raw (the unscaled q·k, or the soft-capped score) and the state keeps each row's
+// running max of them; exponents are formed as one FFMA per element, score · c - max · c with
+// c = softmax scale · log2(e), and exp2. That needs c > 0, which the ops' validation guarantees
+// (softmax_scale, k_scale > 0). A row that has seen no key yet has max -inf: its exponent offset
+// is 0, so exp2 never meets inf - inf, and a masked score (-inf) weighs 0.
+//
+//   softmax_state<16> st;   warp::softmax_init(st, scale * kLog2e);
+//   per block:  S = Q Kᵀ;  mask S;  warp::softmax_update(st, S);      // S now holds exp2 weights
+//               warp::softmax_rescale(O, st);  P = S (to bf16);  O += P V
+//   at the end: warp::softmax_finish(O, lse, st);                     // O / l, and lse (base e)
+#pragma once
+
+#include "register.cuh"
+
+namespace tk {
+
+// The weight of a base-2 exponent x in a sum normalised at max_log2 (also base 2): exp2(x - max),
+// with offset 0 for a max of -inf (nothing seen yet). Combining partial softmaxes (the warps or
+// splits of a decode) weighs each part's max with it.
+__device__ inline float softmax_weight(float x, float max_log2) {
+    return exp2f(x - (max_log2 == -INFINITY ? 0.f : max_log2));
+}
+
+// lse (base e) of a row whose weights, normalised at max_log2, sum to `sum`; -inf when it saw no key.
+__device__ inline float softmax_lse(float max_log2, float sum) {
+    return sum > 0.f ? (max_log2 + log2f(sum)) * kLn2 : -INFINITY;
+}
+
+// The running softmax of a Rows-row score stream.
+template <int Rows>
+struct softmax_state {
+    rv_rows<float, Rows> max;      // running max of each row's raw scores; -inf before any key
+    rv_rows<float, Rows> sum;      // this lane's part of the running sum of weights (the quad's parts are added at the end)
+    rv_rows<float, Rows> rescale;  // what the latest update multiplied the sum by; O needs the same
+    float scale_log2;              // c: raw score -> base-2 exponent, c > 0
+};
+
+namespace warp {
+
+template <int R>
+__device__ inline void softmax_init(softmax_state<R>& st, float scale_log2) {
+    fill(st.max, -INFINITY);
+    fill(st.sum, 0.f);
+    fill(st.rescale, 1.f);
+    st.scale_log2 = scale_log2;
+}
+
+// tanh through the SFU (MUFU.TANH, sm_75+): max relative error about 2^-11, below bf16's rounding;
+// tanhf's expansion needs a dozen registers per element in flight, which the attention
+// consumers, holding O, S and P at once, do not have.
+__device__ inline float fast_tanh(float x) {
+    float y;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Scores of a soft-capped softmax: dst = cap · tanh(src · scale / cap), the logit cap of Gemma and
+// Grok (with the state's c = log2(e), since the scale is already applied).
+template <int R, int C>
+__device__ inline void softcap(rt_fl<R, C>& dst, const rt_fl<R, C>& src, float scale, float cap) {
+    const float pre = scale / cap;
+#pragma unroll
+    for (int i = 0; i < dst.height; ++i)
+#pragma unroll
+        for (int j = 0; j < dst.width; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float2 v = src.tiles[i][j].data[k];
+                dst.tiles[i][j].data[k] = make_float2(cap * fast_tanh(v.x * pre), cap * fast_tanh(v.y * pre));
+            }
+}
+
+// Folds one block of raw scores (masked entries -inf) into the state, replacing them by their
+// weights exp2(s · c - max · c) at the new max. st.rescale is set to exp2((old max - new max) · c),
+// the factor the sum was multiplied by and O must be (softmax_rescale).
+template <int R, int C>
+__device__ inline void softmax_update(softmax_state<R>& st, rt_fl<R, C>& scores) {
+    rv_rows<float, R> new_max;
+    row_max(new_max, scores, st.max);
+    const float c = st.scale_log2;
+#pragma unroll
+    for (int i = 0; i < R / 16; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const float m = new_max.data[i][h];
+            // -inf - -inf never happens: a row still without keys keeps factor 1 (its sum and O are 0).
+            const float rescale = m == -INFINITY ? 1.f : exp2f((st.max.data[i][h] - m) * c);
+            st.rescale.data[i][h] = rescale;
+            st.sum.data[i][h] *= rescale;
+            st.max.data[i][h] = m;
+            new_max.data[i][h] = m == -INFINITY ? 0.f : m * c;  // the exponent offset
+        }
+#pragma unroll
+    for (int i = 0; i < scores.height; ++i)
+#pragma unroll
+        for (int j = 0; j < scores.width; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float offset = new_max.data[i][k & 1];
+                float2& v = scores.tiles[i][j].data[k];
+                v = make_float2(exp2f(fmaf(v.x, c, -offset)), exp2f(fmaf(v.y, c, -offset)));
+            }
+    row_partial_sum(st.sum, scores, st.sum);
+}
+
+// O *= the latest update's rescale factor, row by row.
+template <int R, int C>
+__device__ inline void softmax_rescale(rt_fl<R, C>& o, const softmax_state<R>& st) {
+    mul_row(o, o, st.rescale);
+}
+
+// Each row's max (base 2: max · c, -inf before any key) and whole sum: the state of a partial
+// softmax, for combining several with softmax_weight (decode's warps and splits).
+template <int R>
+__device__ inline void softmax_partials(rv_rows<float, R>& max_log2, rv_rows<float, R>& sum, const softmax_state<R>& st) {
+    copy(sum, st.sum);
+    complete_row_sum(sum);
+    const float c = st.scale_log2;
+#pragma unroll
+    for (int i = 0; i < R / 16; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const float m = st.max.data[i][h];
+            max_log2.data[i][h] = m == -INFINITY ? -INFINITY : m * c;
+        }
+}
+
+// O = O · out_scale / l (0 for a row that saw no key) and lse (base e; -inf for such a row).
+template <int R, int C>
+__device__ inline void softmax_finish(rt_fl<R, C>& o, rv_rows<float, R>& lse, const softmax_state<R>& st,
+                                      float out_scale = 1.f) {
+    rv_rows<float, R> max_log2, sum;
+    softmax_partials(max_log2, sum, st);
+#pragma unroll
+    for (int i = 0; i < R / 16; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const float l = sum.data[i][h];
+            lse.data[i][h] = softmax_lse(max_log2.data[i][h], l);
+            sum.data[i][h] = l > 0.f ? out_scale / l : 0.f;
+        }
+    mul_row(o, o, sum);
+}
+
+}  // namespace warp
+}  // namespace tk
