@@ -70,6 +70,28 @@ __device__ inline void pass_turn(int c) {
     tk::named_barrier_arrive<2 * tk::kWarpgroupThreads>(kTurnBarrier + (c + 1) % Consumers);
 }
 
+// S = Q·Kᵀ of the task's next key block, issued in the warpgroup's turn and waited for, then
+// masked and folded into the softmax: S holds the block's weights. Returns the block's stage.
+template <typename L, int N>
+__device__ inline const typename L::stage& scores_in_turn(tk::rt_fl<16, N>& s, tk::softmax_state<16>& st,
+                                                          const typename L::q_tile& q,
+                                                          tk::pipeline::stage_reader<L>& keys,
+                                                          const AttentionParams& p, const Task& t, int row0, int c) {
+    constexpr int C = L::consumer_warpgroups;
+    const typename L::stage& kv = keys.wait();
+    const int kv_block = kv.kv_block;
+    wait_turn<C>(c);
+    tk::warpgroup::mma_fence(s);
+    tk::warpgroup::mm_ABt(s, q, kv.k);
+    tk::warpgroup::mma_commit_group();
+    pass_turn<C>(c);
+    tk::warpgroup::mma_async_wait<0>(s);
+    keys.release();
+    mask_scores<L::rule>(s, p, t, row0, kv_block * L::kv_rows);
+    tk::warp::softmax_update(st, s);
+    return kv;
+}
+
 template <typename L>
 __device__ inline void consume_pipelined(const typename L::params& prm, typename L::consumer_state& state,
                                          typename L::task_inputs& in, int iterations,
@@ -104,17 +126,7 @@ __device__ inline void consume_pipelined(const typename L::params& prm, typename
         // Ping-pong only: block it's S, softmax and P·V in turn, each wgmma in the warpgroup's turn.
         tk::warp::zero(o);
         for (int it = 0; it < iterations; ++it) {
-            const typename L::stage& kv = keys.wait();
-            const int kv_block = kv.kv_block;
-            wait_turn<C>(c);
-            tk::warpgroup::mma_fence(s);
-            tk::warpgroup::mm_ABt(s, q, kv.k);
-            tk::warpgroup::mma_commit_group();
-            pass_turn<C>(c);
-            tk::warpgroup::mma_async_wait<0>(s);
-            keys.release();
-            mask_scores<L::rule>(s, p, t, row0, kv_block * L::kv_rows);
-            tk::warp::softmax_update(st, s);
+            const typename L::stage& kv = scores_in_turn<L>(s, st, q, keys, p, t, row0, c);
             tk::warp::softmax_rescale(o, st);
             tk::warp::copy(prob, s);
             values.wait();
@@ -127,23 +139,12 @@ __device__ inline void consume_pipelined(const typename L::params& prm, typename
             values.release();
         }
     } else {
-        // Block 0: S_0 alone, then its softmax.
-        const typename L::stage& first = keys.wait();
-        int kv_block = first.kv_block;
-        wait_turn<C>(c);
-        tk::warpgroup::mma_fence(s);
-        tk::warpgroup::mm_ABt(s, q, first.k);
-        tk::warpgroup::mma_commit_group();
-        pass_turn<C>(c);
-        tk::warpgroup::mma_async_wait<0>(s);
-        keys.release();
-        mask_scores<L::rule>(s, p, t, row0, kv_block * L::kv_rows);
-        tk::warp::softmax_update(st, s);
+        scores_in_turn<L>(s, st, q, keys, p, t, row0, c);  // block 0: S_0 alone, then its softmax
         tk::warp::copy(prob, s);
 
         for (int it = 1; it < iterations; ++it) {
             const typename L::stage& next = keys.wait();
-            kv_block = next.kv_block;
+            const int kv_block = next.kv_block;
             const typename L::stage& current = values.wait();
             wait_turn<C>(c);
             tk::warpgroup::mma_fence(s);
