@@ -312,6 +312,10 @@ CUDA_LARGE_CASES = {
     "sq_gt_sk_causal_d256": (1, 3000, 2000, 2, 2, 256, True, (-1, -1)),
     "decode_s8191_d128": (4, 1, 8191, 8, 1, 128, True, (-1, -1)),
     "window_s5000_d128": (1, 5000, 5000, 4, 4, 128, True, (1024, -1)),
+    # Several tasks per persistent CTA (more tasks than SMs) on every head dim's tiles: the task
+    # slot and, in the pipelined kernel, the consumers' turns carry over from task to task.
+    "tasks_per_cta_causal_d64": (2, 3000, 3000, 16, 16, 64, True, (-1, -1)),
+    "tasks_per_cta_d256_gqa4": (2, 1500, 1500, 16, 4, 256, False, (-1, -1)),
 }
 
 

@@ -5,6 +5,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <atomic>
+
 namespace tk {
 
 namespace detail {
@@ -13,13 +15,15 @@ namespace detail {
 template <cudaDeviceAttr Attribute>
 inline int cached_device_attribute() {
     constexpr int kMaxDevices = 64;
-    static int values[kMaxDevices] = {};
+    static std::atomic<int> values[kMaxDevices] = {};  // launches may come from several host threads
     int device = 0;
     if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return 0;
-    if (values[device] == 0 && cudaDeviceGetAttribute(&values[device], Attribute, device) != cudaSuccess) {
-        values[device] = 0;
+    int value = values[device].load(std::memory_order_relaxed);
+    if (value == 0) {
+        if (cudaDeviceGetAttribute(&value, Attribute, device) != cudaSuccess) return 0;
+        values[device].store(value, std::memory_order_relaxed);
     }
-    return values[device];
+    return value;
 }
 
 }  // namespace detail

@@ -182,6 +182,9 @@ __device__ inline void consume(const typename L::params& params, ring<L>& r, tas
             wait(slot.full, slot_parity);
             const int iters = slot.iterations;
             L::consume(params, state, inputs, iters, readers, scratch, index, consumer);
+            // Every warp has read the count and is done with the inputs before the one arrival
+            // frees them: consume may return early in some warps (a task with nothing to do).
+            warpgroup::sync(consumer);
             if (leader) arrive(slot.empty);
             slot_parity ^= 1;
         }
