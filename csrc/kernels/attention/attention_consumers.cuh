@@ -54,7 +54,7 @@ __device__ inline void consume_baseline(const typename L::params& prm, typename 
 //   softmax of one warpgroup then runs while another's wgmma occupy the tensor cores. Every
 //   consumer of a task takes the same number of turns, so the turns stay in step across tasks;
 //   the last consumer gives the very first turn.
-//   In-warpgroup (attn_tile::overlap): S_j+1 = Q·K_j+1ᵀ and O += P_j·V_j are issued together,
+//   In-warpgroup: S_j+1 = Q·K_j+1ᵀ and O += P_j·V_j are issued together,
 //   S first; waiting with depth 1 returns S_j+1 while P_j·V_j still runs, and its softmax overlaps
 //   that wgmma. O is rescaled once P_j·V_j is done; the first P·V overwrites O, so O is never
 //   zeroed. The loop body exists once and is branch-free between the two waits (ScoreRule).
@@ -122,61 +122,43 @@ __device__ inline void consume_pipelined(const typename L::params& prm, typename
         return;
     }
 
-    if constexpr (!L::cfg::overlap) {
-        // Ping-pong only: block it's S, softmax and P·V in turn, each wgmma in the warpgroup's turn.
-        tk::warp::zero(o);
-        for (int it = 0; it < iterations; ++it) {
-            const typename L::stage& kv = scores_in_turn<L>(s, st, q, keys, p, t, row0, c);
-            tk::warp::softmax_rescale(o, st);
-            tk::warp::copy(prob, s);
-            values.wait();
-            wait_turn<C>(c);
-            tk::warpgroup::mma_fence(o, prob);
-            tk::warpgroup::mma_AB(o, prob, kv.v);
-            tk::warpgroup::mma_commit_group();
-            pass_turn<C>(c);
-            tk::warpgroup::mma_async_wait<0>(o);
-            values.release();
-        }
-    } else {
-        scores_in_turn<L>(s, st, q, keys, p, t, row0, c);  // block 0: S_0 alone, then its softmax
-        tk::warp::copy(prob, s);
+    scores_in_turn<L>(s, st, q, keys, p, t, row0, c);  // block 0: S_0 alone, then its softmax
+    tk::warp::copy(prob, s);
 
-        for (int it = 1; it < iterations; ++it) {
-            const typename L::stage& next = keys.wait();
-            const int kv_block = next.kv_block;
-            const typename L::stage& current = values.wait();
-            wait_turn<C>(c);
-            tk::warpgroup::mma_fence(s);
-            tk::warpgroup::mm_ABt(s, q, next.k);
-            tk::warpgroup::mma_commit_group();
-            tk::warpgroup::mma_fence(o, prob);
-            tk::warpgroup::mma_AB(o, prob, current.v, it > 1);
-            tk::warpgroup::mma_commit_group();
-            pass_turn<C>(c);
-
-            tk::warpgroup::mma_async_wait<1>(s);  // S_it is in, P·V still runs
-            keys.release();
-            mask_scores<L::rule>(s, p, t, row0, kv_block * L::kv_rows);
-            tk::warp::softmax_update(st, s);
-            tk::warpgroup::pin(s);  // the softmax is computed here, under P·V
-
-            tk::warpgroup::mma_async_wait<0>(o);
-            values.release();
-            tk::warp::softmax_rescale(o, st);
-            tk::warp::copy(prob, s);
-        }
-
-        // The last block's P·V.
-        const typename L::stage& last = values.wait();
+    for (int it = 1; it < iterations; ++it) {
+        const typename L::stage& next = keys.wait();
+        const int kv_block = next.kv_block;
+        const typename L::stage& current = values.wait();
         wait_turn<C>(c);
+        tk::warpgroup::mma_fence(s);
+        tk::warpgroup::mm_ABt(s, q, next.k);
+        tk::warpgroup::mma_commit_group();
         tk::warpgroup::mma_fence(o, prob);
-        tk::warpgroup::mma_AB(o, prob, last.v, iterations > 1);
+        tk::warpgroup::mma_AB(o, prob, current.v, it > 1);
         tk::warpgroup::mma_commit_group();
         pass_turn<C>(c);
+
+        tk::warpgroup::mma_async_wait<1>(s);  // S_it is in, P·V still runs
+        keys.release();
+        mask_scores<L::rule>(s, p, t, row0, kv_block * L::kv_rows);
+        tk::warp::softmax_update(st, s);
+        tk::warpgroup::pin(s);  // the softmax is computed here, under P·V
+
         tk::warpgroup::mma_async_wait<0>(o);
         values.release();
+        tk::warp::softmax_rescale(o, st);
+        tk::warp::copy(prob, s);
     }
+
+    // The last block's P·V.
+    const typename L::stage& last = values.wait();
+    wait_turn<C>(c);
+    tk::warpgroup::mma_fence(o, prob);
+    tk::warpgroup::mma_AB(o, prob, last.v, iterations > 1);
+    tk::warpgroup::mma_commit_group();
+    pass_turn<C>(c);
+    tk::warpgroup::mma_async_wait<0>(o);
+    values.release();
     store_output<L, T, D>(prm, t, in.q[c], o, st, true, c);
 }
 

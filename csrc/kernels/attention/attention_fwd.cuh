@@ -32,48 +32,44 @@ namespace tkpy::attention {
 
 inline constexpr int kConsumerRows = 64;
 
-// Per-head-dim tiles of each kernel: key/value block rows and ring stages (ThunderKittens' sizes:
-// 128-row KV blocks, 4 stages at D = 64, 2 at D = 128; 64-row blocks at D = 256 so that the
-// 128-float O accumulator and S fit), dense attention's consumer warpgroups (sparse heads always
-// take 2: their query tiles are LServe's 128-token blocks), and whether the pipelined kernel
-// overlaps within a warpgroup. `sparse_`: the pipelined kernel's tiles for sparse heads, whose
-// masks need more registers.
+// Per-head-dim tiles of each kernel: key/value block rows and ring stages (ThunderKittens' sizes
+// for the baseline: 128-row KV blocks, 4 stages at D = 64, 2 at D = 128; 64-row blocks at D = 256
+// so that the 128-float O accumulator and S fit), dense attention's consumer warpgroups (sparse
+// heads always take 2: their query tiles are LServe's 128-token blocks) and, under `sparse_`, the
+// pipelined kernel's KV blocks for sparse heads, which must divide those 128-token blocks. The
+// pipelined kernel holds O, S and the previous block's P at once (in-warpgroup overlap); its KV
+// blocks are as large as that leaves registers for, without a spill.
 template <int D, Kernel K>
 struct attn_tile;
 template <Kernel K>
 struct attn_tile<64, K> {
-    // Pipelined: 3 x 64 query rows, as ThunderKittens runs D = 64. The in-warpgroup overlap holds
-    // O, S and the previous block's P at once, which with 128-row KV blocks (32 + 64 + 32) leaves
-    // too little of 160 registers; 64-row blocks (32 + 32 + 16) fit, with more stages in flight.
+    // Pipelined, dense: 3 x 64 query rows, as ThunderKittens runs D = 64; at 152 registers O, S
+    // and P fit with 64-row KV blocks (32 + 32 + 16), not with 128-row ones (32 + 64 + 32).
     static constexpr int kv_rows = K == Kernel::pipelined ? 64 : 128;
     static constexpr int stages = K == Kernel::pipelined ? 6 : 4;
-    static constexpr int sparse_kv_rows = kv_rows;
-    static constexpr int sparse_stages = stages;
+    static constexpr int sparse_kv_rows = 128;
+    static constexpr int sparse_stages = 4;
     static constexpr int dense_consumers = K == Kernel::pipelined ? 3 : 2;
-    static constexpr bool overlap = true;
 };
 template <Kernel K>
 struct attn_tile<128, K> {
-    // In-warpgroup overlap holds O (64 floats), S (64) and P (32) at once: more than 3 consumers'
-    // 160 registers, so 128-row tiles at 232 registers, as FlashAttention-3 runs D = 128. Sparse
-    // heads' masks on top of that spill; 64-row KV blocks do not.
+    // Pipelined: 2 x 64 query rows at 232 registers, as FlashAttention-3 runs D = 128; 3 consumers'
+    // 152 registers could not hold O (64 floats), S (64) and P (32) at once.
     static constexpr int kv_rows = 128;
     static constexpr int stages = 2;
-    static constexpr int sparse_kv_rows = K == Kernel::pipelined ? 64 : 128;
-    static constexpr int sparse_stages = K == Kernel::pipelined ? 4 : 2;
+    static constexpr int sparse_kv_rows = 128;
+    static constexpr int sparse_stages = 2;
     static constexpr int dense_consumers = 2;
-    static constexpr bool overlap = true;
 };
 template <Kernel K>
 struct attn_tile<256, K> {
-    static constexpr int kv_rows = 64;
-    static constexpr int stages = 2;
-    static constexpr int sparse_kv_rows = kv_rows;
-    static constexpr int sparse_stages = stages;
+    // Pipelined: O alone is 128 floats; beside it S and P of 64-row KV blocks spill at 224
+    // registers, of 48-row blocks (32 for sparse heads) they do not.
+    static constexpr int kv_rows = K == Kernel::pipelined ? 48 : 64;
+    static constexpr int stages = K == Kernel::pipelined ? 3 : 2;
+    static constexpr int sparse_kv_rows = K == Kernel::pipelined ? 32 : 64;
+    static constexpr int sparse_stages = K == Kernel::pipelined ? 4 : 2;
     static constexpr int dense_consumers = 2;
-    // O alone is 128 floats: holding the previous block's P beside the next S spills even with
-    // 32-row blocks, so D = 256 takes the ping-pong without in-warpgroup overlap.
-    static constexpr bool overlap = false;
 };
 
 // The setmaxnreg split of the CTA's registers: 2 consumers (384 threads at 168 each) or 3 (512 at
@@ -85,6 +81,19 @@ struct attn_registers {
     static constexpr int producer = Consumers == 3 ? 40 : (D == 256 ? 56 : 40);
     static constexpr int consumer = Consumers == 3 ? 152 : (D == 256 ? 224 : 232);
 };
+
+// How a kernel forms a block's scores. Decided per block at run time (`fixed` false): skips the
+// mask for blocks entirely inside it. Or fixed at compile time for a whole launch: the launch's
+// sparse-ness and softcap are template arguments and every block is masked, so that the code
+// between two wgmma waits is one basic block. ptxas waits for every wgmma in flight at a branch,
+// and when the accumulator in flight flows through more than one copy of the loop body, which
+// would undo the pipelined kernel's overlap.
+struct ScoreRule {
+    bool fixed;
+    bool sparse;
+    bool capped;
+};
+inline constexpr ScoreRule kScoresPerBlock{false, false, false};
 
 // What a task is and what it needs, computed identically by the producer and the consumers.
 struct Task {
@@ -111,7 +120,28 @@ struct TaskOrder {
     int section_heads;
 };
 
+// The dense plan: the kv blocks the tile's rows see through the window.
 template <int TileRows, int KvRows>
+__device__ inline void plan_dense(Task& t, const AttentionParams& p) {
+    const detail::Range r =
+        detail::key_blocks(t.q0, t.q0 + TileRows, t.seq_q.len, t.seq_k.len, p.window_left, p.window_right, KvRows);
+    t.plan = detail::KeyBlockPlan{r, detail::Range{0, 0}, nullptr, 0, r};
+}
+
+// A sparse head's plan, in 128-token blocks of `sub` kv blocks, and its type's token rules.
+template <int TileRows, int KvRows>
+__device__ inline void plan_sparse(Task& t, const AttentionParams& p) {
+    static_assert(TileRows == detail::kSparseBlock && detail::kSparseBlock % KvRows == 0,
+                  "sparse attention: query tiles must be the 128-token blocks, kv blocks must divide them");
+    t.plan = detail::sparse_plan(p.sparse, t.batch, t.head, t.q0 / detail::kSparseBlock, t.seq_q.len, t.seq_k.len);
+    t.sub = detail::kSparseBlock / KvRows;
+    t.type = p.sparse.head_mask_type[t.head];
+    t.sink = p.sparse.streaming_info[2 * t.head];
+    t.local = p.sparse.streaming_info[2 * t.head + 1];
+}
+
+// A layout with a fixed score rule knows at compile time whether its launches are sparse.
+template <int TileRows, int KvRows, ScoreRule Rule>
 __device__ inline Task make_task(const AttentionParams& p, const TaskOrder& order, int index) {
     const detail::TaskCoord c = detail::attention_task(index, order.q_tiles, p.heads_q, p.batch, order.section_heads);
     Task t;
@@ -125,17 +155,14 @@ __device__ inline Task make_task(const AttentionParams& p, const TaskOrder& orde
     t.plan = detail::KeyBlockPlan{};
     t.sub = 1;
     if (!t.has_rows()) return t;
-    if (p.sparse.head_mask_type == nullptr) {
-        const detail::Range r = detail::key_blocks(t.q0, t.q0 + TileRows, t.seq_q.len, t.seq_k.len, p.window_left,
-                                                   p.window_right, KvRows);
-        t.plan = detail::KeyBlockPlan{r, detail::Range{0, 0}, nullptr, 0, r};
+    if constexpr (Rule.fixed && !Rule.sparse) {
+        plan_dense<TileRows, KvRows>(t, p);
+    } else if constexpr (Rule.fixed) {
+        plan_sparse<TileRows, KvRows>(t, p);
+    } else if (p.sparse.head_mask_type == nullptr) {
+        plan_dense<TileRows, KvRows>(t, p);
     } else {
-        static_assert(detail::kSparseBlock % KvRows == 0, "sparse attention: kv blocks must divide the 128-token blocks");
-        t.plan = detail::sparse_plan(p.sparse, t.batch, t.head, t.q0 / detail::kSparseBlock, t.seq_q.len, t.seq_k.len);
-        t.sub = detail::kSparseBlock / KvRows;
-        t.type = p.sparse.head_mask_type[t.head];
-        t.sink = p.sparse.streaming_info[2 * t.head];
-        t.local = p.sparse.streaming_info[2 * t.head + 1];
+        plan_sparse<TileRows, KvRows>(t, p);
     }
     return t;
 }
@@ -169,19 +196,6 @@ __device__ inline bool task_tile_fully_visible(const AttentionParams& p, const T
 __device__ inline float score_scale_log2(const AttentionParams& p) {
     return p.softcap > 0.f ? tk::kLog2e : p.softmax_scale * tk::kLog2e;
 }
-
-// How a kernel forms a block's scores. Decided per block at run time (`fixed` false): skips the
-// mask for blocks entirely inside it. Or fixed at compile time for a whole launch: the launch's
-// sparse-ness and softcap are template arguments and every block is masked, so that the code
-// between two wgmma waits is one basic block. ptxas waits for every wgmma in flight at a branch,
-// and when the accumulator in flight flows through more than one copy of the loop body, which
-// would undo the pipelined kernel's overlap.
-struct ScoreRule {
-    bool fixed;
-    bool sparse;
-    bool capped;
-};
-inline constexpr ScoreRule kScoresPerBlock{false, false, false};
 
 // A warp's 16 rows of one key block, as the softmax takes them: soft-capped if asked, and -inf
 // where the key is not visible to the row (rows row0.., keys k0..).
@@ -248,7 +262,7 @@ struct AttnLayout {
     __device__ static int num_tasks(const params& prm) { return prm.order.tasks; }
 
     __device__ static Task make(const params& prm, int index) {
-        return make_task<tile_rows, kv_rows>(prm.p, prm.order, index);
+        return make_task<tile_rows, kv_rows, Rule>(prm.p, prm.order, index);
     }
 
     // The task and its kv blocks: none for a tile past its sequence's end (nothing is loaded, not
@@ -395,12 +409,12 @@ cudaError_t launch_layout(const AttentionParams& p, cudaStream_t stream) {
 }
 
 // Sparse heads take 128-row tiles (2 consumers); dense attention the kernel's own choice. The
-// pipelined kernel with in-warpgroup overlap fixes its score rule per launch.
+// pipelined kernel fixes its score rule per launch.
 template <typename T, int D, Kernel Which>
 cudaError_t launch_kernel(const AttentionParams& p, cudaStream_t stream) {
     constexpr int dense = attn_tile<D, Which>::dense_consumers;
     const bool sparse = p.sparse.head_mask_type != nullptr;
-    if constexpr (Which == Kernel::pipelined && attn_tile<D, Which>::overlap) {
+    if constexpr (Which == Kernel::pipelined) {
         const bool capped = p.softcap > 0.f;
         if (sparse) {
             return capped ? launch_layout<T, D, 2, Which, ScoreRule{true, true, true}>(p, stream)

@@ -27,10 +27,20 @@ constexpr uint64_t desc_layout_type() {
 }
 
 // Descriptor of k-slice `k16` (16 columns) of a K-major tile, starting at row `row0` (a multiple of 8).
+// The shared address of a tile, recomputed where it is used: the compiler cannot hoist the
+// descriptors made from it out of a loop, where 16 of them (K = 256) would hold 16-32 registers
+// across the whole loop.
 template <shared_tile ST>
-__device__ inline uint64_t kmajor_desc(const ST& tile, int row0, int k16) {
+__device__ inline uint32_t opaque_addr(const ST& tile) {
+    uint32_t addr = smem_addr(tile.data);
+    asm volatile("" : "+r"(addr));
+    return addr;
+}
+
+template <shared_tile ST>
+__device__ inline uint64_t kmajor_desc(const ST& tile, int row0, int k16, uint32_t base) {
     const int col = 16 * k16;
-    const uint32_t addr = smem_addr(tile.data) + (col / ST::chunk_cols) * ST::chunk_bytes + row0 * ST::swizzle +
+    const uint32_t addr = base + (col / ST::chunk_cols) * ST::chunk_bytes + row0 * ST::swizzle +
                           (col % ST::chunk_cols) * sizeof(typename ST::dtype);
     return desc_encode(addr) | (uint64_t(1) << 16) | (desc_encode(8 * ST::swizzle) << 32) |
            (desc_layout_type<ST::swizzle>() << 62);
@@ -39,8 +49,8 @@ __device__ inline uint64_t kmajor_desc(const ST& tile, int row0, int k16) {
 // Descriptor of k-slice `k16` (16 rows) of an MN-major tile [K][MN]: MN blocks of one swizzle width
 // are ST::chunk_bytes apart (leading byte offset), 8-row groups 8 * swizzle bytes apart.
 template <shared_tile ST>
-__device__ inline uint64_t mnmajor_desc(const ST& tile, int k16) {
-    const uint32_t addr = smem_addr(tile.data) + 16 * k16 * ST::swizzle;
+__device__ inline uint64_t mnmajor_desc(const ST& tile, int k16, uint32_t base) {
+    const uint32_t addr = base + 16 * k16 * ST::swizzle;
     return desc_encode(addr) | (desc_encode(ST::chunk_bytes) << 16) | (desc_encode(8 * ST::swizzle) << 32) |
            (desc_layout_type<ST::swizzle>() << 62);
 }
@@ -116,10 +126,11 @@ __device__ inline void mma_ABt(rt<float, 16, N>& d, const A& a, const B& b, int 
     detail::check_operands<A, B>();
     static_assert(A::cols == B::cols, "mma_ABt: A and B must have the same K (columns)");
     static_assert(B::rows == N, "mma_ABt: B must have N rows");
+    const uint32_t a_base = detail::opaque_addr(a), b_base = detail::opaque_addr(b);
 #pragma unroll
     for (int k = 0; k < A::cols / 16; ++k) {
-        detail::wgmma<typename A::dtype, N>::template ss<0, 0>(d, detail::kmajor_desc(a, a_row, k),
-                                                                detail::kmajor_desc(b, 0, k), accumulate || k > 0);
+        detail::wgmma<typename A::dtype, N>::template ss<0, 0>(d, detail::kmajor_desc(a, a_row, k, a_base),
+                                                                detail::kmajor_desc(b, 0, k, b_base), accumulate || k > 0);
     }
 }
 
@@ -129,10 +140,11 @@ __device__ inline void mma_AB(rt<float, 16, N>& d, const A& a, const B& b, int a
     detail::check_operands<A, B>();
     static_assert(A::cols == B::rows, "mma_AB: A's columns must equal B's rows (K)");
     static_assert(B::cols == N, "mma_AB: B must have N columns");
+    const uint32_t a_base = detail::opaque_addr(a), b_base = detail::opaque_addr(b);
 #pragma unroll
     for (int k = 0; k < A::cols / 16; ++k) {
-        detail::wgmma<typename A::dtype, N>::template ss<0, 1>(d, detail::kmajor_desc(a, a_row, k),
-                                                                detail::mnmajor_desc(b, k), accumulate || k > 0);
+        detail::wgmma<typename A::dtype, N>::template ss<0, 1>(d, detail::kmajor_desc(a, a_row, k, a_base),
+                                                                detail::mnmajor_desc(b, k, b_base), accumulate || k > 0);
     }
 }
 
@@ -142,10 +154,11 @@ __device__ inline void mma_AtBt(rt<float, 16, N>& d, const A& a, const B& b, boo
     detail::check_operands<A, B>();
     static_assert(A::cols == 64, "mma_AtBt: A stored transposed must be [K][64]");
     static_assert(A::rows == B::cols && B::rows == N, "mma_AtBt: shapes must be A [K][64], B [N][K]");
+    const uint32_t a_base = detail::opaque_addr(a), b_base = detail::opaque_addr(b);
 #pragma unroll
     for (int k = 0; k < A::rows / 16; ++k) {
-        detail::wgmma<typename A::dtype, N>::template ss<1, 0>(d, detail::mnmajor_desc(a, k),
-                                                                detail::kmajor_desc(b, 0, k), accumulate || k > 0);
+        detail::wgmma<typename A::dtype, N>::template ss<1, 0>(d, detail::mnmajor_desc(a, k, a_base),
+                                                                detail::kmajor_desc(b, 0, k, b_base), accumulate || k > 0);
     }
 }
 
@@ -155,10 +168,11 @@ __device__ inline void mma_AtB(rt<float, 16, N>& d, const A& a, const B& b, bool
     detail::check_operands<A, B>();
     static_assert(A::cols == 64, "mma_AtB: A stored transposed must be [K][64]");
     static_assert(A::rows == B::rows && B::cols == N, "mma_AtB: shapes must be A [K][64], B [K][N]");
+    const uint32_t a_base = detail::opaque_addr(a), b_base = detail::opaque_addr(b);
 #pragma unroll
     for (int k = 0; k < A::rows / 16; ++k) {
-        detail::wgmma<typename A::dtype, N>::template ss<1, 1>(d, detail::mnmajor_desc(a, k),
-                                                                detail::mnmajor_desc(b, k), accumulate || k > 0);
+        detail::wgmma<typename A::dtype, N>::template ss<1, 1>(d, detail::mnmajor_desc(a, k, a_base),
+                                                                detail::mnmajor_desc(b, k, b_base), accumulate || k > 0);
     }
 }
 
@@ -167,11 +181,12 @@ template <int N, tile_element T, int K, shared_tile B>
 __device__ inline void mma_ABt(rt<float, 16, N>& d, const rt<T, 16, K>& a, const B& b, bool accumulate = true) {
     static_assert(std::is_same_v<T, typename B::dtype> && mma_input<T>, "wgmma: A and B must both be bf16 or half");
     static_assert(B::cols == K && B::rows == N, "mma_ABt: B must be [N][K]");
+    const uint32_t b_base = detail::opaque_addr(b);
 #pragma unroll
     for (int k = 0; k < K / 16; ++k) {
         uint32_t frag[4];
         detail::a_fragment(frag, a, k);
-        detail::wgmma<T, N>::template rs<0>(d, frag, detail::kmajor_desc(b, 0, k), accumulate || k > 0);
+        detail::wgmma<T, N>::template rs<0>(d, frag, detail::kmajor_desc(b, 0, k, b_base), accumulate || k > 0);
     }
 }
 
@@ -180,11 +195,12 @@ template <int N, tile_element T, int K, shared_tile B>
 __device__ inline void mma_AB(rt<float, 16, N>& d, const rt<T, 16, K>& a, const B& b, bool accumulate = true) {
     static_assert(std::is_same_v<T, typename B::dtype> && mma_input<T>, "wgmma: A and B must both be bf16 or half");
     static_assert(B::rows == K && B::cols == N, "mma_AB: B must be [K][N]");
+    const uint32_t b_base = detail::opaque_addr(b);
 #pragma unroll
     for (int k = 0; k < K / 16; ++k) {
         uint32_t frag[4];
         detail::a_fragment(frag, a, k);
-        detail::wgmma<T, N>::template rs<1>(d, frag, detail::mnmajor_desc(b, k), accumulate || k > 0);
+        detail::wgmma<T, N>::template rs<1>(d, frag, detail::mnmajor_desc(b, k, b_base), accumulate || k > 0);
     }
 }
 
