@@ -73,7 +73,8 @@ TORCH_LIBRARY_IMPL(tkpy, CUDA, m) { register_implementations(m); }
 
 namespace {
 
-// _C.set_attention_kernel(name): "baseline", "pipelined", or None for the environment's choice.
+// _C.set_attention_kernel(name): "baseline", "pipelined", or None for the environment's choice;
+// returns the choice it replaces, in the same terms.
 PyObject* set_attention_kernel(PyObject*, PyObject* arg) {
     tkpy::attention::Kernel kernel = tkpy::attention::Kernel::automatic;
     if (arg != Py_None) {
@@ -83,8 +84,9 @@ PyObject* set_attention_kernel(PyObject*, PyObject* arg) {
             return nullptr;
         }
     }
-    tkpy::ops::set_attention_kernel(kernel);
-    Py_RETURN_NONE;
+    const tkpy::attention::Kernel previous = tkpy::ops::set_attention_kernel(kernel);
+    if (previous == tkpy::attention::Kernel::automatic) Py_RETURN_NONE;
+    return PyUnicode_FromString(tkpy::attention::kernel_name(previous));
 }
 
 // _C.attention_kernel(): the name of the kernel CUDA attention calls run now.

@@ -26,7 +26,9 @@ namespace {
 std::atomic<int> kernel_override{int(attention::Kernel::automatic)};
 }  // namespace
 
-void set_attention_kernel(attention::Kernel kernel) { kernel_override.store(int(kernel)); }
+attention::Kernel set_attention_kernel(attention::Kernel kernel) {
+    return attention::Kernel(kernel_override.exchange(int(kernel)));
+}
 
 attention::Kernel selected_attention_kernel() {
     attention::Kernel kernel;

@@ -22,7 +22,8 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, bool trans_b);
 
 // The Hopper forward kernel CUDA calls run: set_attention_kernel's choice, else TKPY_ATTENTION_KERNEL's
 // (read once), else pipelined. A ValueError names the variable when it names no kernel.
-void set_attention_kernel(attention::Kernel kernel);
+// set_attention_kernel returns the choice it replaces (automatic: none).
+attention::Kernel set_attention_kernel(attention::Kernel kernel);
 attention::Kernel selected_attention_kernel();
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

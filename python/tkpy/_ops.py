@@ -85,17 +85,11 @@ def use_attention_kernel(name: Optional[str]):
     the kernel is fixed when the graph is captured."""
     if name not in ("baseline", "pipelined", None):
         raise ValueError(f"use_attention_kernel: expected 'baseline', 'pipelined' or None, got {name!r}")
-    previous = _override[0]
-    _C.set_attention_kernel(name)
-    _override[0] = name
+    previous = _C.set_attention_kernel(name)
     try:
         yield
     finally:
         _C.set_attention_kernel(previous)
-        _override[0] = previous
-
-
-_override: list = [None]  # use_attention_kernel's current choice, restored on exit
 
 
 def float_arg(name: str, x) -> float:

@@ -94,7 +94,8 @@ struct task_inputs_of<L> {
     using type = typename L::task_inputs;
 };
 
-// Dynamic shared memory a launch needs, with slack for aligning the base to 1024 bytes.
+// Dynamic shared memory a launch needs: the base aligned to 1024 bytes, and up to 1023 bytes of
+// padding before each of the three members after the ring (the allocator aligns each to its type).
 template <class L>
 inline constexpr size_t smem_bytes = layout::kTileAlignment + sizeof(ring<L>) + sizeof(typename L::scratch) +
                                      sizeof(typename task_inputs_of<L>::type) + sizeof(task_slot) + 3 * 1024;
