@@ -23,7 +23,7 @@ import tkpy
 SUITE = Path(__file__).resolve().parent / "test_bench_ops.py"
 
 OPS = tuple(dict.fromkeys(case.op for case in cases.all_cases("cpu", None)))
-LSERVE_OP = "token_streaming_attn_func"
+LSERVE_OPS = tuple(op for op in OPS if op.startswith("token_streaming_attn_func"))  # its forward and backward
 # The families' own figures that the tables show, by record key.
 FIGURE_COLUMNS = {
     "density": "rho", "time_vs_dense": "time / dense", "target_time_vs_dense": "target",
@@ -43,11 +43,12 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--benchmark-json", type=Path, help="also write the suite's pytest-benchmark JSON here")
     parser.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
     args = parser.parse_args(argv)
-    if LSERVE_OP in args.ops:
+    lserve = [op for op in args.ops if op in LSERVE_OPS]
+    if lserve:
         try:
             cases.require_head_pattern(args.head_pattern)
         except ValueError as missing:
-            parser.error(f"{missing} (or leave {LSERVE_OP} out of --ops)")
+            parser.error(f"{missing} (or leave {' and '.join(lserve)} out of --ops)")
     return args
 
 
@@ -128,7 +129,8 @@ def _cell(value: Any) -> str:
 
 
 def _op_table(rows: list[dict[str, Any]]) -> list[str]:
-    """One op's records: tkpy, each peer ("n/a" with the reason below), the ratio, the figures, the check."""
+    """One op's records: tkpy, each peer ("n/a" with the reason below when it could not run, "-" when
+    it is not a peer of the case), the ratio, the figures, the check."""
     metric = rows[0]["metric"]
     unit = cases.UNITS[metric][0]
     peers = list(dict.fromkeys(name for r in rows for name in r["peers"]))
@@ -146,9 +148,9 @@ def _op_table(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         cells = [_cell((r.get("other_kernels") or {}).get(name, {}).get(unit, "n/a")) for name in kernels]
         for name in peers:
-            peer = r["peers"].get(name, {"error": "not a peer of this case"})
-            cells.append(_cell(peer.get(unit, "n/a")))
-            if "error" in peer:
+            peer = r["peers"].get(name)  # None: not a peer of this case ("-")
+            cells.append(_cell(None if peer is None else peer.get(unit, "n/a")))
+            if peer is not None and "error" in peer:
                 refused.setdefault((name, peer["error"]), []).append(r["case"])
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x" + (f" {r['peer']}" if len(main) > 1 else "")
         check = "ok" if r["check_passed"] else f"MISMATCH {r['rel_err']:.1e}"

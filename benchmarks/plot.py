@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """tkpy's attention against each peer, TFLOP/s over sequence length: one panel per head dim
-(columns) and mask (rows: full, causal), a line for tkpy and one per peer. A peer that could not
-run a shape has no point there (its record says why). Needs matplotlib, not tkpy.
+(columns) and mask (rows: full, causal), a line for tkpy and one per peer, dashed for the backward
+alone (``flash_attn_func.backward``'s ``bwd-`` cases). A peer that could not run a shape has no point
+there (its record says why). Needs matplotlib, not tkpy.
 
 ``python -m tkpy bench --plot PNG`` draws it from its records, and so does this script from
 pytest-benchmark's JSON (``pytest benchmarks --benchmark-json bench.json``):
@@ -23,34 +24,38 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-OP = "flash_attn_func"
+OP, BACKWARD_OP = "flash_attn_func", "flash_attn_func.backward"
+STYLES = {OP: "-", BACKWARD_OP: "--"}
 
 
 def plot_attention(records: list[dict[str, Any]], env: dict[str, Any], out: Path) -> int:
     """Draw the attention records (``cases.measure``'s) of one device into ``out``; returns how many."""
-    records = [r for r in records if r.get("op") == OP]
+    records = [r for r in records if r.get("op") == OP or (r.get("op") == BACKWARD_OP and r.get("timed") == "backward"
+                                                           and not r.get("deterministic"))]
     if not records:
         return 0
-    panels: dict[tuple[int, bool], dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    # (head dim, causal) -> (name, line style) -> points
+    panels: dict[tuple[int, bool], dict[tuple[str, str], list]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        lines = panels[r["head_dim"], r["causal"]]
-        lines["tkpy"].append((r["seqlen"], r["tkpy_tflops"]))
+        lines, style = panels[r["head_dim"], r["causal"]], STYLES[r["op"]]
+        lines["tkpy", style].append((r["seqlen"], r["tkpy_tflops"]))
         for name, other in r.get("other_kernels", {}).items():
-            lines[f"tkpy {name}"].append((r["seqlen"], other["tflops"]))
+            lines[f"tkpy {name}", style].append((r["seqlen"], other["tflops"]))
         for name, peer in r["peers"].items():
             if "tflops" in peer:
-                lines[name].append((r["seqlen"], peer["tflops"]))
+                lines[name, style].append((r["seqlen"], peer["tflops"]))
     head_dims = sorted({head_dim for head_dim, _ in panels})
-    names = sorted({name for lines in panels.values() for name in lines}, key=lambda n: (n != "tkpy", n))
+    names = sorted({name for lines in panels.values() for name, _ in lines}, key=lambda n: (n != "tkpy", n))
     colors = {name: f"C{i}" for i, name in enumerate(names)}
     fig, axes = plt.subplots(2, len(head_dims), figsize=(4.2 * len(head_dims), 7.2), sharey=True, squeeze=False)
     for row, causal in enumerate((False, True)):
         for col, head_dim in enumerate(head_dims):
             ax, lines = axes[row][col], panels.get((head_dim, causal), {})
             ax.set_title(f"D={head_dim}, {'causal' if causal else 'full'}", fontsize=10)
-            for name, points in lines.items():
+            for (name, style), points in lines.items():
                 xs, ys = zip(*sorted(points))
-                ax.plot(xs, ys, marker="o", color=colors[name], linewidth=2.5 if name == "tkpy" else 1.5)
+                ax.plot(xs, ys, marker="o", color=colors[name], linestyle=style,
+                        linewidth=2.5 if name == "tkpy" else 1.5)
             seqlens = sorted({x for points in lines.values() for x, _ in points})
             ax.set_xscale("log", base=2)
             ax.set_xticks(seqlens, [f"{s // 1024}k" if s % 1024 == 0 else str(s) for s in seqlens])
@@ -60,12 +65,15 @@ def plot_attention(records: list[dict[str, Any]], env: dict[str, Any], out: Path
             ax.set_ylabel("TFLOP/s" if col == 0 else "")
     axes[0][0].set_ylim(bottom=0)  # after plotting, so that the shared top fits every panel
     handles = [plt.Line2D([], [], color=colors[name], marker="o", label=name) for name in names]
-    fig.legend(handles=handles, loc="upper right", ncol=len(names), fontsize=9, bbox_to_anchor=(1.0, 0.99))
+    if any(r["op"] == BACKWARD_OP for r in records):
+        handles.append(plt.Line2D([], [], color="gray", linestyle=STYLES[BACKWARD_OP], label="backward"))
+    fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=9, bbox_to_anchor=(1.0, 0.99))
     on_gpu = records[0]["device"] == "cuda"
     where = env.get("gpu", {}).get("name") if on_gpu else "CPU path (says nothing about GPU speed)"
     fig.suptitle(f"tkpy flash_attn_func vs torch SDPA, bf16: {where}; torch {env.get('torch', '?')}",
                  x=0.01, ha="left", fontsize=11)
-    fig.text(0.01, 0.005, f"FLOPs = 4·B·H·S²·D per call, halved for causal; {records[0]['timer']}",
+    fig.text(0.01, 0.005, f"FLOPs = 4·B·H·S²·D per call, halved for causal (backward: 2.5 times that); "
+                          f"{records[0]['timer']}",
              fontsize=8, color="gray")
     fig.tight_layout(rect=(0, 0.02, 1, 0.95))
     fig.savefig(out, dpi=120)

@@ -48,6 +48,21 @@ def test_flex_peer_masks_what_tkpy_computes(head_pattern) -> None:
             assert cases.rel_err(flex, reference) < cases.REL_TOL[case.dtype], case.id
 
 
+def test_a_backward_case_times_the_backward_alone() -> None:
+    """Each call of a ``bwd-`` case, tkpy's and each peer's, runs the attention backward and no
+    forward, once its first call (never timed) has run the forward."""
+    for case in cases.all_cases(CPU, None):
+        if case.op == "flash_attn_func.backward" and case.dims["timed"] == cases.BACKWARD:
+            run = case.prepare(CPU, torch.Generator().manual_seed(0))
+            for name, call in {"tkpy": run.tkpy, **run.peers}.items():
+                call()
+                with torch.profiler.profile() as profile:
+                    call()
+                ops = {event.name for event in profile.events()
+                       if "attention" in event.name and event.name.split("::")[0] in ("aten", "tkpy")}
+                assert ops and all(op.endswith("_backward") for op in ops), (case.id, name, ops)
+
+
 def test_a_peer_that_cannot_run_is_recorded_with_its_reason() -> None:
     def refuse() -> None:
         warnings.warn("Flash attention requires head_dim <= 256")

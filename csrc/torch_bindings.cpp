@@ -28,13 +28,24 @@ TORCH_LIBRARY(tkpy, m) {
     m.def("gemm(Tensor a, Tensor b, bool trans_b=False) -> Tensor");
     m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q=None, "
           "Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, float? softmax_scale=None, "
-          "int window_left=-1, int window_right=-1, float softcap=0.0) -> (Tensor out, Tensor lse)");
+          "int window_left=-1, int window_right=-1, float softcap=0.0, bool deterministic=False) -> (Tensor out, Tensor lse)");
     // The block lists come from tkpy.block_sparse.plan(base_blockmask): built once per layer and
     // step, they let a CUDA graph replay the launch without re-sorting the mask.
     m.def("block_sparse_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
           "Tensor head_mask_type, Tensor streaming_info, Tensor sparse_index, int max_seqlen_q, int max_seqlen_k, "
           "Tensor? block_indices=None, Tensor? block_counts=None, float? softmax_scale=None, bool is_causal=False, "
-          "bool exact_streaming=False) -> (Tensor out, Tensor lse)");
+          "bool exact_streaming=False, bool deterministic=False) -> (Tensor out, Tensor lse)");
+    // The backwards, from the forward's out and lse; `deterministic` is the forward's flag, which
+    // only they use (the forward is deterministic anyway), so autograd hands it on.
+    m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
+          "Tensor? dlse=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, "
+          "int max_seqlen_k=0, float? softmax_scale=None, int window_left=-1, int window_right=-1, float softcap=0.0, "
+          "bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)");
+    m.def("block_sparse_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
+          "Tensor? dlse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor head_mask_type, Tensor streaming_info, "
+          "Tensor sparse_index, int max_seqlen_q, int max_seqlen_k, Tensor? block_indices=None, "
+          "Tensor? block_counts=None, float? softmax_scale=None, bool is_causal=False, bool exact_streaming=False, "
+          "bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)");
     // Dense decode over a paged (block_table) or contiguous (cache_batch_idx) cache; kv_head_slot
     // with the ring pools makes it LServe's decode (streaming and retrieval heads, selected pages).
     m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table=None, "
@@ -59,6 +70,8 @@ void register_implementations(torch::Library& m) {
     m.impl("gemm", &tkpy::ops::gemm);
     m.impl("attention_forward", &tkpy::ops::attention_forward);
     m.impl("block_sparse_attention_forward", &tkpy::ops::block_sparse_attention_forward);
+    m.impl("attention_backward", &tkpy::ops::attention_backward);
+    m.impl("block_sparse_attention_backward", &tkpy::ops::block_sparse_attention_backward);
     m.impl("decode_attention", &tkpy::ops::decode_attention);
     m.impl("kv_append_", &tkpy::ops::kv_append_);
 }

@@ -54,9 +54,12 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 TEST_ORDER = [
     "tests/test_tk.py",
     "tests/test_rope.py",
+    "tests/test_rope_grad.py",
     "tests/test_gemm.py",
     "tests/test_attention.py",
     "tests/test_block_sparse.py",
+    "tests/test_attention_backward.py",
+    "tests/test_attention_gradcheck.py",
     "tests/test_kvcache.py",
     "tests/test_decode_ops.py",
     "tests/test_lserve_decode.py",

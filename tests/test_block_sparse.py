@@ -745,16 +745,23 @@ def test_inputs_are_not_modified(device, rng):
 # GPU only
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("causal,exact", [(False, False), (True, False), (True, True)], ids=["full", "causal", "causal_exact"])
-def test_cuda_long_mixed_heads(causal, exact, rng):
+def long_mixed_heads_case(exact, gen):
+    """Mixed heads (GQA 8/2, D 128) over long uneven CUDA sequences, empty ones and tails included:
+    (q, k, v, cu_q, cu_k, types, streaming_info, base_blockmask, max_q, max_k)."""
     lens_q, lens_k = [2000, 0, 4097, 130, 1], [2000, 9, 4097, 3000, 1]
     max_q, max_k = max(lens_q), max(lens_k)
-    q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, 8, 2, 128, torch.bfloat16, rng, "cuda")
+    q, k, v, cu_q, cu_k = packed_inputs(lens_q, lens_k, 8, 2, 128, torch.bfloat16, gen, "cuda")
     types = int32(mixed_types(8), "cuda")
     pairs = [(64, 1000), (0, 4096), (128, 256), (1, 1)] * 2 if exact else [(1, 4), (0, 2), (1, 1), (2, 0)] * 2
     info = streaming_info(pairs, "cuda")
-    mask = random_blockmask(len(lens_q), 4, max_q, max_k, 0.3, rng, "cuda")
+    mask = random_blockmask(len(lens_q), 4, max_q, max_k, 0.3, gen, "cuda")
+    return q, k, v, cu_q, cu_k, types, info, mask, max_q, max_k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal,exact", [(False, False), (True, False), (True, True)], ids=["full", "causal", "causal_exact"])
+def test_cuda_long_mixed_heads(causal, exact, rng):
+    q, k, v, cu_q, cu_k, types, info, mask, max_q, max_k = long_mixed_heads_case(exact, rng)
     ref = reference.block_sparse_attention(q, k, v, cu_q, cu_k, types, info, mask, causal, exact)  # float64 on the GPU
     out, lse = run_block_sparse(q, k, v, cu_q, cu_k, types, info, mask, max_q, max_k, causal, exact)
     check_attention(out, lse, *ref, torch.bfloat16)
@@ -864,7 +871,7 @@ BAD_CALLS = [
     ("sparse(cu_seqlens_q=torch.tensor([0, 5, 11], dtype=torch.int32))", "cu_seqlens_q must start at 0.*end at (the packed length )?12"),
     ("sparse(cu_seqlens_k=torch.tensor([0, 5, 13], dtype=torch.int32))", "cu_seqlens_k must start at 0.*end at (the packed length )?12"),
     ("sparse(max_seqlen_q_=6)", "sequence of 7 tokens.*max_seqlen(=| is )6"),
-    ("sparse(q=q.float(), k=k.float(), v=v.float())", "q to be bfloat16 or float16, got Float"),
+    ("sparse(q=q.int(), k=k.int(), v=v.int())", "q to be bfloat16, float16, float32 or float64, got Int"),
     ("sparse(q=torch.randn(12, 4, 96).bfloat16(), k=torch.randn(12, 2, 96).bfloat16(), v=torch.randn(12, 2, 96).bfloat16())",
      "head_dim 64, 128 or 256, got 96"),
     ("sparse(k=torch.randn(12, 3, 64).bfloat16(), v=torch.randn(12, 3, 64).bfloat16())",

@@ -1,17 +1,21 @@
 """Every torch.ops.tkpy op traces and runs inside torch.compile(fullgraph=True) on the CPU."""
 
+import functools
+
 import pytest
 import torch
 
 import tkpy
 from tkpy import riflex
 from tkpy.info import registered_ops
-from tkpy.rope import apply_rope_, apply_rope_3d_
+from tkpy.block_sparse import plan
+from tkpy.rope import apply_rope, apply_rope_, apply_rope_3d, apply_rope_3d_
 
 from helpers import randn
 
 
-def rope_case(gen):
+def rope_case(gen, functional=False):
+    """apply_rope_ (in place), or with `functional` apply_rope (rotated copies)."""
     q = randn((2, 9, 4, 64), torch.bfloat16, gen)
     k = randn((2, 9, 2, 64), torch.bfloat16, gen)
     angles = randn((16, 32), torch.float32, gen)
@@ -22,20 +26,26 @@ def rope_case(gen):
 
     def fn(q, k):
         q = q * 1.5  # an op before and after, so the custom op sits inside a real graph
-        apply_rope_(q, k, cos, sin, positions, interleaved=True)
+        if functional:
+            q, k = apply_rope(q, k, cos, sin, positions, interleaved=True)
+        else:
+            apply_rope_(q, k, cos, sin, positions, interleaved=True)
         return q + 1, k
 
     return fn, (q, k)
 
 
-def rope_3d_case(gen):
+def rope_3d_case(gen, functional=False):
     grid = (3, 2, 5)
     freqs = [torch.view_as_real(f) for f in riflex.rope_3d_freqs(riflex.axis_split("wan", 128), grid, L_test=60)]
     q = randn((1, 30, 2, 128), torch.float16, gen)
     k = randn((1, 30, 2, 128), torch.float16, gen)
 
     def fn(q, k):
-        apply_rope_3d_(q, k, grid, *freqs)
+        if functional:
+            q, k = apply_rope_3d(q, k, grid, *freqs)
+        else:
+            apply_rope_3d_(q, k, grid, *freqs)
         return q * 2, k
 
     return fn, (q, k)
@@ -78,6 +88,40 @@ def block_sparse_case(gen):
     return fn, (q, k, v)
 
 
+def attention_backward_case(gen):
+    q = randn((2, 33, 4, 64), torch.bfloat16, gen)
+    k = randn((2, 40, 2, 64), torch.bfloat16, gen)
+    v = randn((2, 40, 2, 64), torch.bfloat16, gen)
+    out, lse = torch.ops.tkpy.attention_forward(q, k, v, window_left=16, window_right=0)
+    dout = randn(out.shape, torch.bfloat16, gen)
+    dlse = randn(lse.shape, torch.float32, gen)
+
+    def fn(dout, dlse):
+        dq, dk, dv = torch.ops.tkpy.attention_backward(dout * 2, q, k, v, out, lse, dlse, window_left=16, window_right=0)
+        return dq + 1, dk, dv
+
+    return fn, (dout, dlse)
+
+
+def block_sparse_backward_case(gen):
+    q = randn((300, 4, 64), torch.bfloat16, gen)
+    k = randn((300, 2, 64), torch.bfloat16, gen)
+    v = randn((300, 2, 64), torch.bfloat16, gen)
+    cu = torch.tensor([0, 130, 300], dtype=torch.int32)
+    types = torch.tensor([0, -1, 1, 1], dtype=torch.int32)
+    streaming = torch.tensor([0, 0, 1, 1, 0, 0, 0, 0], dtype=torch.int32)
+    sparse_index, block_indices, block_counts = plan(types, torch.rand(2, 2, 2, 2, generator=gen) > 0.5)
+    args = (cu, cu, types, streaming, sparse_index, 170, 170)
+    options = dict(block_indices=block_indices, block_counts=block_counts, is_causal=True)
+    out, lse = torch.ops.tkpy.block_sparse_attention_forward(q, k, v, *args, **options)
+    dout = randn(out.shape, torch.bfloat16, gen)
+
+    def fn(dout):
+        return torch.ops.tkpy.block_sparse_attention_backward(dout * 2, q, k, v, out, lse, None, *args, **options)
+
+    return fn, (dout,)
+
+
 def decode_attention_case(gen):
     q = randn((2, 3, 4, 64), torch.bfloat16, gen)
     k_cache = randn((7, 16, 2, 64), torch.bfloat16, gen)
@@ -114,9 +158,13 @@ def kv_append_case(gen):
 CASES = {
     "apply_rope_": rope_case,
     "apply_rope_3d_": rope_3d_case,
+    "rope": functools.partial(rope_case, functional=True),
+    "rope_3d": functools.partial(rope_3d_case, functional=True),
     "gemm": gemm_case,
     "attention_forward": attention_case,
+    "attention_backward": attention_backward_case,
     "block_sparse_attention_forward": block_sparse_case,
+    "block_sparse_attention_backward": block_sparse_backward_case,
     "decode_attention": decode_attention_case,
     "kv_append_": kv_append_case,
 }

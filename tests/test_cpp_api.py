@@ -74,6 +74,16 @@ def test_example_links_the_launchers_and_no_torch(program):
         assert f" {launcher}(" in symbols, f"{launcher} is not defined in {binary}"
 
 
+def test_library_defines_every_public_launcher():
+    """Launchers the example (an inference server) does not call are in the library too: the
+    backward's, for a C++ trainer."""
+    library = Path(tkpy.library_dir()) / "libtkpy_kernels.a"
+    symbols = subprocess.run(["nm", "-C", "--defined-only", str(library)], capture_output=True, text=True,
+                             check=True).stdout
+    for launcher in (*LAUNCHERS, "tkpy::attention::launch_attention_backward"):
+        assert f" {launcher}(" in symbols, f"{launcher} is not defined in {library}"
+
+
 @pytest.mark.gpu
 def test_example_runs_and_matches_its_reference(program):
     _, built, binary = program

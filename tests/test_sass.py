@@ -60,6 +60,17 @@ FAMILIES = [
     # (in-warpgroup overlap).
     Family("attention forward, pipelined", attention_kernels("pipelined"),
            (*WARP_SPECIALIZED, TURN_WAIT, TURN_PASS, DEPTH_1_WAIT), LOCAL_MEMORY),
+    # Attention backward on tk's pipeline (task form), one layout per (dtype, head dim, BwdRule):
+    # TMA loads of K/V (task inputs) and Q/dO, bulk copies of lse and delta, wgmma with A from
+    # shared memory (Sᵀ, dPᵀ), from registers (dV, dK) and stored transposed (dQᵀ = Kᵀ dSᵀ), dQ
+    # added by fp32 RED (no value back), setmaxnreg, mbarriers; and no local memory.
+    Family("attention backward", r"tk::pipeline::lcf_kernel<tkpy::attention::BwdLayout<",
+           ("HGMMA", r"HGMMA\.64x\d+x16\.F32(\.BF16)? R\d+, R\d+, gdesc", r"gdesc\[UR\d+\]\.tnspA", "UTMALDG",
+            r"UBLKCP\.S\.G", r"REDG\.E\.ADD\.F32\.", "USETMAXREG", "SYNCS"), (*LOCAL_MEMORY, r"ATOMG\.E\.ADD\.F32")),
+    # Its preprocessing (lse · log2 e, delta = rowsum(dO ∘ O) - dlse) and dQ conversion kernels.
+    Family("attention backward, row statistics", r"tkpy::attention::.*bwd_row_stats_kernel<", ("SHFL.BFLY",),
+           LOCAL_MEMORY),
+    Family("attention backward, dQ conversion", r"tkpy::attention::.*bwd_dq_kernel<", (), LOCAL_MEMORY),
     # The tile library's self-test kernels (tests/test_tk.py).
     Family("tk selftest: TMA", r"tk_selftest::.*tma_roundtrip_kernel<", ("UTMALDG", "UTMASTG", "UTMAREDG", "SYNCS"),
            LOCAL_MEMORY, selftest=True),
@@ -216,6 +227,18 @@ def test_attention_kernels_for_every_head_dim_and_dtype(kernel, sass):
     if kernel == "pipelined":
         expected |= {(t, 64, 3) for t in ("__nv_bfloat16", "__half")}
     assert found == expected, f"{kernel}: compiled (dtype, head_dim, consumers) {sorted(found)}"
+
+
+def test_attention_backward_for_every_head_dim_dtype_and_rule(sass):
+    """The backward is compiled for both dtypes, every head dim, and dense attention with and
+    without a softcap and sparse heads (BwdRule{sparse, capped})."""
+    found = {(m[1], int(m[2]), m[3], m[4])
+             for name in sass
+             for m in [re.search(r"BwdLayout<(__nv_bfloat16|__half), (\d+), tkpy::attention::BwdRule\{(\w+), (\w+)\}>",
+                                 name)] if m}
+    expected = {(t, d, sparse, capped) for t in ("__nv_bfloat16", "__half") for d in (64, 128, 256)
+                for sparse, capped in (("false", "false"), ("false", "true"), ("true", "false"))}
+    assert found == expected, sorted(found)
 
 
 def work_between_wgmma_waits(text):

@@ -101,6 +101,142 @@ def test_attention_section_heads_fit_l2_in_whole_kv_heads():
     assert selftest.attention_section_heads(8, 8, 3, 0, 64, 2, 50 * 2**20) == 24
 
 
+# The attention backward's walk (tkpy/detail/attention_bwd_index.h), which the CPU backward and the
+# CUDA kernel's producer and consumers run: against brute force from the forward's definitions.
+BWD_QUERY_BLOCK = 32  # detail::kBwdQueryBlock
+
+
+def _dense_visible(sq, sk, left, right):
+    i = torch.arange(sq)[:, None]
+    j = torch.arange(sk)[None, :]
+    diag = i + sk - sq
+    visible = torch.ones(sq, sk, dtype=torch.bool)
+    if left >= 0:
+        visible &= j >= diag - left
+    if right >= 0:
+        visible &= j <= diag + right
+    return visible
+
+
+def _block_pairs(visible, key_rows):
+    """[key blocks, query blocks]: whether any query of the block sees any key of the block."""
+    sq, sk = visible.shape
+    kb, mb = -(-sk // key_rows), -(-sq // BWD_QUERY_BLOCK)
+    return torch.tensor([[bool(visible[m * BWD_QUERY_BLOCK:(m + 1) * BWD_QUERY_BLOCK, n * key_rows:(n + 1) * key_rows].any())
+                          for m in range(mb)] for n in range(kb)], dtype=torch.bool).reshape(kb, mb)
+
+
+def _check_ranks(ranks):
+    """Each query block's visited key blocks are ranked 0, 1, ... in key-block order (the order the
+    deterministic kernel adds dQ in: a gap or a repeat would leave a key block waiting forever)."""
+    for m in range(ranks.shape[1]):
+        column = ranks[:, m]
+        visited = column[column >= 0].tolist()
+        assert visited == list(range(len(visited))), f"query block {m}: ranks {column.tolist()}"
+
+
+def _walk(sq, sk, key_rows, left=-1, right=-1, sparse=None, causal=False, exact=False, head=0):
+    args = sparse or (None,) * 5
+    out = selftest.attention_bwd_walk(sq, sk, left, right, key_rows, *args, causal, exact, 0, head)
+    mb = -(-sq // BWD_QUERY_BLOCK)
+    return out[:, :mb], out[:, mb], out[:, mb + 1]
+
+
+@pytest.mark.parametrize("key_rows", [64, 128])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (64, 64), (200, 333), (333, 200), (130, 1000), (1000, 130), (512, 512)])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (100, 0), (0, 0), (17, 40), (-1, 5), (300, -1), (3, 1)])
+def test_attention_bwd_dense_walk_is_exact(key_rows, sq, sk, window):
+    """Dense attention: key block n visits exactly the query blocks holding a query that sees one of
+    its keys (so candidates, all visited, is what the producer loads without testing each), ranked
+    as the deterministic dQ order needs."""
+    ranks, lo, hi = _walk(sq, sk, key_rows, *window)
+    pairs = _block_pairs(_dense_visible(sq, sk, *window), key_rows)
+    assert torch.equal(ranks >= 0, pairs)
+    for n in range(pairs.shape[0]):
+        assert pairs[n].nonzero().flatten().tolist() == list(range(lo[n], hi[n])), f"key block {n}"
+    _check_ranks(ranks)
+
+
+def _sparse_case(rng, sq, sk, types, causal, exact):
+    """Sparse heads' tensors (one batch) and the plan of a random base_blockmask."""
+    from tkpy.block_sparse import plan
+
+    heads = len(types)
+    head_mask_type = torch.tensor(types, dtype=torch.int32)
+    local_max = 300 if exact else 4
+    streaming_info = torch.randint(0, local_max, (2 * heads,), generator=rng, dtype=torch.int32)
+    n_sparse = sum(t == 1 for t in types)
+    blockmask = torch.rand(1, n_sparse, -(-sq // 128), -(-sk // 128), generator=rng) < 0.5
+    sparse_index, indices, counts = plan(head_mask_type, blockmask if n_sparse else None)
+    return (head_mask_type, streaming_info, sparse_index, indices, counts), blockmask
+
+
+@pytest.mark.parametrize("key_rows", [64, 128])
+@pytest.mark.parametrize("sq,sk", [(200, 333), (333, 200), (700, 700), (129, 1000)])
+@pytest.mark.parametrize("causal,exact", [(False, False), (True, False), (True, True)])
+def test_attention_bwd_sparse_walk_covers_the_forward(key_rows, sq, sk, causal, exact, rng):
+    """Sparse heads: every (query, key) pair the forward sums over lies in a visited block pair;
+    block-sparse heads visit exactly their mask's blocks that the rows can reach; ranks in order."""
+    types = [0, -1, 1, 1]
+    sparse, blockmask = _sparse_case(rng, sq, sk, types, causal, exact)
+    info = sparse[1].tolist()
+    column = 0
+    for head, kind in enumerate(types):
+        ranks, lo, hi = _walk(sq, sk, key_rows, sparse=sparse, causal=causal, exact=exact, head=head)
+        mask = blockmask[0, column] if kind == 1 else None
+        visible = reference.block_sparse_mask(sq, sk, kind, info[2 * head], info[2 * head + 1], mask, causal, exact)
+        pairs = _block_pairs(visible, key_rows)
+        assert bool(((ranks >= 0) | ~pairs).all()), f"head {head}: a visible pair's blocks are not visited"
+        visited_m = (ranks >= 0).nonzero()
+        for n, m in visited_m.tolist():
+            assert lo[n] <= m < hi[n], f"head {head}: visited query block {m} outside the candidates"
+        if kind == 1:
+            sub = 128 // key_rows
+            for n in range(ranks.shape[0]):
+                for m in range(ranks.shape[1]):
+                    qb = m * BWD_QUERY_BLOCK // 128  # the plan's 128-row block
+                    planned = bool(mask[qb, n // sub]) and bool(_reachable(sq, sk, qb, n // sub, causal))
+                    assert (ranks[n, m] >= 0) == planned, f"head {head}: block pair ({m}, {n})"
+            column += 1
+        _check_ranks(ranks)
+
+
+def _reachable(sq, sk, qb, kb, causal):
+    """Whether any row of 128-row block qb can see a key of 128-key block kb (lengths, causality)."""
+    rows = range(qb * 128, min((qb + 1) * 128, sq))
+    keys_lo, keys_hi = kb * 128, min((kb + 1) * 128, sk)
+    return any(keys_lo < keys_hi and (not causal or keys_lo <= i + sk - sq) for i in rows)
+
+
+@pytest.mark.parametrize("sq,sk", [(200, 333), (333, 200), (64, 64), (1, 130)])
+@pytest.mark.parametrize("rule", ["dense", "dense_causal", "dense_window", "causal", "exact_streaming",
+                                  "exact_streaming_no_local", "not_causal"])
+def test_attention_bwd_key_rule_is_the_forwards_mask_transposed(sq, sk, rule, rng):
+    """The per-key rule the backward masks with equals the forward's token-level mask, and a tile
+    of a query block x 16 keys it calls fully visible is."""
+    sink, local = int(torch.randint(0, 150, (1,), generator=rng)), int(torch.randint(1, 200, (1,), generator=rng))
+    if rule.startswith("dense"):
+        window = {"dense": (-1, -1), "dense_causal": (-1, 0), "dense_window": (37, 5)}[rule]
+        queries, full = selftest.attention_bwd_key_rule(sq, sk, *window, None, 0, 0, False, False)
+        visible = _dense_visible(sq, sk, *window)
+    else:
+        kind = -1 if rule.startswith("exact") else 0
+        local = 0 if rule == "exact_streaming_no_local" else local
+        causal, exact = rule != "not_causal", rule.startswith("exact")
+        queries, full = selftest.attention_bwd_key_rule(sq, sk, -1, -1, kind, sink, local, causal, exact)
+        visible = reference.block_sparse_mask(sq, sk, kind, sink, local, None, causal, exact)
+    i = torch.arange(sq)[:, None]
+    from_rule = (i >= queries[:, 0][None, :]) & (i < queries[:, 1][None, :])
+    assert torch.equal(from_rule, visible)
+    for m in range(full.shape[0]):
+        for t in range(full.shape[1]):
+            if full[m, t]:
+                rows = slice(m * BWD_QUERY_BLOCK, (m + 1) * BWD_QUERY_BLOCK)
+                assert bool(visible[rows, t * 16:t * 16 + 16].all()) and (m + 1) * BWD_QUERY_BLOCK <= sq
+    if rule == "dense" and sq % BWD_QUERY_BLOCK == 0 and sk % 16 == 0:
+        assert bool(full.all()), "an unmasked tile inside the sequence must skip the mask"
+
+
 def test_selftest_index_ops_reject_bad_arguments():
     with pytest.raises(RuntimeError, match="swizzle must be 32, 64 or 128"):
         selftest.tk_tile_offsets(8, 64, 2, 16)

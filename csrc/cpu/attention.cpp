@@ -1,9 +1,10 @@
-// CPU attention forward: a tiled online softmax in fp32 on the same params struct and index math as
-// the CUDA kernel, for dense attention and for LServe's unified sparse prefill (params.sparse). Each
+// CPU attention forward: a tiled online softmax on the same params struct and index math as the
+// CUDA kernel, for dense attention and for LServe's unified sparse prefill (params.sparse). Each
 // task owns one (sequence, query head, query tile) and walks that tile's key-block plan, so a
 // skipped block costs nothing. The products, exp and row reductions of a block run as ATen ops on
-// fp32 buffers, because ATen dispatches them to kernels vectorised for the host CPU (this file is
-// built without -march); the per-row bookkeeping is plain loops.
+// buffers of the compute type T (fp32; fp64 for fp64 inputs, so that gradcheck can run through
+// it), because ATen dispatches them to kernels vectorised for the host CPU (this file is built
+// without -march); the per-row bookkeeping is plain loops.
 #include "cpu/cpu_ops.h"
 #include "cpu/online_softmax.h"
 
@@ -28,9 +29,9 @@ using attention::AttentionParams;
 
 // Large enough that a block's matmuls run near the BLAS peak, its K/V conversion to fp32 is shared
 // by many query rows and decode (one query row) pays the per-op overhead on few blocks; small
-// enough that a worker's fp32 buffers stay under 1 MB at D = 256. Measured on 2 cores over
-// 64..256 x 64..512: the 2x8x1000x128 prefill is within noise from 128 x 128 up, and decode over
-// 4000 keys is about 2x faster with 256-key blocks than with 128.
+// enough that a worker's fp32 buffers stay under 1 MB at D = 256 (2 MB in fp64). Measured on 2
+// cores over 64..256 x 64..512: the 2x8x1000x128 prefill is within noise from 128 x 128 up, and
+// decode over 4000 keys is about 2x faster with 256-key blocks than with 128.
 constexpr int kQueryTile = 128;
 constexpr int kKeyBlock = 256;
 // Sparse heads address keys in the plan's 128-token blocks and query blocks; the workspace, sized
@@ -38,7 +39,8 @@ constexpr int kKeyBlock = 256;
 static_assert(kQueryTile == detail::kSparseBlock && detail::kSparseBlock <= kKeyBlock,
               "sparse attention: query tiles must be the 128-token blocks");
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+template <typename T>
+constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
@@ -96,22 +98,26 @@ private:
     std::vector<int> tiles_;
 };
 
-// fp32 buffers of one worker, reused across its tasks.
+// Compute-type buffers of one worker, reused across its tasks.
+template <typename T>
 struct Workspace {
     at::Tensor q;          // [kQueryTile, D], pre-multiplied by score_multiplier
     at::Tensor k;          // [kKeyBlock, D]
     at::Tensor v;          // [kKeyBlock, D]
     at::Tensor scores;     // [kQueryTile * kKeyBlock]; a block of r x n is viewed densely as [r, n]
     at::Tensor acc;        // [kQueryTile, D]
-    OnlineSoftmax softmax;
+    OnlineSoftmax<T> softmax;
 
     explicit Workspace(int head_dim)
-        : q(at::empty({kQueryTile, head_dim}, at::kFloat)),
-          k(at::empty({kKeyBlock, head_dim}, at::kFloat)),
-          v(at::empty({kKeyBlock, head_dim}, at::kFloat)),
-          scores(at::empty({kQueryTile * kKeyBlock}, at::kFloat)),
-          acc(at::empty({kQueryTile, head_dim}, at::kFloat)),
+        : q(at::empty({kQueryTile, head_dim}, kType)),
+          k(at::empty({kKeyBlock, head_dim}, kType)),
+          v(at::empty({kKeyBlock, head_dim}, kType)),
+          scores(at::empty({kQueryTile * kKeyBlock}, kType)),
+          acc(at::empty({kQueryTile, head_dim}, kType)),
           softmax(kQueryTile) {}
+
+private:
+    static constexpr at::ScalarType kType = c10::CppTypeToScalarType<T>::value;
 };
 
 // Geometry shared by every block of one task.
@@ -175,38 +181,42 @@ TaskKeys task_keys(const AttentionParams& p, const Task& task, const TileShape& 
 
 // q is multiplied once per tile so that q·k comes out scaled: by the softmax scale, or, with a
 // softcap, by scale / softcap so that tanh and one multiply finish the capped score.
-float score_multiplier(const AttentionParams& p) {
-    return p.softcap > 0.f ? p.softmax_scale / p.softcap : p.softmax_scale;
+template <typename T>
+T score_multiplier(const AttentionParams& p) {
+    return p.softcap > 0.f ? T(p.softmax_scale) / T(p.softcap) : T(p.softmax_scale);
 }
 
 // Scores of a block of keys [k0, k0 + cols): scaled, soft-capped, and -inf where the shared index
 // math (so the CUDA kernel's mask) hides a key.
+template <typename T>
 void compute_scores(at::Tensor& scores, const at::Tensor& q_tile, const at::Tensor& k_block, const TaskKeys& keys,
                     int k0) {
     at::cpu::mm_out(scores, q_tile, k_block.t());
     if (keys.p.softcap > 0.f) scores.tanh_().mul_(keys.p.softcap);
     const int cols = int(k_block.size(0));
     if (keys.fully_visible(k0, cols)) return;
-    float* const s = scores.data_ptr<float>();
+    T* const s = scores.data_ptr<T>();
     for (int r = 0; r < keys.tile.rows; ++r) {
         const detail::KeyRanges visible = keys.visible(keys.tile.q0 + r);
-        float* row = s + int64_t(r) * cols;
+        T* row = s + int64_t(r) * cols;
         for (int c = 0; c < cols; ++c) {
-            if (!visible.contains(k0 + c)) row[c] = kNegInf;
+            if (!visible.contains(k0 + c)) row[c] = kNegInf<T>;
         }
     }
 }
 
 // Divides each accumulator row by its softmax sum and stores out and lse. A row that saw no key
 // has sum 0: its output is 0 and its lse -inf.
-void write_tile(const HeadRows& out, float* lse, const TileShape& tile, Workspace& ws) {
-    float* const acc = ws.acc.data_ptr<float>();
+template <typename T>
+void write_tile(const HeadRows& out, T* lse, const TileShape& tile, Workspace<T>& ws) {
+    T* const acc = ws.acc.template data_ptr<T>();
     const int64_t head_dim = ws.acc.size(1);
     for (int r = 0; r < tile.rows; ++r) lse[tile.q0 + r] = ws.softmax.finish_row(r, acc + r * head_dim, head_dim);
     out.rows(tile.q0, tile.rows, int(head_dim)).copy_(ws.acc.narrow(0, 0, tile.rows));
 }
 
-void run_task(const AttentionParams& p, const Task& task, Workspace& ws) {
+template <typename T>
+void run_task(const AttentionParams& p, const Task& task, Workspace<T>& ws) {
     const at::ScalarType dtype = scalar_type(p.dtype);
     const detail::Sequence seq_q = detail::sequence(p.cu_seqlens_q, task.batch, p.seqlen_q, p.total_q);
     const detail::Sequence seq_k = detail::sequence(p.cu_seqlens_k, task.batch, p.seqlen_k, p.total_k);
@@ -219,14 +229,14 @@ void run_task(const AttentionParams& p, const Task& task, Workspace& ws) {
                                  kv_head * p.v_head_stride, dtype);
     const HeadRows out = head_rows(p.out, task.batch * p.o_batch_stride, seq_q.start, p.o_token_stride,
                                    task.head * p.o_head_stride, dtype);
-    float* const lse = p.lse + task.batch * p.lse_batch_stride + task.head * p.lse_head_stride + seq_q.start;
+    T* const lse = lse_data<T>(p) + task.batch * p.lse_batch_stride + task.head * p.lse_head_stride + seq_q.start;
 
     const int q0 = task.tile * kQueryTile;
     const TileShape tile{q0, std::min(kQueryTile, seq_q.len - q0), seq_q.len, seq_k.len};
     const at::Tensor q_tile = ws.q.narrow(0, 0, tile.rows);
     at::Tensor acc = ws.acc.narrow(0, 0, tile.rows);
     q_tile.copy_(q.rows(q0, tile.rows, p.head_dim));
-    q_tile.mul_(score_multiplier(p));
+    q_tile.mul_(score_multiplier<T>(p));
     acc.zero_();
     ws.softmax.reset(tile.rows);
 
@@ -241,23 +251,32 @@ void run_task(const AttentionParams& p, const Task& task, Workspace& ws) {
         k_block.copy_(k.rows(k0, cols, p.head_dim));
         v_block.copy_(v.rows(k0, cols, p.head_dim));
         at::Tensor scores = ws.scores.narrow(0, 0, int64_t(tile.rows) * cols).view({tile.rows, cols});
-        compute_scores(scores, q_tile, k_block, keys, k0);
+        compute_scores<T>(scores, q_tile, k_block, keys, k0);
         ws.softmax.step(scores, acc);
         at::cpu::addmm_out(acc, acc, scores, v_block);
     }
     write_tile(out, lse, tile, ws);
 }
 
-}  // namespace
-
-void attention_forward(const AttentionParams& p) {
+template <typename T>
+void forward(const AttentionParams& p) {
     const TaskGrid grid(p);
     // Grain 1: a task is a whole pass of a query tile over its keys, far above the cost of
     // scheduling it.
     at::parallel_for(0, grid.size(), 1, [&](int64_t begin, int64_t end) {
-        Workspace ws(p.head_dim);
+        Workspace<T> ws(p.head_dim);
         for (int64_t index = begin; index < end; ++index) run_task(p, grid.task(index), ws);
     });
+}
+
+}  // namespace
+
+void attention_forward(const AttentionParams& p) {
+    if (p.dtype == DType::fp64) {
+        forward<double>(p);
+    } else {
+        forward<float>(p);
+    }
 }
 
 }  // namespace tkpy::cpu

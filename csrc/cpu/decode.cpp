@@ -70,7 +70,7 @@ struct DecodeWorkspace {
     at::Tensor v;       // [kKeyChunk, D]
     at::Tensor scores;  // [rows * kKeyChunk]; a chunk of n keys is viewed densely as [rows, n]
     at::Tensor acc;     // [rows, D]
-    OnlineSoftmax softmax;
+    OnlineSoftmax<float> softmax;
 
     DecodeWorkspace(int rows, int head_dim)
         : q(at::empty({rows, head_dim}, at::kFloat)),

@@ -101,9 +101,10 @@ void rope_1d(const rope::Rope1dParams& p) {
         case DType::bf16: return rope_1d_dtype<c10::BFloat16>(p);
         case DType::fp16: return rope_1d_dtype<c10::Half>(p);
         case DType::fp32: return rope_1d_typed<float, float>(p);
-        case DType::int8: break;
+        case DType::int8:
+        case DType::fp64: break;
     }
-    TORCH_CHECK(false, "rope: the bindings pass only floating-point tensors, got int8");
+    TORCH_CHECK(false, "rope: the bindings pass only bf16, fp16 and fp32 tensors");
 }
 
 void rope_3d(const rope::Rope3dParams& p) {
@@ -111,9 +112,10 @@ void rope_3d(const rope::Rope3dParams& p) {
         case DType::bf16: return rope_3d_typed<c10::BFloat16>(p);
         case DType::fp16: return rope_3d_typed<c10::Half>(p);
         case DType::fp32: return rope_3d_typed<float>(p);
-        case DType::int8: break;
+        case DType::int8:
+        case DType::fp64: break;
     }
-    TORCH_CHECK(false, "rope: the bindings pass only floating-point tensors, got int8");
+    TORCH_CHECK(false, "rope: the bindings pass only bf16, fp16 and fp32 tensors");
 }
 
 }  // namespace tkpy::cpu

@@ -42,45 +42,52 @@ namespace {
 
 constexpr const char* kOp = "attention_forward";
 
-void check_qkv_tensor(const char* name, const at::Tensor& t, const at::Tensor& q, int64_t dims) {
-    check_same_device(kOp, name, t, q);
-    TORCH_CHECK_VALUE(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, kOp, ": expected ", name,
-                      " to be bfloat16 or float16, got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), kOp, ": expected ", name, " to have q's dtype ",
-                      q.scalar_type(),
-                      ", got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.dim() == dims, kOp, ": expected ", name, " to be ", dims, "-D (",
+void check_qkv_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q, int64_t dims) {
+    check_same_device(op, name, t, q);
+    const at::ScalarType dtype = t.scalar_type();
+    const bool half = dtype == at::kBFloat16 || dtype == at::kHalf;
+    // The CPU path computes in float32 or, for float64 inputs, float64 (gradcheck runs through it).
+    if (t.is_cuda()) {
+        TORCH_CHECK_VALUE(half, op, ": expected ", name, " to be bfloat16 or float16 on CUDA, got ", dtype,
+                          " (float32 and float64 are taken on the CPU only)");
+    } else {
+        TORCH_CHECK_VALUE(half || dtype == at::kFloat || dtype == at::kDouble, op, ": expected ", name,
+                          " to be bfloat16, float16, float32 or float64, got ", dtype);
+    }
+    TORCH_CHECK_VALUE(dtype == q.scalar_type(), op, ": expected ", name, " to have q's dtype ", q.scalar_type(),
+                      ", got ", dtype);
+    TORCH_CHECK_VALUE(t.dim() == dims, op, ": expected ", name, " to be ", dims, "-D (",
                       dims == 4 ? "[batch, seqlen, heads, head_dim]" : "[total_tokens, heads, head_dim]", "), got ",
                       t.sizes());
-    TORCH_CHECK_VALUE(t.size(-1) == 64 || t.size(-1) == 128 || t.size(-1) == 256, kOp, ": expected ", name,
+    TORCH_CHECK_VALUE(t.size(-1) == 64 || t.size(-1) == 128 || t.size(-1) == 256, op, ": expected ", name,
                       " with head_dim 64, 128 or 256, got ", t.size(-1));
-    check_last_dim_contiguous(kOp, name, t);
-    check_sizes_fit_int(kOp, name, t);
-    TORCH_CHECK_VALUE(address_of(t) % 16 == 0 || t.numel() == 0, kOp, ": expected ", name,
+    check_last_dim_contiguous(op, name, t);
+    check_sizes_fit_int(op, name, t);
+    TORCH_CHECK_VALUE(address_of(t) % 16 == 0 || t.numel() == 0, op, ": expected ", name,
                       " to start on a 16-byte boundary (TMA's rule); got a view at an odd offset, call .contiguous()");
     // TMA moves rows of 16-byte units: every stride must be a whole number of them.
     for (int d = 0; d < dims - 1; ++d) {
-        TORCH_CHECK_VALUE(t.stride(d) % 8 == 0 || t.size(d) <= 1, kOp, ": expected ", name,
+        TORCH_CHECK_VALUE(t.stride(d) % 8 == 0 || t.size(d) <= 1, op, ": expected ", name,
                           "'s strides to be multiples of 8 elements, got ", t.strides());
     }
 }
 
-void check_cu_seqlens(const char* name, const at::Tensor& cu, const at::Tensor& q, int64_t batch, int64_t total,
+void check_cu_seqlens(const char* op, const char* name, const at::Tensor& cu, const at::Tensor& q, int64_t batch, int64_t total,
                       int64_t max_seqlen) {
-    check_same_device(kOp, name, cu, q);
-    TORCH_CHECK_VALUE(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.is_contiguous() && cu.numel() >= 1, kOp,
+    check_same_device(op, name, cu, q);
+    TORCH_CHECK_VALUE(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.is_contiguous() && cu.numel() >= 1, op,
                       ": expected ", name, " to be a contiguous 1-D int32 tensor of batch + 1 >= 1 entries, got ",
                       cu.scalar_type(), " ", cu.sizes());
-    check_sizes_fit_int(kOp, name, cu);
-    TORCH_CHECK_VALUE(cu.numel() == batch + 1, kOp, ": expected ", name, " of length batch + 1 = ", batch + 1, ", got ",
+    check_sizes_fit_int(op, name, cu);
+    TORCH_CHECK_VALUE(cu.numel() == batch + 1, op, ": expected ", name, " of length batch + 1 = ", batch + 1, ", got ",
                       cu.numel());
     if (!values_checked(cu)) return;
     const at::Tensor host = host_values(cu);
     const int32_t* v = host.data_ptr<int32_t>();
-    TORCH_CHECK_VALUE(v[0] == 0 && v[batch] == total, kOp, ": ", name, " must start at 0 and end at the packed length ",
+    TORCH_CHECK_VALUE(v[0] == 0 && v[batch] == total, op, ": ", name, " must start at 0 and end at the packed length ",
                       total, ", got ", v[0], " .. ", v[batch]);
     for (int64_t b = 0; b < batch; ++b) {
-        TORCH_CHECK_VALUE(v[b + 1] >= v[b] && v[b + 1] - v[b] <= max_seqlen, kOp, ": ", name, " entry ", b,
+        TORCH_CHECK_VALUE(v[b + 1] >= v[b] && v[b + 1] - v[b] <= max_seqlen, op, ": ", name, " entry ", b,
                           " gives a sequence of ", v[b + 1] - v[b], " tokens; lengths must be in [0, max_seqlen=",
                           max_seqlen, "]");
     }
@@ -92,41 +99,69 @@ struct Prepared {
     at::Tensor lse;
 };
 
-Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// softmax_lse's dtype (and its gradient's): float32, or float64 for float64 inputs, which the CPU
+// path computes in.
+at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+const char* lse_dtype_name(at::ScalarType lse_dtype) { return lse_dtype == at::kDouble ? "float64" : "float32"; }
+
+// The forward's out (like q) and lse (lse_dtype, contiguous, `lse_shape`): new, or given and checked.
+at::Tensor outputs(const char* op, const at::Tensor& q, const at::Tensor* given_out, const at::Tensor* given_lse,
+                   at::IntArrayRef lse_shape, at::Tensor& out) {
+    if (given_out == nullptr) {
+        out = at::empty(q.sizes(), q.options());
+        return at::empty(lse_shape, q.options().dtype(lse_dtype(q)));
+    }
+    check_qkv_tensor(op, "out", *given_out, q, q.dim());
+    TORCH_CHECK_VALUE(given_out->sizes() == q.sizes(), op, ": expected out (the forward's output) of q's shape ",
+                      q.sizes(), ", got ", given_out->sizes());
+    check_same_device(op, "softmax_lse", *given_lse, q);
+    TORCH_CHECK_VALUE(given_lse->scalar_type() == lse_dtype(q) && given_lse->is_contiguous() &&
+                          given_lse->sizes() == lse_shape,
+                      op, ": expected softmax_lse (the forward's) as a contiguous ", lse_dtype_name(lse_dtype(q)),
+                      " tensor ", lse_shape, ", got ", given_lse->scalar_type(), " ", given_lse->sizes());
+    out = *given_out;
+    return *given_lse;
+}
+
+// The params of a forward call. Its out and lse are allocated, or for the backward the forward's,
+// which must have the shapes it would have allocated.
+Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
                  int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<double> softmax_scale, int64_t window_left,
-                 int64_t window_right, double softcap) {
+                 int64_t window_right, double softcap, const at::Tensor* given_out = nullptr,
+                 const at::Tensor* given_lse = nullptr) {
     const bool varlen = cu_seqlens_q.has_value() || cu_seqlens_k.has_value();
-    TORCH_CHECK_VALUE(!varlen || (cu_seqlens_q.has_value() && cu_seqlens_k.has_value()), kOp,
+    TORCH_CHECK_VALUE(!varlen || (cu_seqlens_q.has_value() && cu_seqlens_k.has_value()), op,
                       ": pass both cu_seqlens_q and cu_seqlens_k, or neither");
     const int64_t dims = varlen ? 3 : 4;
-    check_qkv_tensor("q", q, q, dims);
-    check_qkv_tensor("k", k, q, dims);
-    check_qkv_tensor("v", v, q, dims);
-    TORCH_CHECK_VALUE(k.sizes() == v.sizes(), kOp, ": expected k and v of one shape, got ", k.sizes(), " and ",
+    check_qkv_tensor(op, "q", q, q, dims);
+    check_qkv_tensor(op, "k", k, q, dims);
+    check_qkv_tensor(op, "v", v, q, dims);
+    TORCH_CHECK_VALUE(k.sizes() == v.sizes(), op, ": expected k and v of one shape, got ", k.sizes(), " and ",
                       v.sizes());
     const int64_t head_dim = q.size(-1);
-    TORCH_CHECK_VALUE(head_dim == 64 || head_dim == 128 || head_dim == 256, kOp,
+    TORCH_CHECK_VALUE(head_dim == 64 || head_dim == 128 || head_dim == 256, op,
                       ": expected head_dim 64, 128 or 256, got ", head_dim);
-    TORCH_CHECK_VALUE(k.size(-1) == head_dim, kOp, ": expected k and v with q's head_dim ", head_dim, ", got ",
+    TORCH_CHECK_VALUE(k.size(-1) == head_dim, op, ": expected k and v with q's head_dim ", head_dim, ", got ",
                       k.size(-1));
     const int64_t heads_q = q.size(-2);
     const int64_t heads_kv = k.size(-2);
-    TORCH_CHECK_VALUE(heads_kv > 0 && heads_q % heads_kv == 0, kOp, ": expected q's heads (", heads_q,
+    TORCH_CHECK_VALUE(heads_kv > 0 && heads_q % heads_kv == 0, op, ": expected q's heads (", heads_q,
                       ") to be a multiple of k/v's heads (", heads_kv, ") for GQA/MQA");
-    TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, kOp, ": window sizes must be >= -1, got (", window_left,
+    TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op, ": window sizes must be >= -1, got (", window_left,
                       ", ", window_right, ")");
-    check_softcap(kOp, softcap);
-    const double scale = checked_softmax_scale(kOp, softmax_scale, head_dim);
+    check_softcap(op, softcap);
+    const double scale = checked_softmax_scale(op, softmax_scale, head_dim);
 
     Prepared prep;
     attention::AttentionParams& p = prep.params;
     if (varlen) {
         const int64_t batch = cu_seqlens_q->numel() - 1;
-        check_int_range(kOp, "max_seqlen_q", max_seqlen_q, 0, kMaxIndex);
-        check_int_range(kOp, "max_seqlen_k", max_seqlen_k, 0, kMaxIndex);
-        check_cu_seqlens("cu_seqlens_q", *cu_seqlens_q, q, batch, q.size(0), max_seqlen_q);
-        check_cu_seqlens("cu_seqlens_k", *cu_seqlens_k, q, batch, k.size(0), max_seqlen_k);
+        check_int_range(op, "max_seqlen_q", max_seqlen_q, 0, kMaxIndex);
+        check_int_range(op, "max_seqlen_k", max_seqlen_k, 0, kMaxIndex);
+        check_cu_seqlens(op, "cu_seqlens_q", *cu_seqlens_q, q, batch, q.size(0), max_seqlen_q);
+        check_cu_seqlens(op, "cu_seqlens_k", *cu_seqlens_k, q, batch, k.size(0), max_seqlen_k);
         p.batch = int(batch);
         // A loose bound is allowed, as in flash-attn; past the packed tokens it is clamped, since
         // no sequence is longer (and the work is sized by it).
@@ -136,18 +171,16 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         p.cu_seqlens_k = data_of<int32_t>(*cu_seqlens_k);
         p.total_q = q.size(0);
         p.total_k = k.size(0);
-        prep.out = at::empty(q.sizes(), q.options());
-        prep.lse = at::empty({heads_q, q.size(0)}, q.options().dtype(at::kFloat));
+        prep.lse = outputs(op, q, given_out, given_lse, {heads_q, q.size(0)}, prep.out);
         p.lse_batch_stride = 0;
         p.lse_head_stride = q.size(0);
     } else {
-        TORCH_CHECK_VALUE(k.size(0) == q.size(0), kOp, ": expected k and v with q's batch ", q.size(0), ", got ",
+        TORCH_CHECK_VALUE(k.size(0) == q.size(0), op, ": expected k and v with q's batch ", q.size(0), ", got ",
                           k.size(0));
         p.batch = int(q.size(0));
         p.seqlen_q = int(q.size(1));
         p.seqlen_k = int(k.size(1));
-        prep.out = at::empty(q.sizes(), q.options());
-        prep.lse = at::empty({q.size(0), heads_q, q.size(1)}, q.options().dtype(at::kFloat));
+        prep.lse = outputs(op, q, given_out, given_lse, {q.size(0), heads_q, q.size(1)}, prep.out);
         p.lse_batch_stride = heads_q * q.size(1);
         p.lse_head_stride = q.size(1);
     }
@@ -165,7 +198,11 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     p.k = data_of(k);
     p.v = data_of(v);
     p.out = data_of(prep.out);
-    p.lse = data_of<float>(prep.lse);
+    if (prep.lse.scalar_type() == at::kDouble) {
+        p.lse_fp64 = data_of<double>(prep.lse);
+    } else {
+        p.lse = data_of<float>(prep.lse);
+    }
     p.heads_q = int(heads_q);
     p.heads_kv = int(heads_kv);
     p.head_dim = int(head_dim);
@@ -244,9 +281,10 @@ Prepared prepare_sparse(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const at::Tensor& streaming_info, const at::Tensor& sparse_index,
                         int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& block_indices,
                         const std::optional<at::Tensor>& block_counts, std::optional<double> softmax_scale,
-                        bool is_causal, bool exact_streaming) {
-    Prepared prep = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, -1,
-                            is_causal ? 0 : -1, 0.0);
+                        bool is_causal, bool exact_streaming, const at::Tensor* given_out = nullptr,
+                        const at::Tensor* given_lse = nullptr) {
+    Prepared prep = prepare(kSparseOp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                            -1, is_causal ? 0 : -1, 0.0, given_out, given_lse);
     TORCH_CHECK_VALUE(is_causal || !exact_streaming, kSparseOp,
                       ": exact_streaming=True requires is_causal=True (token streaming is causal; Block-Sparse-Attention "
                       "refuses it too)");
@@ -303,16 +341,101 @@ std::tuple<at::Tensor, at::Tensor> run(const char* op, Prepared prep, const at::
     return {prep.out, prep.lse};
 }
 
+// The backward of a prepared forward: checks dout (and dlse), allocates the gradients (dq like q,
+// dk and dv like k, contiguous) and runs the CPU path or the CUDA launch with its workspace.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const char* op, const Prepared& prep, const at::Tensor& dout,
+                                                            const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+                                                            const at::Tensor& k, bool deterministic) {
+    check_qkv_tensor(op, "dout", dout, q, q.dim());
+    TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), op, ": expected dout of q's shape ", q.sizes(), ", got ", dout.sizes());
+    if (dlse.has_value()) {
+        check_same_device(op, "dlse", *dlse, q);
+        TORCH_CHECK_VALUE(dlse->scalar_type() == prep.lse.scalar_type() && dlse->is_contiguous() &&
+                              dlse->sizes() == prep.lse.sizes(),
+                          op, ": expected dlse as a contiguous ", lse_dtype_name(prep.lse.scalar_type()),
+                          " tensor of softmax_lse's dtype and shape ", prep.lse.sizes(), ", got ",
+                          dlse->scalar_type(), " ", dlse->sizes());
+    }
+    attention::AttentionBackwardParams bp;
+    bp.fwd = prep.params;
+    bp.deterministic = deterministic;
+    const bool varlen = bp.fwd.cu_seqlens_q != nullptr;
+    const int first = varlen ? 0 : 1;  // index of the token dim
+    const auto strides = [&](const at::Tensor& t, int64_t& batch, int64_t& token, int64_t& head) {
+        batch = varlen ? 0 : t.stride(0);
+        token = t.stride(first);
+        head = t.stride(first + 1);
+    };
+    const at::Tensor dq = at::empty(q.sizes(), q.options());
+    const at::Tensor dk = at::empty(k.sizes(), k.options());
+    const at::Tensor dv = at::empty(k.sizes(), k.options());
+    strides(dout, bp.do_batch_stride, bp.do_token_stride, bp.do_head_stride);
+    strides(dq, bp.dq_batch_stride, bp.dq_token_stride, bp.dq_head_stride);
+    strides(dk, bp.dk_batch_stride, bp.dk_token_stride, bp.dk_head_stride);
+    strides(dv, bp.dv_batch_stride, bp.dv_token_stride, bp.dv_head_stride);
+    bp.dout = data_of(dout);
+    if (dlse.has_value() && dlse->scalar_type() == at::kDouble) {
+        bp.dlse_fp64 = data_of<double>(*dlse);
+    } else if (dlse.has_value()) {
+        bp.dlse = data_of<float>(*dlse);
+    }
+    bp.dq = data_of(dq);
+    bp.dk = data_of(dk);
+    bp.dv = data_of(dv);
+    if (q.is_cpu()) {
+        cpu::attention_backward(bp);
+    } else if (q.is_cuda()) {
+#if defined(TKPY_WITH_CUDA)
+        const c10::cuda::CUDAGuard guard(q.device());
+        const attention::AttentionBackwardWorkspace sizes = attention::attention_backward_workspace(bp.fwd, deterministic);
+        const at::Tensor stats = at::empty({2, sizes.row_stats}, q.options().dtype(at::kFloat));
+        const at::Tensor dq_accum = at::empty({sizes.dq_accum}, q.options().dtype(at::kFloat));
+        const at::Tensor semaphore = at::empty({sizes.dq_semaphore}, q.options().dtype(at::kInt));
+        bp.lse_log2 = data_of<float>(stats);
+        bp.delta = bp.lse_log2 + sizes.row_stats;
+        bp.dq_accum = data_of<float>(dq_accum);
+        bp.dq_semaphore = deterministic ? data_of<int32_t>(semaphore) : nullptr;
+        check_launch(op, attention::launch_attention_backward(bp, c10::cuda::getCurrentCUDAStream()));
+#endif
+    }
+    return {dq, dk, dv};
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& softmax_lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    std::optional<double> softmax_scale, int64_t window_left, int64_t window_right, double softcap,
+    bool deterministic) {
+    constexpr const char* op = "attention_backward";
+    const Prepared prep = prepare(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                  window_left, window_right, softcap, &out, &softmax_lse);
+    return run_backward(op, prep, dout, dlse, q, k, deterministic);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& softmax_lse, const std::optional<at::Tensor>& dlse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type, const at::Tensor& streaming_info,
+    const at::Tensor& sparse_index, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& block_indices, const std::optional<at::Tensor>& block_counts,
+    std::optional<double> softmax_scale, bool is_causal, bool exact_streaming, bool deterministic) {
+    const Prepared prep = prepare_sparse(q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
+                                         sparse_index, max_seqlen_q, max_seqlen_k, block_indices, block_counts,
+                                         softmax_scale, is_causal, exact_streaming, &out, &softmax_lse);
+    return run_backward("block_sparse_attention_backward", prep, dout, dlse, q, k, deterministic);
+}
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const std::optional<at::Tensor>& cu_seqlens_q,
                                                      const std::optional<at::Tensor>& cu_seqlens_k,
                                                      int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                      std::optional<double> softmax_scale, int64_t window_left,
-                                                     int64_t window_right, double softcap) {
+                                                     int64_t window_right, double softcap, bool /*deterministic*/) {
     return run(kOp,
-               prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+               prepare(kOp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                        window_right, softcap),
                q);
 }
@@ -322,7 +445,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_forward(
     const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type, const at::Tensor& streaming_info,
     const at::Tensor& sparse_index, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& block_indices, const std::optional<at::Tensor>& block_counts,
-    std::optional<double> softmax_scale, bool is_causal, bool exact_streaming) {
+    std::optional<double> softmax_scale, bool is_causal, bool exact_streaming, bool /*deterministic*/) {
     return run(kSparseOp,
                prepare_sparse(q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, sparse_index,
                               max_seqlen_q, max_seqlen_k, block_indices, block_counts, softmax_scale, is_causal,

@@ -31,14 +31,32 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
                                                      const std::optional<at::Tensor>& cu_seqlens_k,
                                                      int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                      std::optional<double> softmax_scale, int64_t window_left,
-                                                     int64_t window_right, double softcap);
+                                                     int64_t window_right, double softcap, bool deterministic);
 
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type, const at::Tensor& streaming_info,
     const at::Tensor& sparse_index, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& block_indices, const std::optional<at::Tensor>& block_counts,
-    std::optional<double> softmax_scale, bool is_causal, bool exact_streaming);
+    std::optional<double> softmax_scale, bool is_causal, bool exact_streaming, bool deterministic);
+
+// The backwards of the two above, from the forward's inputs, out and softmax_lse (never
+// recomputed): (dq, dk, dv), with dlse the gradient of softmax_lse if it has one. `deterministic`
+// (the forward's flag, which the forward itself ignores) makes CUDA's gradients bitwise
+// reproducible; include/tkpy/attention.h, AttentionBackwardParams.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& softmax_lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    std::optional<double> softmax_scale, int64_t window_left, int64_t window_right, double softcap, bool deterministic);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& softmax_lse, const std::optional<at::Tensor>& dlse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type, const at::Tensor& streaming_info,
+    const at::Tensor& sparse_index, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& block_indices, const std::optional<at::Tensor>& block_counts,
+    std::optional<double> softmax_scale, bool is_causal, bool exact_streaming, bool deterministic);
 
 // Semantics: include/tkpy/decode.h.
 std::tuple<at::Tensor, at::Tensor> decode_attention(

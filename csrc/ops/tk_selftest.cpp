@@ -7,6 +7,7 @@
 #include "ops/ops.h"
 #include "ops/validate.h"
 #include "tk/types/shared/layout.h"
+#include "tkpy/detail/attention_bwd_index.h"
 #include "tkpy/detail/attention_index.h"
 #include "tkpy/detail/gemm_index.h"
 #include "tkpy/tk_selftest.h"
@@ -66,6 +67,104 @@ at::Tensor attention_task_order(int64_t q_tiles, int64_t heads_q, int64_t batch,
         o[t][2] = c.q_tile;
     }
     return out;
+}
+
+namespace {
+
+// Host copies of sparse-head tensors, kept alive for a SparseHeads that points into them.
+struct HostSparseHeads {
+    at::Tensor types, info, index, indices, counts;
+    detail::SparseHeads heads{};
+};
+
+HostSparseHeads host_sparse_heads(const at::Tensor& head_mask_type, const at::Tensor& streaming_info,
+                                  const at::Tensor& sparse_index, const std::optional<at::Tensor>& block_indices,
+                                  const std::optional<at::Tensor>& block_counts, int64_t sq, int64_t sk, bool causal,
+                                  bool exact) {
+    HostSparseHeads h;
+    const auto host = [](const at::Tensor& t) { return t.to(at::kCPU, at::kInt).contiguous(); };
+    h.types = host(head_mask_type);
+    h.info = host(streaming_info);
+    h.index = host(sparse_index);
+    h.heads.head_mask_type = h.types.data_ptr<int32_t>();
+    h.heads.streaming_info = h.info.data_ptr<int32_t>();
+    h.heads.sparse_index = h.index.data_ptr<int32_t>();
+    h.heads.causal = causal;
+    h.heads.exact_streaming = exact;
+    h.heads.mask_q_blocks = detail::ceil_blocks(int(sq));
+    h.heads.mask_k_blocks = detail::ceil_blocks(int(sk));
+    if (block_indices.has_value()) {
+        h.indices = host(*block_indices);
+        h.counts = host(*block_counts);
+        TORCH_CHECK(h.indices.dim() == 4 && h.indices.size(2) == h.heads.mask_q_blocks &&
+                        h.indices.size(3) == h.heads.mask_k_blocks,
+                    "attention_bwd: block_indices must be [B, n_sparse, ceil(sq/128), ceil(sk/128)]");
+        h.heads.block_indices = h.indices.data_ptr<int32_t>();
+        h.heads.block_counts = h.counts.data_ptr<int32_t>();
+        h.heads.n_sparse = int(h.indices.size(1));
+    }
+    return h;
+}
+
+}  // namespace
+
+// The backward's walk over key blocks of `key_rows` keys for (batch, head): [key blocks, query
+// blocks + 2], each row visit_rank of every query block, then the candidates [lo, hi).
+// Dense attention (the window) without head_mask_type, else sparse heads.
+at::Tensor attention_bwd_walk(int64_t sq, int64_t sk, int64_t window_left, int64_t window_right, int64_t key_rows,
+                              const std::optional<at::Tensor>& head_mask_type,
+                              const std::optional<at::Tensor>& streaming_info,
+                              const std::optional<at::Tensor>& sparse_index,
+                              const std::optional<at::Tensor>& block_indices,
+                              const std::optional<at::Tensor>& block_counts, bool causal, bool exact, int64_t batch,
+                              int64_t head) {
+    TORCH_CHECK(sq >= 0 && sk >= 0 && (key_rows == 64 || key_rows == 128), "attention_bwd_walk: bad sizes");
+    HostSparseHeads h;
+    if (head_mask_type.has_value()) {
+        h = host_sparse_heads(*head_mask_type, *streaming_info, *sparse_index, block_indices, block_counts, sq, sk,
+                              causal, exact);
+    }
+    const int64_t key_blocks = (sk + key_rows - 1) / key_rows;
+    const int64_t query_blocks = (sq + detail::kBwdQueryBlock - 1) / detail::kBwdQueryBlock;
+    at::Tensor out = at::empty({key_blocks, query_blocks + 2}, at::kLong);
+    auto o = out.accessor<int64_t, 2>();
+    for (int64_t n = 0; n < key_blocks; ++n) {
+        const detail::BwdWalk w = detail::bwd_walk(int(n), int(key_rows), int(sq), int(sk), int(window_left),
+                                                   int(window_right), h.heads, int(batch), int(head));
+        for (int64_t m = 0; m < query_blocks; ++m) o[n][m] = w.visit_rank(int(m));
+        o[n][query_blocks] = w.candidates.lo;
+        o[n][query_blocks + 1] = w.candidates.hi;
+    }
+    return out;
+}
+
+// The backward's per-key mask: ([sk, 2] the queries [lo, hi) that see each key, [query blocks,
+// ceil(sk / 16)] whether each query block x 16-key tile is fully visible). Dense attention's window
+// when head_type is None, else a sparse head's token rule.
+std::tuple<at::Tensor, at::Tensor> attention_bwd_key_rule(int64_t sq, int64_t sk, int64_t window_left,
+                                                          int64_t window_right, std::optional<int64_t> head_type,
+                                                          int64_t sink, int64_t local, bool causal, bool exact) {
+    detail::SparseHeads heads{};
+    heads.causal = causal;
+    heads.exact_streaming = exact;
+    const detail::KeyRule rule = head_type.has_value()
+                                     ? detail::sparse_key_rule(int32_t(*head_type), int(sink), int(local), heads)
+                                     : detail::dense_key_rule(int(window_left), int(window_right));
+    at::Tensor queries = at::empty({sk, 2}, at::kLong);
+    auto q = queries.accessor<int64_t, 2>();
+    for (int64_t j = 0; j < sk; ++j) {
+        const detail::Range r = rule.queries(int(j), int(sq), int(sk));
+        q[j][0] = r.lo;
+        q[j][1] = r.hi;
+    }
+    const int64_t query_blocks = (sq + detail::kBwdQueryBlock - 1) / detail::kBwdQueryBlock;
+    at::Tensor full = at::empty({query_blocks, (sk + 15) / 16}, at::kBool);
+    auto f = full.accessor<bool, 2>();
+    for (int64_t m = 0; m < query_blocks; ++m)
+        for (int64_t t = 0; t < full.size(1); ++t)
+            f[m][t] = rule.tile_fully_visible(int(m * detail::kBwdQueryBlock), detail::kBwdQueryBlock, int(t * 16), 16,
+                                              int(sq), int(sk));
+    return {queries, full};
 }
 
 #if defined(TKPY_WITH_CUDA)
@@ -241,6 +340,11 @@ TORCH_LIBRARY(tkpy_selftest, m) {
     m.def("attention_section_heads(int heads_q, int heads_kv, int batch, int seqlen_k, int head_dim, int elem_bytes, "
           "int l2_bytes) -> int");
     m.def("attention_task_order(int q_tiles, int heads_q, int batch, int section_heads) -> Tensor");
+    m.def("attention_bwd_walk(int sq, int sk, int window_left, int window_right, int key_rows, Tensor? head_mask_type, "
+          "Tensor? streaming_info, Tensor? sparse_index, Tensor? block_indices, Tensor? block_counts, bool causal, "
+          "bool exact, int batch, int head) -> Tensor");
+    m.def("attention_bwd_key_rule(int sq, int sk, int window_left, int window_right, int? head_type, int sink, "
+          "int local, bool causal, bool exact) -> (Tensor, Tensor)");
     m.def("tk_tma_roundtrip(Tensor x, Tensor(a!) y, Tensor(b!) z, int swizzle, int row, int col) -> ()");
     m.def("tk_register_ops(Tensor x) -> Tensor[]");
     m.def("tk_online_softmax(Tensor x, Tensor keys, float scale, float softcap) -> Tensor[]");
@@ -254,6 +358,8 @@ TORCH_LIBRARY_IMPL(tkpy_selftest, CompositeExplicitAutograd, m) {
     m.impl("gemm_tile_order", &tkpy::ops::gemm_tile_order);
     m.impl("attention_section_heads", &tkpy::ops::attention_section_heads);
     m.impl("attention_task_order", &tkpy::ops::attention_task_order);
+    m.impl("attention_bwd_walk", &tkpy::ops::attention_bwd_walk);
+    m.impl("attention_bwd_key_rule", &tkpy::ops::attention_bwd_key_rule);
 }
 
 #if defined(TKPY_WITH_CUDA)

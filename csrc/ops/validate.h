@@ -30,6 +30,7 @@ inline DType to_dtype(at::ScalarType t) {
         case at::kBFloat16: return DType::bf16;
         case at::kHalf: return DType::fp16;
         case at::kFloat: return DType::fp32;
+        case at::kDouble: return DType::fp64;
         default: TORCH_CHECK_VALUE(false, "tkpy: no kernel for dtype ", t);
     }
 }

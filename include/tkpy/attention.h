@@ -3,12 +3,14 @@
 // Batched: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D], out like q, lse fp32 [B, Hq, Sq].
 // Varlen (cu_seqlens_q/k set): q [total_q, Hq, D], k/v [total_k, Hkv, D], lse fp32 [Hq, total_q];
 // sequence b holds tokens cu_seqlens[b] .. cu_seqlens[b + 1] - 1.
+// The CUDA kernels take bf16 and fp16; the CPU path also fp32 and fp64 (for which lse is fp64).
 #pragma once
 
 #include <cstdint>
 #include <cstdlib>
 #include <string>
 
+#include "tkpy/detail/attention_bwd_index.h"
 #include "tkpy/detail/block_sparse_index.h"
 #include "tkpy/types.h"
 
@@ -73,7 +75,8 @@ struct AttentionParams {
     const void* k = nullptr;
     const void* v = nullptr;
     void* out = nullptr;
-    float* lse = nullptr;
+    float* lse = nullptr;        // fp32; null for fp64 inputs
+    double* lse_fp64 = nullptr;  // fp64 inputs (CPU only): lse in float64
     // Strides in elements. Batch strides are unused (0) in varlen mode.
     int64_t q_batch_stride = 0, q_token_stride = 0, q_head_stride = 0;
     int64_t k_batch_stride = 0, k_token_stride = 0, k_head_stride = 0;
@@ -104,9 +107,62 @@ struct AttentionParams {
     Kernel kernel = Kernel::automatic;
 };
 
+// The backward of a forward call: gradients of q, k and v from dout (and, optionally, of lse).
+// `fwd` is the forward's params as it ran (q, k, v, out, lse, sizes, masks, plans; kernel unused).
+// dq is laid out like q, dk and dv like k (strides below); for GQA, dk and dv are summed over
+// each kv head's query heads. A query that saw no key gets no gradient and gives none.
+struct AttentionBackwardParams {
+    AttentionParams fwd;
+    const void* dout = nullptr;  // like out
+    int64_t do_batch_stride = 0, do_token_stride = 0, do_head_stride = 0;
+    const float* dlse = nullptr;  // gradient of lse, laid out like lse; null: none
+    const double* dlse_fp64 = nullptr;  // fp64 inputs (CPU only): dlse in float64, dlse null
+    void* dq = nullptr;
+    void* dk = nullptr;
+    void* dv = nullptr;
+    int64_t dq_batch_stride = 0, dq_token_stride = 0, dq_head_stride = 0;
+    int64_t dk_batch_stride = 0, dk_token_stride = 0, dk_head_stride = 0;
+    int64_t dv_batch_stride = 0, dv_token_stride = 0, dv_head_stride = 0;
+    // CUDA workspace, from attention_backward_workspace(), all written by the launch itself:
+    // per query, lse · log2(e) and delta = rowsum(dout * out) - dlse, laid out [batch, heads_q,
+    // seqlen_q rounded up to 64] (varlen too, with max_seqlen_q) so that each block of queries is
+    // one aligned bulk copy; dQ's fp32 accumulator [batch or 1, heads_q, rows, head_dim] with rows
+    // = seqlen_q (batched) or total_q (varlen); and, for deterministic, one int32 counter per
+    // (batch, query head, block of detail::kBwdQueryBlock queries).
+    float* lse_log2 = nullptr;
+    float* delta = nullptr;
+    float* dq_accum = nullptr;
+    int32_t* dq_semaphore = nullptr;
+    // Bitwise-identical gradients run to run: dQ's additions from different key blocks are made in
+    // a fixed order (each waits for the key blocks before it), at some cost in speed. The CPU path
+    // is deterministic either way.
+    bool deterministic = false;
+};
+
+// Elements of each CUDA workspace buffer the backward of `p` needs (fwd filled in).
+struct AttentionBackwardWorkspace {
+    int64_t row_stats;     // floats, each of lse_log2 and delta
+    int64_t dq_accum;      // floats
+    int64_t dq_semaphore;  // int32s (0 unless deterministic)
+};
+
+TKPY_HD int64_t padded_query_rows(const AttentionParams& p) { return (int64_t(p.seqlen_q) + 63) / 64 * 64; }
+
+inline AttentionBackwardWorkspace attention_backward_workspace(const AttentionParams& p, bool deterministic) {
+    const bool varlen = p.cu_seqlens_q != nullptr;
+    const int64_t rows = varlen ? p.total_q : int64_t(p.batch) * p.seqlen_q;
+    const int64_t stats = int64_t(p.batch) * p.heads_q * padded_query_rows(p);
+    return AttentionBackwardWorkspace{stats, rows * p.heads_q * p.head_dim,
+                                      deterministic ? stats / detail::kBwdQueryBlock : 0};
+}
+
 #if defined(TKPY_WITH_CUDA)
 // cudaErrorInvalidValue when params.kernel is automatic and TKPY_ATTENTION_KERNEL names no kernel.
 cudaError_t launch_attention_forward(const AttentionParams& params, cudaStream_t stream);
+
+// The backward: fills delta, zeroes dq_accum (and the semaphores), runs the key-block-stationary
+// kernel and converts dq_accum into dq. Head dims 64, 128 and 256, bf16 and fp16.
+cudaError_t launch_attention_backward(const AttentionBackwardParams& params, cudaStream_t stream);
 #endif
 
 }  // namespace tkpy::attention

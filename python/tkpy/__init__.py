@@ -1,6 +1,6 @@
 """tkpy: H100 tile kernels (dense and LServe sparse attention, RIFLEx RoPE) as drop-in torch ops."""
 
-from . import _ops, lserve, riflex, rope
+from . import _autograd, _ops, lserve, riflex, rope  # noqa: F401  (_autograd registers the backwards)
 from ._ops import attention_kernel, cuda_compiled, use_attention_kernel
 from .attention import flash_attn_func, flash_attn_varlen_func
 from .block_sparse import block_sparse_attn_func, block_streaming_attn_func, token_streaming_attn_func

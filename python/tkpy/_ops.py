@@ -1,4 +1,4 @@
-"""Loads the compiled ops (``torch.ops.tkpy.*``), calls them, and refuses their backward.
+"""Loads the compiled ops (``torch.ops.tkpy.*``) and calls them; _autograd.py gives them their backward.
 
 Each op's fake implementation for ``torch.compile(fullgraph=True)`` is its Meta kernel, registered
 by the binding itself (csrc/torch_bindings.cpp): the same checks as a real call, no launch.
@@ -106,22 +106,19 @@ def optional_float(name: str, x) -> Optional[float]:
     return None if x is None else float_arg(name, x)
 
 
+def bool_arg(name: str, x) -> bool:
+    """A bool flag as the schemas take it (Python or numpy bools, 0-d bool tensors), or a TypeError
+    naming the argument."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype == torch.bool:
+        return bool(x)
+    if not isinstance(x, (bool, numbers.Integral)) or x not in (0, 1):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r}")
+    return bool(x)
+
+
 def int_arg(name: str, x) -> int:
     """An int argument as the schemas take it: an integer (not a bool, a float or a string), or a
     TypeError naming the argument."""
     if isinstance(x, bool) or not isinstance(x, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(x).__name__} {x!r}")
     return int(x)
-
-
-def _attention_backward(ctx, grad_out, grad_lse):
-    raise NotImplementedError(
-        "tkpy attention: backward is not implemented; tkpy's attention functions (flash_attn_func, "
-        "flash_attn_varlen_func, flash_attn_with_kvcache, block_sparse_attn_func, the streaming "
-        "variants and tkpy.lserve.sparse_decode) are forward-only (inference). Use flash-attn or torch SDPA for training."
-    )
-
-
-torch.library.register_autograd("tkpy::attention_forward", _attention_backward)
-torch.library.register_autograd("tkpy::block_sparse_attention_forward", _attention_backward)
-torch.library.register_autograd("tkpy::decode_attention", _attention_backward)

@@ -1,8 +1,9 @@
-"""Dense attention forward with flash-attn 2's exact signatures, positional order included.
+"""Dense attention with flash-attn 2's exact signatures, positional order included.
 
 ``from tkpy import flash_attn_func, flash_attn_varlen_func`` replaces the flash-attn import. Both
 run ``torch.ops.tkpy.attention_forward``: the H100 warp-specialised kernel on CUDA, a tiled
-online-softmax implementation on the CPU.
+online-softmax implementation on the CPU. Both are differentiable: autograd runs
+``torch.ops.tkpy.attention_backward`` (gradients of q, k and v; see ``deterministic``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 
 def _refuse_unimplemented(fn: str, dropout_p: float, alibi_slopes, block_table=None) -> None:
     if dropout_p != 0.0:
-        raise NotImplementedError(f"{fn}: dropout_p={dropout_p} is not implemented; tkpy's attention is inference-only (use 0.0)")
+        raise NotImplementedError(f"{fn}: dropout_p={dropout_p} is not implemented (use 0.0)")
     if alibi_slopes is not None:
         raise NotImplementedError(f"{fn}: alibi_slopes are not implemented yet")
     if block_table is not None:
@@ -40,11 +41,13 @@ def flash_attn_func(
 
     Parameters
     ----------
-    q : Tensor ``[B, Sq, Hq, D]``, bf16 or fp16, D in {64, 128, 256}
+    q : Tensor ``[B, Sq, Hq, D]``, D in {64, 128, 256}
+        bf16 or fp16; on the CPU also fp32 or fp64 (computed in fp64 for fp64, else in fp32), so that
+        ``torch.autograd.gradcheck`` can run in float64. k, v (and the gradients) take q's dtype.
     k, v : Tensor ``[B, Sk, Hkv, D]``, ``Hq % Hkv == 0`` (GQA/MQA)
         Last dims contiguous; other strides multiples of 8 elements.
     dropout_p : float
-        Must be 0.0 (inference only).
+        Must be 0.0 (dropout is not implemented).
     softmax_scale : float, optional
         Default ``1 / sqrt(D)``.
     causal : bool
@@ -56,9 +59,12 @@ def flash_attn_func(
     alibi_slopes : None
         Not implemented; anything else is refused.
     deterministic : bool
-        Accepted for compatibility; the forward pass is always deterministic.
+        Backward: bitwise-identical gradients run to run. On CUDA dQ's additions from different key
+        blocks then wait for each other in a fixed order, which costs speed (README, "Attention
+        backward"); the forward, and the CPU backward, are deterministic either way.
     return_attn_probs : bool
-        Also return ``softmax_lse`` (fp32 ``[B, Hq, Sq]``, natural log) and None.
+        Also return ``softmax_lse`` (``[B, Hq, Sq]``, natural log; fp32, or fp64 for fp64 inputs) and
+        None.
 
     Returns
     -------
@@ -68,7 +74,8 @@ def flash_attn_func(
     _refuse_unimplemented("flash_attn_func", dropout_p, alibi_slopes)
     left, right = window_edges(causal, window_size)
     out, lse = _ops.call("attention_forward", q, k, v, softmax_scale=_ops.optional_float("softmax_scale", softmax_scale),
-                         window_left=left, window_right=right, softcap=_ops.float_arg("softcap", softcap))
+                         window_left=left, window_right=right, softcap=_ops.float_arg("softcap", softcap),
+                         deterministic=_ops.bool_arg("deterministic", deterministic))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -103,8 +110,8 @@ def flash_attn_varlen_func(
     block_table : None
         Paged KV is not implemented here; anything else is refused.
 
-    The other arguments are those of :func:`flash_attn_func`. ``softmax_lse`` is fp32
-    ``[Hq, total_q]``.
+    The other arguments (dtypes included) are those of :func:`flash_attn_func`. ``softmax_lse`` is
+    ``[Hq, total_q]``, fp32 (fp64 for fp64 inputs).
     """
     _refuse_unimplemented("flash_attn_varlen_func", dropout_p, alibi_slopes, block_table)
     if cu_seqlens_q is None or cu_seqlens_k is None:
@@ -114,5 +121,5 @@ def flash_attn_varlen_func(
                          max_seqlen_q=_ops.int_arg("max_seqlen_q", max_seqlen_q),
                          max_seqlen_k=_ops.int_arg("max_seqlen_k", max_seqlen_k),
                          softmax_scale=_ops.optional_float("softmax_scale", softmax_scale), window_left=left, window_right=right,
-                         softcap=_ops.float_arg("softcap", softcap))
+                         softcap=_ops.float_arg("softcap", softcap), deterministic=_ops.bool_arg("deterministic", deterministic))
     return (out, lse, None) if return_attn_probs else out

@@ -57,7 +57,7 @@ def plan(head_mask_type: torch.Tensor, base_blockmask: Optional[torch.Tensor]):
 
 
 def _run(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, base_blockmask, max_seqlen_q,
-         max_seqlen_k, p_dropout, softmax_scale, is_causal, exact_streaming, return_attn_probs):
+         max_seqlen_k, p_dropout, deterministic, softmax_scale, is_causal, exact_streaming, return_attn_probs):
     # The binding checks shapes, dtypes and devices, and, under tkpy.validation's policy, the
     # values of cu_seqlens, head_mask_type and streaming_info.
     if p_dropout != 0.0:
@@ -78,7 +78,7 @@ def _run(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info
         "block_sparse_attention_forward", q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
         sparse_index, max_seqlen_q, max_seqlen_k, block_indices=indices, block_counts=counts,
         softmax_scale=_ops.optional_float("softmax_scale", softmax_scale), is_causal=bool(is_causal),
-        exact_streaming=bool(exact_streaming),
+        exact_streaming=bool(exact_streaming), deterministic=_ops.bool_arg("deterministic", deterministic),
     )
     return (out, lse_per_sequence(lse, cu_seqlens_q, max_seqlen_q), None) if return_attn_probs else out
 
@@ -124,7 +124,9 @@ def block_sparse_attn_func(
 
     Parameters
     ----------
-    q : Tensor ``[total_q, Hq, D]``, bf16 or fp16, D in {64, 128, 256}
+    q : Tensor ``[total_q, Hq, D]``, D in {64, 128, 256}
+        bf16 or fp16; on the CPU also fp32 or fp64 (computed in fp64 for fp64, else in fp32), so that
+        ``torch.autograd.gradcheck`` can run in float64. k, v (and the gradients) take q's dtype.
     k, v : Tensor ``[total_k, Hkv, D]``, ``Hq % Hkv == 0``
     cu_seqlens_q, cu_seqlens_k : int32 Tensor ``[B + 1]``
     head_mask_type : int32 Tensor ``[Hq]``
@@ -137,7 +139,9 @@ def block_sparse_attn_func(
     p_dropout : float
         Must be 0.0.
     deterministic : bool
-        Accepted; the forward pass is deterministic.
+        Backward: bitwise-identical gradients run to run (as in :func:`tkpy.flash_attn_func`). All
+        three functions are differentiable with the forward's plans: a sparse head's backward
+        visits exactly the key blocks its forward did.
     softmax_scale : float, optional
         Default ``1 / sqrt(D)``.
     is_causal : bool
@@ -151,12 +155,13 @@ def block_sparse_attn_func(
         causal mask; without it, ``m = ceil(Sk / 128)`` for every row (the sink and the last
         ``local`` key blocks), keys past Sk masked.
     return_attn_probs : bool
-        Also return ``softmax_lse``, fp32 ``[B, Hq, max_seqlen_q_]`` as Block-Sparse-Attention lays
-        it out (natural log; -inf where a row sees no key and past each sequence's end), and None.
+        Also return ``softmax_lse``, ``[B, Hq, max_seqlen_q_]`` as Block-Sparse-Attention lays it out
+        (natural log; -inf where a row sees no key and past each sequence's end; fp32, or fp64 for
+        fp64 inputs), and None.
     """
     return _run("block_sparse_attn_func", q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
-                base_blockmask, max_seqlen_q_, max_seqlen_k_, p_dropout, softmax_scale, is_causal, exact_streaming,
-                return_attn_probs)
+                base_blockmask, max_seqlen_q_, max_seqlen_k_, p_dropout, deterministic, softmax_scale, is_causal,
+                exact_streaming, return_attn_probs)
 
 
 def block_streaming_attn_func(
@@ -179,7 +184,8 @@ def block_streaming_attn_func(
     Causal by default; ``is_causal=False`` gives every row the sink and the last ``local`` key
     blocks. Arguments as in :func:`block_sparse_attn_func`."""
     return _run("block_streaming_attn_func", q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
-                None, max_seqlen_q, max_seqlen_k, p_dropout, softmax_scale, is_causal, False, return_attn_probs)
+                None, max_seqlen_q, max_seqlen_k, p_dropout, deterministic, softmax_scale, is_causal, False,
+                return_attn_probs)
 
 
 def token_streaming_attn_func(
@@ -199,4 +205,4 @@ def token_streaming_attn_func(
     """Dense causal (type 0) and exact token-streaming (type -1) heads; ``streaming_info`` in tokens.
     Arguments as in :func:`block_sparse_attn_func`."""
     return _run("token_streaming_attn_func", q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
-                None, max_seqlen_q, max_seqlen_k, 0.0, softmax_scale, True, True, return_attn_probs)
+                None, max_seqlen_q, max_seqlen_k, 0.0, deterministic, softmax_scale, True, True, return_attn_probs)

@@ -181,9 +181,11 @@ def flash_attn_with_kvcache(
         # while the cache is untouched. flash-attn picks the positions after dropping the edges
         # past the capacity (above).
         progressive = left >= 0 or right >= 0
+        # Decode has no backward (its op refuses one), so the copy's rotation needs none either.
         q = q.clone(memory_format=torch.contiguous_format)
-        apply_rope_(q, None, rotary_cos, rotary_sin, _q_rotary_positions(seqlens_before, seqlen_q, progressive),
-                    interleaved=bool(rotary_interleaved))
+        with torch.no_grad():
+            apply_rope_(q, None, rotary_cos, rotary_sin, _q_rotary_positions(seqlens_before, seqlen_q, progressive),
+                        interleaved=bool(rotary_interleaved))
     seqlens = seqlens_before
     if k is not None:
         _require_tensor(fn, "k", k, 4, "[batch, seqlen_new, heads_kv, head_dim]")

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["REL_TOL", "relative_error", "rope_frequencies", "rope", "rope_3d_table", "rope_3d", "matmul", "attention",
-           "block_sparse_attention", "page_stats", "page_scores", "select_pages"]
+           "block_sparse_attention", "attention_grads", "page_stats", "page_scores", "select_pages"]
 
 # The one tolerance table of tkpy's tests and benchmarks (DESIGN.md §7): the largest
 # ‖out − reference‖ / ‖reference‖ accepted from an op computing in each dtype (fp32 for the CPU
@@ -122,13 +122,7 @@ def _attention_one_sequence(q, k, v, causal, window_size, softcap, softmax_scale
     if right >= 0:
         visible &= j <= diagonal + right
 
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [Hq, Sq]; -inf where a row sees no key
-    seen = visible.any(dim=-1)  # [Sq]
-    # A row with no visible key would give exp(-inf - -inf) = NaN; its weights are all 0 instead.
-    probs = torch.where(seen[None, :, None], torch.exp(scores - torch.where(seen, lse, 0.0)[..., None]), 0.0)
-    out = torch.einsum("hqk,khd->qhd", probs, v)
-    return out, lse
+    return _masked_attention(q, k, v, visible.expand(heads_q, -1, -1), scores=scores)
 
 
 def attention(
@@ -200,14 +194,30 @@ def block_sparse_mask(seqlen_q, seqlen_k, head_type, sink, local, blockmask, is_
     return visible
 
 
-def _masked_attention(q, k, v, visible, scale):
-    """q ``[Sq, H, D]``, k/v ``[Sk, H, D]``, visible bool ``[H, Sq, Sk]`` -> out ``[Sq, H, D]``, lse ``[H, Sq]``."""
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # -inf where a row sees no key
+def _masked_attention(q, k, v, visible, scale=None, scores=None):
+    """q ``[Sq, H, D]``, k/v ``[Sk, H, D]``, visible bool ``[H, Sq, Sk]`` -> out ``[Sq, H, D]``, lse
+    ``[H, Sq]``, from ``scores`` ``[H, Sq, Sk]`` or q·k·scale. Differentiable everywhere: a row that
+    sees no key has lse -inf and weights 0, and neither its forward nor its gradient is NaN."""
+    if scores is None:
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
     seen = visible.any(dim=-1)  # [H, Sq]
-    probs = torch.where(seen[..., None], torch.exp(scores - torch.where(seen, lse, 0.0)[..., None]), 0.0)
-    return torch.einsum("hqk,khd->qhd", probs, v), lse
+    # Unseen rows take finite stand-in scores, so that no exp(-inf - -inf) appears, forward or back.
+    scores = scores.masked_fill(~visible & seen[..., None], float("-inf")).masked_fill(~seen[..., None], 0.0)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.where(seen[..., None], torch.exp(scores - lse[..., None]), 0.0)
+    return torch.einsum("hqk,khd->qhd", probs, v), torch.where(seen, lse, float("-inf"))
+
+
+def attention_grads(forward, q, k, v, dout, dlse=None, **kwargs):
+    """The float64 autograd oracle of an attention forward of this module (:func:`attention` or
+    :func:`block_sparse_attention`): ``(dq, dk, dv)`` of ``sum(out · dout) + sum(lse · dlse)`` (the
+    lse term over the rows that see a key), float64, for ``forward(q, k, v, **kwargs)``."""
+    q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out, lse = forward(q, k, v, **kwargs)
+    loss = (out * dout.double()).sum()
+    if dlse is not None:
+        loss = loss + (torch.where(torch.isfinite(lse), lse, 0.0) * dlse.double()).sum()
+    return torch.autograd.grad(loss, (q, k, v), allow_unused=True)
 
 
 def block_sparse_attention(

@@ -27,6 +27,7 @@
 #include "tk/tk.cuh"
 #include "tkpy/attention.h"
 #include "tkpy/detail/attention_index.h"
+#include "attention_tma.cuh"
 
 namespace tkpy::attention {
 
@@ -377,15 +378,9 @@ cudaError_t launch_layout(const AttentionParams& p, cudaStream_t stream) {
     prm.order.section_heads = detail::attention_section_heads(p.heads_q, p.heads_kv, p.batch, p.seqlen_k, D,
                                                               int(sizeof(T)), tk::l2_bytes());
     const bool varlen = p.cu_seqlens_q != nullptr;
-    // Varlen: one "batch" of packed tokens, as many rows as the packed tensors have.
-    // A dim of size 1 may carry any stride in torch; TMA wants every stride a multiple of 16 bytes,
-    // so those get the stride a packed layout would have.
     const auto view = [&](const void* data, int64_t batch_stride, int64_t token_stride, int64_t head_stride,
                           int heads, int64_t rows) {
-        const int64_t batches = varlen ? 1 : p.batch;
-        return tk::gl4<T>{static_cast<T*>(const_cast<void*>(data)), batches, rows, heads, D,
-                          batches == 1 ? rows * token_stride : batch_stride, token_stride,
-                          heads == 1 ? int64_t(D) : head_stride};
+        return tma_view<T, D>(data, varlen, p.batch, rows, heads, batch_stride, token_stride, head_stride);
     };
     const int64_t rows_q = varlen ? p.total_q : p.seqlen_q;
     const int64_t rows_k = varlen ? p.total_k : p.seqlen_k;
@@ -398,14 +393,7 @@ cudaError_t launch_layout(const AttentionParams& p, cudaStream_t stream) {
         if (err == cudaSuccess) err = tk::make_tma_gl4(prm.v, view(p.v, p.v_batch_stride, p.v_token_stride, p.v_head_stride, p.heads_kv, rows_k));
     }
     if (err != cudaSuccess) return err;
-    constexpr size_t smem = tk::pipeline::smem_bytes<L>;
-    auto* kernel = tk::pipeline::lcf_kernel<L>;
-    const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (attr != cudaSuccess) return attr;
-    const int sms = tk::sm_count();
-    const int grid = int(sms > 0 && sms < tasks ? sms : tasks);
-    kernel<<<grid, tk::pipeline::threads<L>, smem, stream>>>(prm);
-    return cudaGetLastError();
+    return tk::pipeline::launch<L>(prm, prm.order.tasks, stream);
 }
 
 // Sparse heads take 128-row tiles (2 consumers); dense attention the kernel's own choice. The

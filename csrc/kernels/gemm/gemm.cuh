@@ -111,16 +111,7 @@ cudaError_t launch_typed(const GemmParams& g, cudaStream_t stream) {
     p.tiles_m = detail::ceil_div(g.m, L::kBlockM);
     p.tiles_n = detail::ceil_div(g.n, L::kBlockN);
 
-    constexpr size_t smem = tk::pipeline::smem_bytes<L>;
-    auto* kernel = tk::pipeline::lcf_kernel<L>;
-    // Per call: the attribute belongs to the current device, and setting it is a cheap host call.
-    const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (attr != cudaSuccess) return attr;
-    const int tasks = p.tiles_m * p.tiles_n;
-    const int sms = tk::sm_count();
-    const int grid = sms > 0 && sms < tasks ? sms : tasks;
-    kernel<<<grid, tk::pipeline::threads<L>, smem, stream>>>(p);
-    return cudaGetLastError();
+    return tk::pipeline::launch<L>(p, p.tiles_m * p.tiles_n, stream);
 }
 
 }  // namespace tkpy::gemm

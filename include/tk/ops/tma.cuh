@@ -52,6 +52,17 @@ __device__ inline void store_add_async(const tma_gl<ST>& dst, const ST& src, int
     }
 }
 
+// Loads a shared vector from contiguous global memory (a 1-D bulk copy: src 16-byte aligned), for
+// what has no tensor map, e.g. per-row statistics laid out for it.
+template <tile_element T, int N>
+__device__ inline void load_async(sv<T, N>& dst, const T* src, barrier& bar) {
+    static_assert(sizeof(T) * N % 16 == 0, "a bulk copy moves whole 16-byte units");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                     smem_addr(dst.data)),
+                 "l"(reinterpret_cast<uint64_t>(src)), "n"(int(sizeof(T) * N)), "r"(smem_addr(&bar))
+                 : "memory");
+}
+
 // Loads the tile at (batch, row, head) of a 4-D tensor: rows row .. row + ST::rows - 1.
 template <shared_tile ST>
 __device__ inline void load_async(ST& dst, const tma_gl4<ST>& src, int batch, int row, int head, barrier& bar) {

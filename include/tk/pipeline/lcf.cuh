@@ -48,6 +48,7 @@
 //   };
 #pragma once
 
+#include "../common/device.h"
 #include "../ops/tma.cuh"
 #include "../types/shared/st.cuh"
 #include "sync.cuh"
@@ -117,6 +118,22 @@ struct stage_reader {
         if (threadIdx.x % kWarpgroupThreads == 0) arrive(r->empty[part][pos.stage]);
         pos.advance();
     }
+
+    // For consumers that take a stage's parts in step: one reader (one position in registers)
+    // waits for each part of its stage, then releases them all at once.
+    __device__ const typename L::stage& wait_part(int other, const char* file = __builtin_FILE(),
+                                                  int line = __builtin_LINE(),
+                                                  const char* function = __builtin_FUNCTION()) const {
+        tk::wait(r->full[other][pos.stage], pos.parity, file, line, function);
+        return r->stages[pos.stage];
+    }
+    __device__ void release_all() {
+        if (threadIdx.x % kWarpgroupThreads == 0) {
+#pragma unroll
+            for (int p = 0; p < ring<L>::parts; ++p) arrive(r->empty[p][pos.stage]);
+        }
+        pos.advance();
+    }
 };
 
 template <class L>
@@ -178,16 +195,18 @@ __device__ inline void consume(const typename L::params& params, ring<L>& r, tas
         stage_reader<L> readers[L::parts];
 #pragma unroll
         for (int part = 0; part < L::parts; ++part) readers[part] = stage_reader<L>{&r, part, {}};
-        uint32_t slot_parity = 0;
-        for (int index = blockIdx.x; index < tasks; index += gridDim.x) {
-            wait(slot.full, slot_parity);
+        // One counter across a task (the index and the slot's phase derive from it), so that the
+        // consumers' registers go to their work.
+        for (int n = 0;; ++n) {
+            const int index = blockIdx.x + n * gridDim.x;
+            if (index >= tasks) break;
+            wait(slot.full, uint32_t(n) & 1u);
             const int iters = slot.iterations;
             L::consume(params, state, inputs, iters, readers, scratch, index, consumer);
             // Every warp has read the count and is done with the inputs before the one arrival
             // frees them: consume may return early in some warps (a task with nothing to do).
             warpgroup::sync(consumer);
             if (leader) arrive(slot.empty);
-            slot_parity ^= 1;
         }
     } else {
         stage_reader<L> reader{&r, 0, {}};
@@ -233,6 +252,21 @@ __global__ void __launch_bounds__(threads<L>, 1) lcf_kernel(const __grid_constan
         warpgroup::increase_registers<L::consumer_registers>();
         consume<L>(params, r, slot, inputs, scratch);
     }
+}
+
+// Launches lcf_kernel<L> over `tasks` tasks (> 0), persistent: one CTA per SM, or per task if
+// there are fewer. The shared-memory attribute is set per call: it belongs to the current device,
+// and setting it is a cheap host call.
+template <class L>
+cudaError_t launch(const typename L::params& params, int tasks, cudaStream_t stream) {
+    constexpr size_t smem = smem_bytes<L>;
+    auto* kernel = lcf_kernel<L>;
+    const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (attr != cudaSuccess) return attr;
+    const int sms = sm_count();
+    const int grid = sms > 0 && sms < tasks ? sms : tasks;
+    kernel<<<grid, threads<L>, smem, stream>>>(params);
+    return cudaGetLastError();
 }
 
 }  // namespace tk::pipeline

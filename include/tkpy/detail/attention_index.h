@@ -13,6 +13,8 @@ namespace tkpy::detail {
 struct Range {
     int lo;
     int hi;
+    // Bitwise, not short-circuit: no branch (as KeyRanges::contains).
+    TKPY_HD bool contains(int i) const { return (i >= lo) & (i < hi); }
 };
 
 // Keys visible to query i of a (sq, sk) pair, aligned bottom-right: i sees j iff
@@ -32,10 +34,20 @@ TKPY_HD bool key_visible(int i, int j, int sq, int sk, int window_left, int wind
     return j >= r.lo && j < r.hi;
 }
 
-// Key blocks of `block` keys that queries [q0, q1) (clipped to sq) need, as a block-index range.
-// Visible ranges only move right as i grows, so the union is [lo(q0), hi(q1 - 1)).
+// The first query that sees any key: rows above it (a right window edge left of key 0) see none.
+// Every row from it on sees at least one (its window contains its diagonal, clipped into [0, sk)).
+TKPY_HD int first_row_with_keys(int sq, int sk, int window_right) {
+    const int64_t first = window_right >= 0 ? int64_t(sq) - sk - window_right : 0;
+    return first < 0 ? 0 : (first > sq ? sq : int(first));
+}
+
+// Key blocks of `block` keys that queries [q0, q1) (clipped to sq) need, as a block-index range:
+// exactly the blocks holding a key some row sees. Visible ranges only move right as i grows and
+// consecutive rows' ranges touch, so the union over the rows that see keys is [lo(a), hi(q1 - 1)).
 TKPY_HD Range key_blocks(int q0, int q1, int sq, int sk, int window_left, int window_right, int block) {
     q1 = q1 < sq ? q1 : sq;
+    const int first = first_row_with_keys(sq, sk, window_right);
+    q0 = q0 > first ? q0 : first;
     if (q1 <= q0 || sk <= 0) return Range{0, 0};
     const int lo = visible_keys(q0, sq, sk, window_left, window_right).lo;
     const int hi = visible_keys(q1 - 1, sq, sk, window_left, window_right).hi;

@@ -144,6 +144,22 @@ TKPY_HD KeyBlockPlan streaming_plan(int qb, int sq, int sk, int sink, int local,
     return KeyBlockPlan{first, second, nullptr, 0, reach};
 }
 
+// A block-sparse head's list for (sequence b, query block qb) and, in *limit, its block_counts
+// entry clamped into the list; nullptr when the head has no list there. Unchecked values (CUDA's
+// default policy): a head without a list of its own, or a count past the list's length, must not
+// send a walk outside the lists.
+TKPY_HD const int32_t* block_list(const SparseHeads& heads, int b, int h, int qb, int* limit) {
+    const int32_t list = heads.sparse_index[h];
+    *limit = 0;
+    if (heads.block_indices == nullptr || list < 0 || list >= heads.n_sparse || qb >= heads.mask_q_blocks) {
+        return nullptr;
+    }
+    const int64_t row = (int64_t(b) * heads.n_sparse + list) * heads.mask_q_blocks + qb;
+    const int32_t listed = heads.block_counts[row];
+    *limit = listed < 0 ? 0 : (listed > heads.mask_k_blocks ? heads.mask_k_blocks : listed);
+    return heads.block_indices + row * heads.mask_k_blocks;
+}
+
 // The plan of sequence b, head h, query block qb.
 TKPY_HD KeyBlockPlan sparse_plan(const SparseHeads& heads, int b, int h, int qb, int sq, int sk) {
     const int32_t type = heads.head_mask_type[h];
@@ -153,17 +169,11 @@ TKPY_HD KeyBlockPlan sparse_plan(const SparseHeads& heads, int b, int h, int qb,
     }
     const Range reach = reachable_blocks(qb, sq, sk, heads.causal);
     if (type == kBlockSparseHead) {
-        // Unchecked values (CUDA's default policy): a head without a list of its own, or a count
-        // past the list's length, must not send the walk outside the lists, and a block listed
-        // twice must not be counted twice: the walk ends where the list stops ascending.
-        const int32_t list = heads.sparse_index[h];
-        if (heads.block_indices == nullptr || list < 0 || list >= heads.n_sparse || qb >= heads.mask_q_blocks) {
-            return KeyBlockPlan{Range{0, 0}, Range{0, 0}, nullptr, 0, reach};
-        }
-        const int64_t row = (int64_t(b) * heads.n_sparse + list) * heads.mask_q_blocks + qb;
-        const int32_t* blocks = heads.block_indices + row * heads.mask_k_blocks;
-        const int32_t listed = heads.block_counts[row];
-        const int limit = listed < 0 ? 0 : (listed > heads.mask_k_blocks ? heads.mask_k_blocks : listed);
+        // A block listed twice must not be counted twice: the walk ends where the list stops
+        // ascending (unchecked values, CUDA's default policy).
+        int limit;
+        const int32_t* blocks = block_list(heads, b, h, qb, &limit);
+        if (blocks == nullptr) return KeyBlockPlan{Range{0, 0}, Range{0, 0}, nullptr, 0, reach};
         int count = limit > 0 ? 1 : 0;
         while (count < limit && blocks[count] > blocks[count - 1]) ++count;
         return KeyBlockPlan{Range{0, 0}, Range{0, 0}, blocks, count, reach};

@@ -32,7 +32,7 @@ from torch import nn
 from tkpy.errors import ArgumentError
 from tkpy.riflex import (AxisSplit, axis_split, get_1d_rotary_pos_embed_riflex, latent_frames, riflex_frequency_index,
                          rope_3d_freqs)
-from tkpy.rope import apply_rope_
+from tkpy.rope import apply_rope, apply_rope_
 from tkpy.runtime.dit import RIFLEX_MODES, Rope3D, attention, check_dtype, check_head_dim
 
 __all__ = ["WanAttnProcessor", "apply_riflex", "use_tkpy_attention"]
@@ -294,13 +294,14 @@ class WanAttnProcessor:
         v = v.unflatten(2, (attn.heads, -1))  # q, k, v: [B, S, H, D]
         check_head_dim(q.shape[-1], "tkpy WanAttnProcessor")
         if isinstance(rotary_emb, Rope3D):
-            rotary_emb.apply_(q, k)
+            q, k = rotary_emb.rotate(q, k)
         elif rotary_emb is not None:
             cos, sin = rotary_emb
             # Each angle is repeated on the two dims of its interleaved pair; keep one per pair.
             cos = cos.reshape(q.shape[1], q.shape[-1])[:, 0::2].float().contiguous()
             sin = sin.reshape(q.shape[1], q.shape[-1])[:, 1::2].float().contiguous()
-            apply_rope_(q, k, cos, sin, interleaved=True)
+            training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+            q, k = (apply_rope if training else apply_rope_)(q, k, cos, sin, interleaved=True)
         out = attention(q, k, v).flatten(2).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 

@@ -84,7 +84,7 @@ def tkpy_attention_forward(
         The padding mask from transformers' flash-attention mask builder; True marks a real token.
         Key slots past L (an unfilled static cache) are ignored. Padded queries give 0.
     dropout : float
-        Must be 0.0 (``model.eval()``); tkpy's attention is inference-only.
+        Must be 0.0 (``model.eval()``, or training with attention dropout off): tkpy has no dropout.
     scaling : float, optional
         Softmax scale, default ``1 / sqrt(D)``.
     sliding_window : int, optional

@@ -17,7 +17,7 @@ from torch import nn
 from tkpy.attention import flash_attn_func
 from tkpy.errors import ArgumentError
 from tkpy.riflex import AxisSplit, axis_split, rope_3d_freqs
-from tkpy.rope import apply_rope_3d_
+from tkpy.rope import apply_rope_3d, apply_rope_3d_
 
 __all__ = ["HEAD_DIMS", "RIFLEX_MODES", "Rope3D", "VideoDiTAttention", "attention", "check_dtype", "check_head_dim"]
 
@@ -64,8 +64,13 @@ class Rope3D:
     freqs_h: torch.Tensor
     freqs_w: torch.Tensor
 
-    def apply_(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        apply_rope_3d_(q, k, self.grid_thw, self.freqs_t, self.freqs_h, self.freqs_w)
+    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k rotated: in place for inference, as differentiable copies while autograd
+        records for either (training, e.g. RIFLEx's fine-tuning)."""
+        tables = (self.grid_thw, self.freqs_t, self.freqs_h, self.freqs_w)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            return apply_rope_3d(q, k, *tables)
+        return apply_rope_3d_(q, k, *tables)
 
 
 class VideoDiTAttention(nn.Module):
@@ -149,5 +154,5 @@ class VideoDiTAttention(nn.Module):
         if self.qk_norm == "rms_per_head":
             q, k = self.norm_q(q), self.norm_k(k)
         freqs = rope_3d_freqs(self.split, grid, L_test=L_test, mode=self.riflex_mode, device=x.device)
-        Rope3D(grid, *freqs).apply_(q, k)
+        q, k = Rope3D(grid, *freqs).rotate(q, k)
         return self.to_out(attention(q, k, v).flatten(2))

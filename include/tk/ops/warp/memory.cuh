@@ -116,6 +116,27 @@ __device__ inline void store(ST& dst, const rt<T, R, C>& src, int row0 = 0) {
             }
 }
 
+// dst += srcᵀ element-wise in global memory: dst(row0 + c, col0 + r) += src(r, c), by fp32
+// reductions (RED, nothing comes back): for a product computed transposed (e.g. dQᵀ) that several
+// CTAs add into. Rows of dst past dst.rows are skipped; the columns must lie inside dst.
+template <int R, int C>
+__device__ inline void atomic_add_transposed(const gl<float>& dst, const rt<float, R, C>& src, int64_t row0,
+                                             int64_t col0) {
+    static_assert(R == 16, "warp::atomic_add_transposed: a warp's 16 rows");
+#pragma unroll
+    for (int j = 0; j < src.width; ++j)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int64_t r = row0 + 16 * j + base_col(k);  // src's columns are dst's rows
+            float* const at = dst.ptr(r, col0 + base_row(k));
+            const float2 v = src.tiles[0][j].data[k];
+            if (r < dst.rows) asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(at), "f"(v.x) : "memory");
+            if (r + 1 < dst.rows) {
+                asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(at + dst.row_stride), "f"(v.y) : "memory");
+            }
+        }
+}
+
 // A per-row vector to global memory (one lane per quad writes; rows past `rows` are skipped).
 template <tile_element U, tile_element T, int R>
 __device__ inline void store(U* dst, const rv_rows<T, R>& src, int64_t row0, int64_t rows) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "../../types/register/rv.cuh"
+#include "../../types/shared/st.cuh"
 
 namespace tk {
 namespace ops {
@@ -234,6 +235,35 @@ __device__ inline void broadcast_cols(rt<T, R, C>& dst, const rt<T, R, C>& src, 
                 dst.tiles[i][j].data[k] = from_float2<T>(
                     make_float2(f(v.x, to_float(vec.data[j][c])), f(v.y, to_float(vec.data[j][c + 1]))));
             }
+}
+
+// dst[r][c] = f(a[r][c], b[r][c], vec[c]) with vec a shared vector (one value per column): each
+// lane reads its 4 columns of a 16-column band as it goes, so no per-column register vector is
+// held across the tile (for kernels whose accumulators leave no room for one).
+template <tile_element T, tile_element TV, int R, int C, typename F>
+__device__ inline void broadcast_cols(rt<T, R, C>& dst, const rt<T, R, C>& a, const rt<T, R, C>& b,
+                                      const sv<TV, C>& vec, F f) {
+#pragma unroll
+    for (int j = 0; j < dst.width; ++j) {
+        const int col = 16 * j + 2 * (laneid() % 4);
+        const float2 lo = to_float2<TV>(*reinterpret_cast<const packed_t<TV>*>(&vec.data[col]));
+        const float2 hi = to_float2<TV>(*reinterpret_cast<const packed_t<TV>*>(&vec.data[col + 8]));
+#pragma unroll
+        for (int i = 0; i < dst.height; ++i)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float2 x = to_float2<T>(a.tiles[i][j].data[k]);
+                const float2 y = to_float2<T>(b.tiles[i][j].data[k]);
+                const float2 v = k >> 1 ? hi : lo;
+                dst.tiles[i][j].data[k] = from_float2<T>(make_float2(f(x.x, y.x, v.x), f(x.y, y.y, v.y)));
+            }
+    }
+}
+
+// dst[r][c] = f(src[r][c], vec[c]) with vec a shared vector, as above.
+template <tile_element T, tile_element TV, int R, int C, typename F>
+__device__ inline void broadcast_cols(rt<T, R, C>& dst, const rt<T, R, C>& src, const sv<TV, C>& vec, F f) {
+    broadcast_cols(dst, src, src, vec, [f](float x, float, float v) { return f(x, v); });
 }
 
 // rows[r] = f(r) for each row r (0 .. R - 1, tile-relative) this lane holds: 2 per 16-row band.

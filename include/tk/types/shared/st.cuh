@@ -31,6 +31,20 @@ struct alignas(layout::kTileAlignment) st {
     __device__ inline const T* ptr(int row, int col) const { return const_cast<st*>(this)->ptr(row, col); }
 };
 
+// Columns [index · C2, (index + 1) · C2) of a tile, as a tile of their own: the layout stores a
+// tile as column chunks of one swizzle width, so whole chunks are a tile at the chunks' address
+// (e.g. half of a 256-column operand as the B of a 128-column wgmma).
+template <int C2, tile_element T, int R, int C, int S>
+__device__ inline st<T, R, C2, S>& col_slice(st<T, R, C, S>& tile, int index) {
+    using slice = st<T, R, C2, S>;
+    static_assert(C % C2 == 0 && C2 % slice::chunk_cols == 0, "col_slice: the slice must be whole swizzle chunks");
+    return *reinterpret_cast<slice*>(reinterpret_cast<char*>(tile.data) + index * slice::chunks * slice::chunk_bytes);
+}
+template <int C2, tile_element T, int R, int C, int S>
+__device__ inline const st<T, R, C2, S>& col_slice(const st<T, R, C, S>& tile, int index) {
+    return col_slice<C2>(const_cast<st<T, R, C, S>&>(tile), index);
+}
+
 template <int R, int C, int S = 128>
 using st_bf = st<bf16, R, C, S>;
 template <int R, int C, int S = 128>
