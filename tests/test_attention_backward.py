@@ -524,3 +524,36 @@ def test_cuda_small_for_sanitizer(rng):
     call = sparse_call("block_sparse", cu_q, cu_k, types, info, mask, 130, 200, True, False)
     expected = sparse_oracle(*cpu(q, k, v, dout), None, *cpu(cu_q, cu_k, types, info, mask), True, False)
     check_grads(backward(call, q, k, v, dout), expected, torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_unchecked_block_lists_backward_as_the_forward_walked_them(monkeypatch, deterministic, rng):
+    """CUDA reads no list values on the host by default: a count past the list's end, a repeated or
+    a descending block are cut where the list stops ascending, in the backward as in the forward
+    (so the deterministic dQ order has no gap to wait on forever): the gradients equal those of the
+    lists cut by hand."""
+    monkeypatch.delenv("TKPY_CHECK_VALUES", raising=False)
+    q, k, v, cu_q, cu_k = packed_inputs([256], [384], 1, 1, 64, torch.bfloat16, rng, "cuda")
+    types, info = int32([1], "cuda"), int32([0, 0], "cuda")
+    args = (cu_q, cu_k, types, info, int32([0], "cuda"), 256, 384)
+    hostile = (int32([[[[0, 2, 2], [1, 0, 2]]]], "cuda"), int32([[[7, 3]]], "cuda"))
+    ascending = (int32([[[[0, 2, 0], [1, 0, 0]]]], "cuda"), int32([[[2, 1]]], "cuda"))
+    dout = randn(q.shape, q.dtype, rng, "cuda")
+
+    def grads(lists):
+        indices, counts = lists
+        out, lse = torch.ops.tkpy.block_sparse_attention_forward(q, k, v, *args, block_indices=indices,
+                                                                 block_counts=counts)
+        return torch.ops.tkpy.block_sparse_attention_backward(dout, q, k, v, out, lse, None, *args,
+                                                              block_indices=indices, block_counts=counts,
+                                                              deterministic=deterministic)
+
+    poison_cuda_allocator()
+    for got, expected in zip(grads(hostile), grads(ascending)):
+        torch.cuda.synchronize()
+        assert torch.isfinite(got).all()
+        if deterministic:
+            assert torch.equal(got, expected)
+        else:
+            assert rel_err(got, expected) < REL_TOL[torch.bfloat16]

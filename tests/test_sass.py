@@ -71,6 +71,8 @@ FAMILIES = [
     Family("attention backward, row statistics", r"tkpy::attention::.*bwd_row_stats_kernel<", ("SHFL.BFLY",),
            LOCAL_MEMORY),
     Family("attention backward, dQ conversion", r"tkpy::attention::.*bwd_dq_kernel<", (), LOCAL_MEMORY),
+    # Block-sparse lists cut to their ascending prefix, as the forward walks them.
+    Family("attention backward, list prefixes", r"tkpy::attention::.*bwd_ascending_counts_kernel", (), LOCAL_MEMORY),
     # The tile library's self-test kernels (tests/test_tk.py).
     Family("tk selftest: TMA", r"tk_selftest::.*tma_roundtrip_kernel<", ("UTMALDG", "UTMASTG", "UTMAREDG", "SYNCS"),
            LOCAL_MEMORY, selftest=True),

@@ -322,7 +322,7 @@ def wgmma_operands(variant, n, k, dtype, gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("n", [16, 64, 128, 256])
+@pytest.mark.parametrize("n", [16, 32, 64, 128, 256])  # 32: the attention backward's Sᵀ, dPᵀ and dQᵀ
 def test_wgmma_bf16(variant, n, rng):
     a, b, expected = wgmma_operands(variant, n, 64, torch.bfloat16, rng)
     d = selftest.tk_wgmma(a, b, VARIANTS[variant])
@@ -335,6 +335,16 @@ def test_wgmma_bf16(variant, n, rng):
 def test_wgmma_two_chunks_and_fp16(variant, dtype, k, rng):
     a, b, expected = wgmma_operands(variant, 64, k, dtype, rng)
     d = selftest.tk_wgmma(a, b, VARIANTS[variant])
+    torch.testing.assert_close(d.cpu().double(), expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [64, 128])
+def test_wgmma_register_a_with_32_deep_k(n, rng):
+    """The attention backward's dV += Pᵀ dO and dK += dSᵀ Q: A from registers, K = 32 (a stage's
+    queries), B a [32][n] tile of 64-byte rows."""
+    a, b, expected = wgmma_operands("reg_AB", n, 32, torch.bfloat16, rng)
+    d = selftest.tk_wgmma(a, b, VARIANTS["reg_AB"])
     torch.testing.assert_close(d.cpu().double(), expected, rtol=1e-4, atol=1e-3)
 
 

@@ -366,9 +366,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const char* op, cons
         token = t.stride(first);
         head = t.stride(first + 1);
     };
-    const at::Tensor dq = at::empty(q.sizes(), q.options());
-    const at::Tensor dk = at::empty(k.sizes(), k.options());
-    const at::Tensor dv = at::empty(k.sizes(), k.options());
+    // Varlen: packed tokens outside every sequence (unchecked cu_seqlens on CUDA) belong to no
+    // task, so their gradient is written as 0 here rather than left uninitialised.
+    const auto gradient = [&](const at::Tensor& like) {
+        return varlen ? at::zeros(like.sizes(), like.options()) : at::empty(like.sizes(), like.options());
+    };
+    const at::Tensor dq = gradient(q);
+    const at::Tensor dk = gradient(k);
+    const at::Tensor dv = gradient(k);
     strides(dout, bp.do_batch_stride, bp.do_token_stride, bp.do_head_stride);
     strides(dq, bp.dq_batch_stride, bp.dq_token_stride, bp.dq_head_stride);
     strides(dk, bp.dk_batch_stride, bp.dk_token_stride, bp.dk_head_stride);
@@ -390,11 +395,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const char* op, cons
         const attention::AttentionBackwardWorkspace sizes = attention::attention_backward_workspace(bp.fwd, deterministic);
         const at::Tensor stats = at::empty({2, sizes.row_stats}, q.options().dtype(at::kFloat));
         const at::Tensor dq_accum = at::empty({sizes.dq_accum}, q.options().dtype(at::kFloat));
-        const at::Tensor semaphore = at::empty({sizes.dq_semaphore}, q.options().dtype(at::kInt));
+        const at::Tensor counters = at::empty({sizes.dq_semaphore + sizes.ascending_counts}, q.options().dtype(at::kInt));
         bp.lse_log2 = data_of<float>(stats);
         bp.delta = bp.lse_log2 + sizes.row_stats;
         bp.dq_accum = data_of<float>(dq_accum);
-        bp.dq_semaphore = deterministic ? data_of<int32_t>(semaphore) : nullptr;
+        bp.dq_semaphore = deterministic ? data_of<int32_t>(counters) : nullptr;
+        bp.ascending_counts = data_of<int32_t>(counters) + sizes.dq_semaphore;
         check_launch(op, attention::launch_attention_backward(bp, c10::cuda::getCurrentCUDAStream()));
 #endif
     }

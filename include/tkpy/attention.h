@@ -127,12 +127,16 @@ struct AttentionBackwardParams {
     // per query, lse · log2(e) and delta = rowsum(dout * out) - dlse, laid out [batch, heads_q,
     // seqlen_q rounded up to 64] (varlen too, with max_seqlen_q) so that each block of queries is
     // one aligned bulk copy; dQ's fp32 accumulator [batch or 1, heads_q, rows, head_dim] with rows
-    // = seqlen_q (batched) or total_q (varlen); and, for deterministic, one int32 counter per
-    // (batch, query head, block of detail::kBwdQueryBlock queries).
+    // = seqlen_q (batched) or total_q (varlen); for deterministic, one int32 counter per (batch,
+    // query head, block of detail::kBwdQueryBlock queries); and with block-sparse lists, each
+    // list's block_counts entry cut to the list's ascending prefix (what the forward walks), one
+    // int32 per entry. Buffers from the caching allocator (or cudaMalloc) are aligned enough: the
+    // statistics are read by 16-byte bulk copies.
     float* lse_log2 = nullptr;
     float* delta = nullptr;
     float* dq_accum = nullptr;
-    int32_t* dq_semaphore = nullptr;
+    int32_t* dq_semaphore = nullptr;  // used exactly when `deterministic`, then required
+    int32_t* ascending_counts = nullptr;
     // Bitwise-identical gradients run to run: dQ's additions from different key blocks are made in
     // a fixed order (each waits for the key blocks before it), at some cost in speed. The CPU path
     // is deterministic either way.
@@ -141,9 +145,10 @@ struct AttentionBackwardParams {
 
 // Elements of each CUDA workspace buffer the backward of `p` needs (fwd filled in).
 struct AttentionBackwardWorkspace {
-    int64_t row_stats;     // floats, each of lse_log2 and delta
-    int64_t dq_accum;      // floats
-    int64_t dq_semaphore;  // int32s (0 unless deterministic)
+    int64_t row_stats;         // floats, each of lse_log2 and delta
+    int64_t dq_accum;          // floats
+    int64_t dq_semaphore;      // int32s (0 unless deterministic)
+    int64_t ascending_counts;  // int32s (0 without block-sparse lists)
 };
 
 TKPY_HD int64_t padded_query_rows(const AttentionParams& p) { return (int64_t(p.seqlen_q) + 63) / 64 * 64; }
@@ -152,8 +157,10 @@ inline AttentionBackwardWorkspace attention_backward_workspace(const AttentionPa
     const bool varlen = p.cu_seqlens_q != nullptr;
     const int64_t rows = varlen ? p.total_q : int64_t(p.batch) * p.seqlen_q;
     const int64_t stats = int64_t(p.batch) * p.heads_q * padded_query_rows(p);
+    const int64_t list_rows =
+        p.sparse.block_counts != nullptr ? int64_t(p.batch) * p.sparse.n_sparse * p.sparse.mask_q_blocks : 0;
     return AttentionBackwardWorkspace{stats, rows * p.heads_q * p.head_dim,
-                                      deterministic ? stats / detail::kBwdQueryBlock : 0};
+                                      deterministic ? stats / detail::kBwdQueryBlock : 0, list_rows};
 }
 
 #if defined(TKPY_WITH_CUDA)

@@ -78,7 +78,9 @@ struct WgmmaParams {
 // n in {16, 64, 128, 256}; plus k = 128 (two swizzle chunks) and fp16 for ABt and AB at n = 64.
 inline bool wgmma_supported(DType dtype, int n, int k, WgmmaVariant variant) {
     const bool plain_b = variant == WgmmaVariant::ABt || variant == WgmmaVariant::AB;
-    if (dtype == DType::bf16 && k == 64) return n == 16 || n == 64 || n == 128 || n == 256;
+    if (dtype == DType::bf16 && k == 64) return n == 16 || n == 32 || n == 64 || n == 128 || n == 256;
+    // The attention backward's dV += Pᵀ dO and dK += dSᵀ Q: A from registers, K = 32 queries.
+    if (dtype == DType::bf16 && k == 32) return variant == WgmmaVariant::reg_AB && (n == 64 || n == 128);
     return n == 64 && plain_b && ((dtype == DType::bf16 && k == 128) || (dtype == DType::fp16 && k == 64));
 }
 

@@ -56,6 +56,18 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) bwd_row_stats_kernel(cons
     }
 }
 
+// Each block-sparse list's count cut to the list's ascending prefix, as the forward's walk cuts
+// it (detail::ascending_prefix), one thread per list row: the backward's binary searches then see
+// exactly the blocks the forward visited, even in lists nobody checked.
+__global__ void bwd_ascending_counts_kernel(const __grid_constant__ detail::SparseHeads heads, int64_t rows,
+                                            int32_t* counts) {
+    const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (row >= rows) return;
+    const int32_t listed = heads.block_counts[row];
+    const int limit = listed < 0 ? 0 : (listed > heads.mask_k_blocks ? heads.mask_k_blocks : listed);
+    counts[row] = detail::ascending_prefix(heads.block_indices + row * heads.mask_k_blocks, limit);
+}
+
 // dq = dq_accum · scale, converted; two columns per thread.
 template <typename T>
 __global__ void bwd_dq_kernel(const __grid_constant__ AttentionBackwardParams bp, int64_t rows) {
@@ -77,15 +89,26 @@ __global__ void bwd_dq_kernel(const __grid_constant__ AttentionBackwardParams bp
 }
 
 template <typename T>
-cudaError_t launch_typed(const AttentionBackwardParams& bp, cudaStream_t stream) {
+cudaError_t launch_typed(const AttentionBackwardParams& given, cudaStream_t stream) {
+    AttentionBackwardParams bp = given;
     const AttentionParams& p = bp.fwd;
     const int64_t rows = p.cu_seqlens_q != nullptr ? p.total_q : int64_t(p.batch) * p.seqlen_q;
     const AttentionBackwardWorkspace ws = attention_backward_workspace(p, bp.deterministic);
+    if (bp.deterministic != (bp.dq_semaphore != nullptr)) return cudaErrorInvalidValue;
+    if (ws.ascending_counts > 0 && bp.ascending_counts == nullptr) return cudaErrorInvalidValue;
     cudaError_t err = cudaMemsetAsync(bp.dq_accum, 0, size_t(ws.dq_accum) * sizeof(float), stream);
-    if (err == cudaSuccess && bp.dq_semaphore != nullptr) {
+    if (err == cudaSuccess && bp.deterministic) {
         err = cudaMemsetAsync(bp.dq_semaphore, 0, size_t(ws.dq_semaphore) * sizeof(int32_t), stream);
     }
     if (err != cudaSuccess) return err;
+    if (ws.ascending_counts > 0) {
+        const int64_t blocks = (ws.ascending_counts + 255) / 256;
+        if (blocks > INT32_MAX) return cudaErrorInvalidValue;
+        bwd_ascending_counts_kernel<<<unsigned(blocks), 256, 0, stream>>>(p.sparse, ws.ascending_counts,
+                                                                         bp.ascending_counts);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+        bp.fwd.sparse.block_counts = bp.ascending_counts;
+    }
     const int64_t stats = ws.row_stats;
     if (stats > 0) {
         const int64_t blocks = (stats + kWarpsPerBlock - 1) / kWarpsPerBlock;

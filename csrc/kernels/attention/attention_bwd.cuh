@@ -112,6 +112,7 @@ struct BwdLayout {
     static constexpr int slice_cols = D / slices;
     static constexpr int dq_cols = cfg::split_dq ? D / consumer_warpgroups : D;  // one consumer's dQ
     static constexpr int kDqChunk = 64;  // dQ columns per product: the M of dQᵀ = Kᵀ dSᵀ
+    static constexpr bool reads_other_ds = cfg::split_dq && key_tiles == 2;  // D = 128: both tiles' dSᵀ
 
     using key_tile = tk::st<T, kBwdKeys, D>;          // K, V (task inputs)
     using query_tile = tk::st<T, kBwdRows, D>;        // Q, dO (a stage)
@@ -239,7 +240,7 @@ struct BwdLayout {
             at.keys = detail::sparse_key_rule(p.sparse.head_mask_type[c.head], p.sparse.streaming_info[2 * c.head],
                                               p.sparse.streaming_info[2 * c.head + 1], p.sparse);
         }
-        if (prm.p.dq_semaphore != nullptr) {
+        if (prm.p.deterministic) {
             const int m_blocks = (p.seqlen_q + kBwdRows - 1) / kBwdRows;
             at.counter = (int64_t(c.t.batch) * p.heads_q + c.head) * m_blocks + c.m;
             at.rank = visit_rank(walk(prm, c.t, c.head), c.m);
@@ -307,25 +308,29 @@ __device__ inline void probabilities(tk::rt_fl<16, kBwdRows>& s, const Stage& st
 // warpgroup::sync's), which read each other's dSᵀ.
 __device__ inline void consumers_sync() { tk::named_barrier_sync<2 * tk::kWarpgroupThreads>(4); }
 
-// Waits until the key blocks before this one (rank) and, within it, the consumers before this
-// one have added their dQ of (sequence, head, query block) `counter`.
-__device__ inline void wait_dq_turn(const int32_t* counter, int target, int consumer) {
-    if (threadIdx.x % tk::kWarpgroupThreads == 0) {
-        int seen;
-        do {
-            asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
-        } while (seen != target);
+// The barrier around a stage's dSᵀ tiles: both consumers' when one reads the other's (dQ split by
+// head dim over two key tiles), else the consumer's own warpgroup.
+template <bool ReadsOther>
+__device__ inline void sync_ds(int consumer) {
+    if constexpr (ReadsOther) {
+        consumers_sync();
+    } else {
+        tk::warpgroup::sync(consumer);
     }
+}
+
+// Deterministic dQ: a consumer adds its part of a query block's dQ once the counter says every
+// part before it in the order has been added (the counter counts parts added), and then counts
+// its own. One thread waits and counts; the warpgroup's barrier orders the rest around it.
+__device__ inline void wait_dq_turn(const int32_t* counter, int32_t parts_before, int consumer) {
+    if (threadIdx.x % tk::kWarpgroupThreads == 0) tk::wait_counter_at_least(counter, parts_before);
     tk::warpgroup::sync(consumer);
 }
 
-// Publishes this consumer's dQ additions to the next one in the order.
 __device__ inline void pass_dq_turn(int32_t* counter, int consumer) {
-    __threadfence();
+    __threadfence();  // this thread's adds, before the barrier makes the group's one release
     tk::warpgroup::sync(consumer);
-    if (threadIdx.x % tk::kWarpgroupThreads == 0) {
-        asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(counter) : "memory");
-    }
+    if (threadIdx.x % tk::kWarpgroupThreads == 0) tk::counter_release_add(counter, 1);
 }
 
 template <typename T, int D, BwdRule Rule>
@@ -380,6 +385,10 @@ __device__ inline void BwdLayout<T, D, Rule>::consume(const params& prm, consume
         tk::warp::mul(dp, dp, s);
         tk::warp::copy(prob, s);
         tk::warp::copy(ds, dp);
+        // dSᵀ to shared memory for dQ now, before the wgmma that reads ds's registers is issued
+        // (registers of an A operand in flight must not be touched).
+        tk::warpgroup::store(scr.ds[c], ds);
+        tk::fence_async_shared();
 
         tk::warpgroup::mma_fence(dv, prob);
         tk::warpgroup::mma_AB(dv, prob, tk::col_slice<slice_cols>(st.dout, slice));
@@ -388,17 +397,15 @@ __device__ inline void BwdLayout<T, D, Rule>::consume(const params& prm, consume
         tk::warpgroup::mma_commit_group();
 
         // dQ = dS K, as dQᵀ = Kᵀ dSᵀ (wgmma's M is 64: the head dim, 64 columns at a time, not the
-        // stage's 32 queries), with Kᵀ read transposed and dSᵀ through shared memory. dV and dK
-        // finish first, so that P and dS no longer hold registers beside dQ; then the stage is free
-        // (no product reads it after them).
-        tk::warpgroup::store(scr.ds[c], ds);
-        tk::fence_async_shared();
+        // stage's 32 queries), with Kᵀ read transposed and dSᵀ from shared memory. dV and dK finish
+        // first, so that P and dS no longer hold registers beside dQ; then the stage is free (no
+        // product reads it after them).
         tk::warpgroup::mma_async_wait<0>(dk);
+        tk::warpgroup::pin(dv);
         const StageCoords at = st.at;
         stages.release_all();
-        consumers_sync();  // both consumers' dSᵀ are in
+        sync_ds<reads_other_ds>(c);  // the dSᵀ this consumer's dQ reads are in
         const tk::gl<float> acc{bp.dq_accum + at.dq_row * D, at.sq - at.q0, D, D};
-        if (at.rank >= 0) wait_dq_turn(bp.dq_semaphore + at.counter, at.rank * consumer_warpgroups + c, c);
 #pragma unroll
         for (int chunk = 0; chunk < dq_cols / kDqChunk; ++chunk) {
             const int col0 = (cfg::split_dq ? c * dq_cols : 0) + chunk * kDqChunk;  // in the head dim
@@ -415,10 +422,16 @@ __device__ inline void BwdLayout<T, D, Rule>::consume(const params& prm, consume
             }
             tk::warpgroup::mma_commit_group();
             tk::warpgroup::mma_async_wait<0>(dq_t);
+            // Deterministic: its turn is taken once the first product is in, not before it. The
+            // consumers' parts are disjoint columns when dQ is split, else in consumer order.
+            if (chunk == 0 && at.rank >= 0) {
+                const int parts_before = at.rank * consumer_warpgroups + (cfg::split_dq ? 0 : c);
+                wait_dq_turn(bp.dq_semaphore + at.counter, parts_before, c);
+            }
             tk::warp::atomic_add_transposed(acc, dq_t, 0, col0 + 16 * warp);
         }
         if (at.rank >= 0) pass_dq_turn(bp.dq_semaphore + at.counter, c);
-        consumers_sync();  // both consumers' dQ products are done with scr.ds before the next stores
+        sync_ds<reads_other_ds>(c);  // every product that read this stage's dSᵀ is done with it
     }
 
     // dK (times the scale) and dV of this consumer's keys and head-dim slice.

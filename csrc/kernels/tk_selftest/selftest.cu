@@ -149,7 +149,7 @@ struct WgmmaKernel {
     static constexpr bool a_transposed = V == WgmmaVariant::AtB || V == WgmmaVariant::AtBt;
     static constexpr bool b_transposed =
         V == WgmmaVariant::ABt || V == WgmmaVariant::AtBt || V == WgmmaVariant::reg_ABt;
-    using a_tile = std::conditional_t<a_transposed, tk::st<T, K, 64>, tk::st<T, 64, K>>;
+    using a_tile = std::conditional_t<a_transposed, tk::st<T, K, 64>, tk::st_widest<T, 64, K>>;
     using b_tile = std::conditional_t<b_transposed, tk::st<T, N, K>, tk::st_widest<T, K, N>>;
     struct params {
         tk::tma_gl<a_tile> a;
@@ -265,8 +265,13 @@ cudaError_t launch_wgmma(const WgmmaParams& g, cudaStream_t stream) {
     if (!wgmma_supported(g.dtype, g.n, g.k, g.variant)) return cudaErrorInvalidValue;
     if (g.dtype == DType::fp16) return wgmma_plain_b<tk::half, 64, 64>(g, stream);
     if (g.k == 128) return wgmma_plain_b<tk::bf16, 64, 128>(g, stream);
+    if (g.k == 32) {
+        return g.n == 64 ? wgmma_typed<tk::bf16, 64, 32, WgmmaVariant::reg_AB>(g, stream)
+                         : wgmma_typed<tk::bf16, 128, 32, WgmmaVariant::reg_AB>(g, stream);
+    }
     switch (g.n) {
         case 16: return wgmma_variant<tk::bf16, 16, 64>(g, stream);
+        case 32: return wgmma_variant<tk::bf16, 32, 64>(g, stream);
         case 64: return wgmma_variant<tk::bf16, 64, 64>(g, stream);
         case 128: return wgmma_variant<tk::bf16, 128, 64>(g, stream);
         case 256: return wgmma_variant<tk::bf16, 256, 64>(g, stream);

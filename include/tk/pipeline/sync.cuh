@@ -112,6 +112,41 @@ __device__ inline void wait(barrier& bar, uint32_t parity, const char* file = __
     }
 }
 
+// Counters in global memory that order work across CTAs (e.g. a deterministic sum's turns). One
+// thread spins until *counter >= target (acquire: what the releasing CTAs wrote before their add
+// is visible after), backing off between reads, and traps like wait()'s watchdog if it is still
+// spinning TK_WAIT_WATCHDOG_CYCLES later. One asm block, for the reason spin_wait_or_trap is: C++
+// control flow with a trap in it made wgmma kernels spill and serialise their wgmma.
+__device__ inline void wait_counter_at_least(const int32_t* counter, int32_t target) {
+    constexpr uint64_t budget = TK_WAIT_WATCHDOG_CYCLES == 0 ? ~uint64_t(0) : TK_WAIT_WATCHDOG_CYCLES;
+    asm volatile(
+        "{\n"
+        ".reg .pred done, expired;\n"
+        ".reg .s32 seen;\n"
+        ".reg .u64 start, elapsed;\n"
+        "mov.u64 start, %%clock64;\n"
+        "poll:\n"
+        "ld.acquire.gpu.global.b32 seen, [%0];\n"
+        "setp.ge.s32 done, seen, %1;\n"
+        "@done bra reached;\n"
+        "nanosleep.u32 64;\n"
+        "mov.u64 elapsed, %%clock64;\n"
+        "sub.u64 elapsed, elapsed, start;\n"
+        "setp.gt.u64 expired, elapsed, %2;\n"
+        "@!expired bra poll;\n"
+        "trap;\n"
+        "reached:\n"
+        "}\n" ::"l"(counter),
+        "r"(target), "l"(budget)
+        : "memory");
+}
+
+// Adds to a counter with release semantics: this thread's earlier writes (and, after a
+// __threadfence and a barrier, its group's) are visible to whoever acquires the new value.
+__device__ inline void counter_release_add(int32_t* counter, int32_t value) {
+    asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(counter), "r"(value) : "memory");
+}
+
 // A ring position: stage index and the parity of the phase it is in, advanced in lockstep by
 // producers and consumers of a multi-stage pipeline.
 template <int Stages>

@@ -110,8 +110,10 @@ TKPY_HD int plan_rank(const KeyBlockPlan& plan, int blk) {
 
 // plan_rank(sparse_plan(heads, b, h, qb, sq, sk), blk), without walking a block-sparse list (the
 // walk is as long as the list, and the backward asks for every query block): a binary search in
-// its first block_counts entries. The same for the ascending lists the bindings check; for an
-// unchecked list that stops ascending (where the forward's walk stops) it still stays inside it.
+// its first block_counts entries, which must be ascending. The bindings check that where they read
+// the lists; the CUDA backward, which does not, first cuts each count to its list's ascending
+// prefix (ascending_prefix, as the forward's walk does), so that both visit the same blocks and the
+// ranks have no gaps.
 TKPY_HD int sparse_plan_rank(const SparseHeads& heads, int b, int h, int qb, int sq, int sk, int blk) {
     if (heads.head_mask_type[h] != kBlockSparseHead) return plan_rank(sparse_plan(heads, b, h, qb, sq, sk), blk);
     const Range reach = reachable_blocks(qb, sq, sk, heads.causal);

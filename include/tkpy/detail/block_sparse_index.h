@@ -144,6 +144,14 @@ TKPY_HD KeyBlockPlan streaming_plan(int qb, int sq, int sk, int sink, int local,
     return KeyBlockPlan{first, second, nullptr, 0, reach};
 }
 
+// How many of a list's first `limit` entries a plan walks: up to where the list stops ascending
+// (a block listed twice must not be counted twice; unchecked values, CUDA's default policy).
+TKPY_HD int ascending_prefix(const int32_t* blocks, int limit) {
+    int count = limit > 0 ? 1 : 0;
+    while (count < limit && blocks[count] > blocks[count - 1]) ++count;
+    return count;
+}
+
 // A block-sparse head's list for (sequence b, query block qb) and, in *limit, its block_counts
 // entry clamped into the list; nullptr when the head has no list there. Unchecked values (CUDA's
 // default policy): a head without a list of its own, or a count past the list's length, must not
@@ -169,14 +177,10 @@ TKPY_HD KeyBlockPlan sparse_plan(const SparseHeads& heads, int b, int h, int qb,
     }
     const Range reach = reachable_blocks(qb, sq, sk, heads.causal);
     if (type == kBlockSparseHead) {
-        // A block listed twice must not be counted twice: the walk ends where the list stops
-        // ascending (unchecked values, CUDA's default policy).
         int limit;
         const int32_t* blocks = block_list(heads, b, h, qb, &limit);
         if (blocks == nullptr) return KeyBlockPlan{Range{0, 0}, Range{0, 0}, nullptr, 0, reach};
-        int count = limit > 0 ? 1 : 0;
-        while (count < limit && blocks[count] > blocks[count - 1]) ++count;
-        return KeyBlockPlan{Range{0, 0}, Range{0, 0}, blocks, count, reach};
+        return KeyBlockPlan{Range{0, 0}, Range{0, 0}, blocks, ascending_prefix(blocks, limit), reach};
     }
     return KeyBlockPlan{reach, Range{0, 0}, nullptr, 0, reach};
 }
