@@ -315,11 +315,11 @@ NONDETERMINISTIC = "tkpy deterministic=False"
 
 
 def attention_backward_cases(cuda: bool) -> Iterator[Case]:
-    """Autograd through :func:`tkpy.flash_attn_func` against each SDPA backend's on its own, at D 64
-    and 128, S 4k and 16k: the backward alone (``bwd-``) and forward + backward (``fwd+bwd-``); at
+    """Autograd through :func:`tkpy.flash_attn_func` against each SDPA backend's on its own, at D 64,
+    128 and 256, S 4k and 16k: the backward alone (``bwd-``) and forward + backward (``fwd+bwd-``); at
     D 128 also the backward with ``deterministic=True`` against tkpy's default one
     (``bwd-deterministic-``)."""
-    for shape in _dense_shapes(cuda, (64, 128), (4096, 16384)):
+    for shape in _dense_shapes(cuda, (64, 128, 256), (4096, 16384)):
         variants = [("bwd", BACKWARD, False), ("fwd+bwd", FORWARD_BACKWARD, False)]
         if shape.head_dim == 128:
             variants.append(("bwd-deterministic", BACKWARD, True))
@@ -423,7 +423,8 @@ def sparse_prefill_cases(cuda: bool, head_pattern: Optional[Path]) -> Iterator[C
     on the same inputs and mask. ``block_sparse_attn_func``: every head with round(rho · causal blocks)
     random causal blocks. ``token_streaming_attn_func``: DuoAttention's Llama-3.1-8B heads at 50%
     static sparsity (``head_pattern``, which has 8 KV heads), sink 128 and local 8192 tokens (CPU: 256);
-    its backward at the first length against the dense causal backward and FlexAttention's."""
+    the backward of the second block-sparse case and of the first LServe one against the dense causal
+    backward and FlexAttention's."""
     if cuda:
         sparse = [(s, 32, 8, rho) for s in (32768, 65536, 131072) for rho in (0.1, 0.25, 0.5, 1.0)]
         lserve = [(s, 32, 8, 8192) for s in (65536, 131072)]
@@ -438,6 +439,11 @@ def sparse_prefill_cases(cuda: bool, head_pattern: Optional[Path]) -> Iterator[C
                    f"B1 S{seqlen} Hq{heads_q} Hkv{heads_kv} D{D} causal 50% streaming sink{SINK} local{local}",
                    TFLOPS, "dense", partial(_sparse_prefill, seqlen, heads_q, heads_kv, None, head_pattern, local),
                    attention_kernels=True)
+    seqlen, heads_q, heads_kv, rho = sparse[1]
+    yield Case("block_sparse_attn_func.backward", f"bwd-rho{rho:g}-S{seqlen}",
+               f"B1 S{seqlen} Hq{heads_q} Hkv{heads_kv} D{D} causal", TFLOPS, "flex",
+               partial(_sparse_prefill, seqlen, heads_q, heads_kv, rho, None, 0, timed=BACKWARD),
+               dims={"timed": BACKWARD})
     seqlen, heads_q, heads_kv, local = lserve[0]
     yield Case("token_streaming_attn_func.backward", f"bwd-lserve-S{seqlen}",
                f"B1 S{seqlen} Hq{heads_q} Hkv{heads_kv} D{D} causal 50% streaming sink{SINK} local{local}", TFLOPS,

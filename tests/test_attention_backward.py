@@ -440,6 +440,8 @@ BAD_CALLS = [
     ("sparse(softmax_lse=lse_p[:, :11].contiguous())",
      r"expected softmax_lse \(the forward's\) as a contiguous float32 tensor \[4, 12\], got Float \[4, 11\]"),
     ("sparse(dlse=torch.randn(2, 4, 7))", r"expected dlse .*\[4, 12\], got Float \[2, 4, 7\]"),
+    # The sparse backward's own checks name it, not the forward.
+    ("sparse(out=out_p.bfloat16())", r"^block_sparse_attention_backward: expected out to have q's dtype"),
 ]
 
 
@@ -450,6 +452,51 @@ def test_bad_input_to_the_backward_ops_raises_clear_error(code, message):
 
 def test_bad_input_to_the_backward_ops_never_crashes_the_process():
     assert_bad_calls_survive(SETUP, [code for code, _ in BAD_CALLS])
+
+
+def test_double_backward_is_refused(rng):
+    """A gradient of the gradients (a gradient penalty) raises, rather than come back as zeros."""
+    q, k, v = (x.requires_grad_() for x in batched_inputs(1, 40, 40, 2, 2, 64, torch.bfloat16, rng, "cpu"))
+    dq = torch.autograd.grad((flash_attn_func(q, k, v).float() ** 2).sum(), q, create_graph=True)[0]
+    with pytest.raises(NotImplementedError, match="no double backward"):
+        torch.autograd.grad(dq.float().pow(2).sum(), q)
+
+
+def test_gradients_that_autograd_hands_out_are_taken(rng):
+    """Autograd's own gradients of out: a slice of a concatenation's gradient (not 16-byte aligned),
+    an expanded one, and an empty batch's; and lse's alone."""
+    q, k, v = (x.requires_grad_() for x in batched_inputs(1, 40, 50, 2, 1, 64, torch.bfloat16, rng, "cpu"))
+    dout = randn((1, 40, 2, 64), torch.bfloat16, rng)
+    expected = torch.autograd.grad(flash_attn_func(q, k, v), (q, k, v), dout)
+    out = flash_attn_func(q, k, v)
+    weights = torch.cat([randn((3,), torch.float32, rng), dout.reshape(-1).float()])
+    loss = (torch.cat([randn((3,), torch.float32, rng), out.reshape(-1).float()]) * weights).sum()
+    for got, want in zip(torch.autograd.grad(loss, (q, k, v)), expected):
+        assert torch.equal(got, want)
+    grads = torch.autograd.grad(flash_attn_func(q, k, v).float().sum(-1).sum(), (q, k, v))  # expanded
+    assert all(torch.isfinite(g).all() for g in grads)
+    empty = [x[:0].detach().requires_grad_() for x in (q, k, v)]
+    assert [g.shape for g in torch.autograd.grad(flash_attn_func(*empty).sum(), empty)] == [x.shape for x in empty]
+    _, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)
+    assert torch.autograd.grad(lse.sum(), q)[0].abs().sum() > 0
+
+
+def test_a_mask_changed_in_place_before_the_backward_is_an_error(rng):
+    """The forward's mask tensors are saved like its inputs: changing one before the backward is
+    autograd's error, not silently different gradients."""
+    q, k, v, cu_q, cu_k = packed_inputs([20, 20], [20, 20], 2, 2, 64, torch.bfloat16, rng, "cpu")
+    q.requires_grad_()
+    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 20, 20)
+    cu_k.copy_(torch.tensor([0, 10, 40], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_deterministic_takes_a_numpy_bool(rng):
+    numpy = pytest.importorskip("numpy")
+    q, k, v = (x.requires_grad_() for x in batched_inputs(1, 8, 8, 2, 2, 64, torch.bfloat16, rng, "cpu"))
+    flash_attn_func(q, k, v, deterministic=numpy.True_).sum().backward()
+    assert torch.isfinite(q.grad).all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,6 +94,18 @@ def test_flash_attn_func_float64(case, rng):
     check_float64(ours, lambda q, k, v: reference.attention(q, k, v, **options), q, k, v, rng)
 
 
+def test_float64_keeps_scale_and_softcap_in_float64(rng):
+    """A scale and softcap that float32 cannot hold (D = 128's 1/sqrt(128), 0.1, 3.3): the float64
+    path computes with them as given, not rounded, so it equals the reference to float64 precision."""
+    q, k, v = leaves(*batched_inputs(1, 40, 70, 2, 1, 128, F64, rng, "cpu"))
+    for options in (dict(causal=True), dict(softmax_scale=0.1, softcap=3.3)):
+        def ours(q, k, v):
+            out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, **options)
+            return out, lse
+
+        check_float64(ours, lambda q, k, v: reference.attention(q, k, v, **options), q, k, v, rng)
+
+
 def test_flash_attn_func_gradcheck_on_every_element(rng):
     """Every entry of the Jacobian, on a tiny causal GQA call with Sq > Sk (a row sees no key)."""
     q, k, v = leaves(*batched_inputs(1, 3, 2, 2, 1, HEAD_DIM, F64, rng, "cpu"))

@@ -183,7 +183,7 @@ TaskKeys task_keys(const AttentionParams& p, const Task& task, const TileShape& 
 // softcap, by scale / softcap so that tanh and one multiply finish the capped score.
 template <typename T>
 T score_multiplier(const AttentionParams& p) {
-    return p.softcap > 0.f ? T(p.softmax_scale) / T(p.softcap) : T(p.softmax_scale);
+    return p.softcap > 0.f ? softmax_scale_of<T>(p) / softcap_of<T>(p) : softmax_scale_of<T>(p);
 }
 
 // Scores of a block of keys [k0, k0 + cols): scaled, soft-capped, and -inf where the shared index
@@ -192,7 +192,7 @@ template <typename T>
 void compute_scores(at::Tensor& scores, const at::Tensor& q_tile, const at::Tensor& k_block, const TaskKeys& keys,
                     int k0) {
     at::cpu::mm_out(scores, q_tile, k_block.t());
-    if (keys.p.softcap > 0.f) scores.tanh_().mul_(keys.p.softcap);
+    if (keys.p.softcap > 0.f) scores.tanh_().mul_(softcap_of<T>(keys.p));
     const int cols = int(k_block.size(0));
     if (keys.fully_visible(k0, cols)) return;
     T* const s = scores.data_ptr<T>();

@@ -100,8 +100,8 @@ void run_task(const BackwardTask& t) {
     const int group = p.heads_q / p.heads_kv;
     const int sq = t.seq_q.len;
     const int sk = t.seq_k.len;
-    const T scale = p.softmax_scale;
-    const T softcap = p.softcap;
+    const T scale = softmax_scale_of<T>(p);
+    const T softcap = softcap_of<T>(p);
     const bool capped = p.softcap > 0.f;
     const T multiplier = capped ? scale / softcap : scale;
     constexpr at::ScalarType compute = kCompute<T>;

@@ -34,6 +34,17 @@ T* lse_data(const attention::AttentionParams& p) {
     }
 }
 
+// The softmax scale and softcap in T (as given, for double).
+template <typename T>
+T softmax_scale_of(const attention::AttentionParams& p) {
+    return std::is_same_v<T, double> ? T(p.softmax_scale_fp64) : T(p.softmax_scale);
+}
+
+template <typename T>
+T softcap_of(const attention::AttentionParams& p) {
+    return std::is_same_v<T, double> ? T(p.softcap_fp64) : T(p.softcap);
+}
+
 template <typename T>
 const T* dlse_data(const attention::AttentionBackwardParams& p) {
     if constexpr (std::is_same_v<T, double>) {

@@ -208,6 +208,8 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
     p.head_dim = int(head_dim);
     p.softmax_scale = float(scale);
     p.softcap = float(softcap);
+    p.softmax_scale_fp64 = scale;
+    p.softcap_fp64 = softcap;
     p.window_left = clamp_window(window_left);
     p.window_right = clamp_window(window_right);
     p.dtype = to_dtype(q.scalar_type());
@@ -216,17 +218,17 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
 
 constexpr const char* kSparseOp = "block_sparse_attention_forward";
 
-void check_int32_vector(const char* name, const at::Tensor& t, const at::Tensor& q, int64_t length) {
-    check_same_device(kSparseOp, name, t, q);
+void check_int32_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q, int64_t length) {
+    check_same_device(op, name, t, q);
     TORCH_CHECK_VALUE(t.scalar_type() == at::kInt && t.dim() == 1 && t.is_contiguous() && t.numel() == length,
-                      kSparseOp,
+                      op,
                       ": expected ", name, " to be a contiguous int32 vector of length ", length, ", got ", t.scalar_type(),
                       " ", t.sizes());
 }
 
 // What the plan walk relies on: head types in {-1, 0, 1}, window sizes >= 0, block-sparse heads
 // numbered 0, 1, ... in head order (one list each), the others -1.
-void check_head_values(int64_t heads, const at::Tensor& head_mask_type, const at::Tensor& streaming_info,
+void check_head_values(const char* op, int64_t heads, const at::Tensor& head_mask_type, const at::Tensor& streaming_info,
                        const at::Tensor& sparse_index, int n_lists) {
     const at::Tensor types_host = host_values(head_mask_type);
     const at::Tensor info_host = host_values(streaming_info);
@@ -236,22 +238,22 @@ void check_head_values(int64_t heads, const at::Tensor& head_mask_type, const at
     const int32_t* index = index_host.data_ptr<int32_t>();
     int n_sparse = 0;
     for (int64_t h = 0; h < heads; ++h) {
-        TORCH_CHECK_VALUE(types[h] >= -1 && types[h] <= 1, kSparseOp, ": head_mask_type[", h, "] = ", types[h],
+        TORCH_CHECK_VALUE(types[h] >= -1 && types[h] <= 1, op, ": head_mask_type[", h, "] = ", types[h],
                           " is not -1 (streaming), 0 (dense) or 1 (block-sparse)");
-        TORCH_CHECK_VALUE(info[2 * h] >= 0 && info[2 * h + 1] >= 0, kSparseOp, ": streaming_info of head ", h,
+        TORCH_CHECK_VALUE(info[2 * h] >= 0 && info[2 * h + 1] >= 0, op, ": streaming_info of head ", h,
                           " must be >= 0, got (", info[2 * h], ", ", info[2 * h + 1], ")");
-        TORCH_CHECK_VALUE(index[h] == (types[h] == 1 ? n_sparse : -1), kSparseOp,
+        TORCH_CHECK_VALUE(index[h] == (types[h] == 1 ? n_sparse : -1), op,
                           ": sparse_index must number the block-sparse heads 0, 1, ... in head order and be -1 elsewhere");
         n_sparse += types[h] == 1;
     }
-    TORCH_CHECK_VALUE(n_sparse == n_lists, kSparseOp, ": ", n_sparse,
+    TORCH_CHECK_VALUE(n_sparse == n_lists, op, ": ", n_sparse,
                       " heads are block-sparse (head_mask_type 1) but there are ", n_lists,
                       " block lists (base_blockmask's dim 1; the streaming functions take none)");
 }
 
 // Each list's first block_counts entries are distinct key blocks in ascending order (the plan of a
 // mask): a count past the list or a block listed twice would read past it or count a block twice.
-void check_block_lists(const at::Tensor& block_indices, const at::Tensor& block_counts) {
+void check_block_lists(const char* op, const at::Tensor& block_indices, const at::Tensor& block_counts) {
     const at::Tensor indices_host = host_values(block_indices);
     const at::Tensor counts_host = host_values(block_counts);
     const int32_t* indices = indices_host.data_ptr<int32_t>();
@@ -261,13 +263,13 @@ void check_block_lists(const at::Tensor& block_indices, const at::Tensor& block_
         const int64_t b = row / (block_counts.size(1) * block_counts.size(2));
         const int64_t list = row / block_counts.size(2) % block_counts.size(1);
         const int64_t qb = row % block_counts.size(2);
-        TORCH_CHECK_VALUE(counts[row] >= 0 && counts[row] <= key_blocks, kSparseOp, ": block_counts[", b, ", ", list,
+        TORCH_CHECK_VALUE(counts[row] >= 0 && counts[row] <= key_blocks, op, ": block_counts[", b, ", ", list,
                           ", ", qb, "] = ", counts[row], " is outside [0, ", key_blocks,
                           "] (block_indices' last dim, the key blocks)");
         const int32_t* blocks = indices + row * key_blocks;
         for (int32_t n = 0; n < counts[row]; ++n) {
             TORCH_CHECK_VALUE(blocks[n] >= 0 && blocks[n] < key_blocks && (n == 0 || blocks[n] > blocks[n - 1]),
-                              kSparseOp, ": block_indices[", b, ", ", list, ", ", qb,
+                              op, ": block_indices[", b, ", ", list, ", ", qb,
                               "] must start with block_counts = ", counts[row],
                               " distinct key blocks in ascending order, each in [0, ", key_blocks, "); entry ", n,
                               " is ", blocks[n]);
@@ -276,22 +278,22 @@ void check_block_lists(const at::Tensor& block_indices, const at::Tensor& block_
 }
 
 // Dense-attention preparation plus LServe's per-head types and block lists (varlen only).
-Prepared prepare_sparse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-                        const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type,
+Prepared prepare_sparse(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type,
                         const at::Tensor& streaming_info, const at::Tensor& sparse_index,
                         int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& block_indices,
                         const std::optional<at::Tensor>& block_counts, std::optional<double> softmax_scale,
                         bool is_causal, bool exact_streaming, const at::Tensor* given_out = nullptr,
                         const at::Tensor* given_lse = nullptr) {
-    Prepared prep = prepare(kSparseOp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+    Prepared prep = prepare(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                             -1, is_causal ? 0 : -1, 0.0, given_out, given_lse);
-    TORCH_CHECK_VALUE(is_causal || !exact_streaming, kSparseOp,
+    TORCH_CHECK_VALUE(is_causal || !exact_streaming, op,
                       ": exact_streaming=True requires is_causal=True (token streaming is causal; Block-Sparse-Attention "
                       "refuses it too)");
     const int64_t heads = q.size(1);
-    check_int32_vector("head_mask_type", head_mask_type, q, heads);
-    check_int32_vector("streaming_info", streaming_info, q, 2 * heads);
-    check_int32_vector("sparse_index", sparse_index, q, heads);
+    check_int32_vector(op, "head_mask_type", head_mask_type, q, heads);
+    check_int32_vector(op, "streaming_info", streaming_info, q, 2 * heads);
+    check_int32_vector(op, "sparse_index", sparse_index, q, heads);
     detail::SparseHeads& sp = prep.params.sparse;
     sp.head_mask_type = data_of<int32_t>(head_mask_type);
     sp.streaming_info = data_of<int32_t>(streaming_info);
@@ -300,29 +302,29 @@ Prepared prepare_sparse(const at::Tensor& q, const at::Tensor& k, const at::Tens
     sp.exact_streaming = exact_streaming;
     sp.mask_q_blocks = int(detail::ceil_blocks(int(max_seqlen_q)));
     sp.mask_k_blocks = int(detail::ceil_blocks(int(max_seqlen_k)));
-    TORCH_CHECK_VALUE(block_indices.has_value() == block_counts.has_value(), kSparseOp,
+    TORCH_CHECK_VALUE(block_indices.has_value() == block_counts.has_value(), op,
                       ": pass both block_indices and block_counts, or neither");
     if (block_indices.has_value()) {
         const at::Tensor& idx = *block_indices;
         const at::Tensor& cnt = *block_counts;
         const int64_t batch = prep.params.batch;
-        check_same_device(kSparseOp, "block_indices", idx, q);
-        check_same_device(kSparseOp, "block_counts", cnt, q);
+        check_same_device(op, "block_indices", idx, q);
+        check_same_device(op, "block_counts", cnt, q);
         TORCH_CHECK_VALUE(idx.scalar_type() == at::kInt && idx.dim() == 4 && idx.is_contiguous() && idx.size(0) == batch &&
                         idx.size(2) == sp.mask_q_blocks && idx.size(3) == sp.mask_k_blocks,
-                          kSparseOp, ": expected block_indices (the plan of base_blockmask) int32 [batch=", batch,
+                          op, ": expected block_indices (the plan of base_blockmask) int32 [batch=", batch,
                           ", n_sparse, ceil(max_seqlen_q/128)=", sp.mask_q_blocks, ", ceil(max_seqlen_k/128)=",
                           sp.mask_k_blocks, "], got ", idx.scalar_type(), " ", idx.sizes());
         TORCH_CHECK_VALUE(cnt.scalar_type() == at::kInt && cnt.is_contiguous() &&
                         cnt.sizes() == at::IntArrayRef({idx.size(0), idx.size(1), idx.size(2)}),
-                          kSparseOp, ": expected block_counts int32 ", idx.sizes().slice(0, 3), ", got ", cnt.sizes());
+                          op, ": expected block_counts int32 ", idx.sizes().slice(0, 3), ", got ", cnt.sizes());
         sp.n_sparse = int(idx.size(1));
         sp.block_indices = data_of<int32_t>(idx);
         sp.block_counts = data_of<int32_t>(cnt);
     }
     if (values_checked(head_mask_type)) {
-        check_head_values(heads, head_mask_type, streaming_info, sparse_index, sp.n_sparse);
-        if (block_indices.has_value()) check_block_lists(*block_indices, *block_counts);
+        check_head_values(op, heads, head_mask_type, streaming_info, sparse_index, sp.n_sparse);
+        if (block_indices.has_value()) check_block_lists(op, *block_indices, *block_counts);
     }
     return prep;
 }
@@ -428,10 +430,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward(
     const at::Tensor& sparse_index, int64_t max_seqlen_q, int64_t max_seqlen_k,
     const std::optional<at::Tensor>& block_indices, const std::optional<at::Tensor>& block_counts,
     std::optional<double> softmax_scale, bool is_causal, bool exact_streaming, bool deterministic) {
-    const Prepared prep = prepare_sparse(q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
+    constexpr const char* op = "block_sparse_attention_backward";
+    const Prepared prep = prepare_sparse(op, q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
                                          sparse_index, max_seqlen_q, max_seqlen_k, block_indices, block_counts,
                                          softmax_scale, is_causal, exact_streaming, &out, &softmax_lse);
-    return run_backward("block_sparse_attention_backward", prep, dout, dlse, q, k, deterministic);
+    return run_backward(op, prep, dout, dlse, q, k, deterministic);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -453,9 +456,9 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_forward(
     const std::optional<at::Tensor>& block_indices, const std::optional<at::Tensor>& block_counts,
     std::optional<double> softmax_scale, bool is_causal, bool exact_streaming, bool /*deterministic*/) {
     return run(kSparseOp,
-               prepare_sparse(q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, sparse_index,
-                              max_seqlen_q, max_seqlen_k, block_indices, block_counts, softmax_scale, is_causal,
-                              exact_streaming),
+               prepare_sparse(kSparseOp, q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info,
+                              sparse_index, max_seqlen_q, max_seqlen_k, block_indices, block_counts, softmax_scale,
+                              is_causal, exact_streaming),
                q);
 }
 

@@ -97,6 +97,10 @@ struct AttentionParams {
     const int32_t* cu_seqlens_k = nullptr;
     float softmax_scale = 1.f;
     float softcap = 0.f;   // > 0: scores = softcap * tanh(scores / softcap)
+    // The same two as given, in double: the CPU's float64 path computes with these (the kernels
+    // and the other CPU paths with the floats).
+    double softmax_scale_fp64 = 1.0;
+    double softcap_fp64 = 0.0;
     int window_left = -1;  // keys visible to query i: [i + Sk - Sq - left, i + Sk - Sq + right];
     int window_right = -1; // -1 is unbounded; causal is window_right = 0
     DType dtype = DType::bf16;

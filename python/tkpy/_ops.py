@@ -111,6 +111,8 @@ def bool_arg(name: str, x) -> bool:
     naming the argument."""
     if isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype == torch.bool:
         return bool(x)
+    if type(x).__module__ == "numpy" and type(x).__name__ in ("bool", "bool_"):  # numpy.bool_, without importing numpy
+        return bool(x)
     if not isinstance(x, (bool, numbers.Integral)) or x not in (0, 1):
         raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r}")
     return bool(x)

@@ -1,7 +1,8 @@
 """Video-DiT self-attention on tkpy ops: fused 3D RoPE with RIFLEx, then flash attention.
 
 :class:`VideoDiTAttention` is a standalone block: qkv projection, optional q/k RMSNorm, 3D RoPE
-through :func:`tkpy.rope.apply_rope_3d_` (per-axis tables from :mod:`tkpy.riflex`), attention
+through :func:`tkpy.rope.apply_rope_3d_` (per-axis tables from :mod:`tkpy.riflex`; its differentiable
+:func:`tkpy.rope.apply_rope_3d` while autograd records, for training), attention
 through :func:`tkpy.flash_attn_func`, output projection. :class:`Rope3D` and :func:`attention` are
 its parts that model integrations share (diffusers' Wan: :mod:`tkpy.integrations.diffusers`).
 """
@@ -53,7 +54,8 @@ def check_head_dim(head_dim: int, who: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Rope3D:
-    """A video's 3D RoPE as per-axis tables: what :func:`tkpy.rope.apply_rope_3d_` takes.
+    """A video's 3D RoPE as per-axis tables: what :func:`tkpy.rope.apply_rope_3d_` and
+    :func:`tkpy.rope.apply_rope_3d` take.
 
     ``freqs_t/h/w`` are complex64 ``[T, t/2]``, ``[H, h/2]``, ``[W, w/2]``
     (:func:`tkpy.riflex.rope_3d_freqs`).
