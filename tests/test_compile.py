@@ -73,14 +73,20 @@ def attention_case(gen):
     return fn, (q, k, v)
 
 
-def block_sparse_case(gen):
+def sparse_inputs(gen):
+    """Two packed sequences with dense, streaming and block-sparse heads: q, k, v, cu_seqlens,
+    head_mask_type, streaming_info and a block mask."""
     q = randn((300, 4, 64), torch.bfloat16, gen)
     k = randn((300, 2, 64), torch.bfloat16, gen)
     v = randn((300, 2, 64), torch.bfloat16, gen)
     cu = torch.tensor([0, 130, 300], dtype=torch.int32)
     types = torch.tensor([0, -1, 1, 1], dtype=torch.int32)
     streaming = torch.tensor([0, 0, 1, 1, 0, 0, 0, 0], dtype=torch.int32)
-    mask = torch.rand(2, 2, 2, 2, generator=gen) > 0.5
+    return q, k, v, cu, types, streaming, torch.rand(2, 2, 2, 2, generator=gen) > 0.5
+
+
+def block_sparse_case(gen):
+    q, k, v, cu, types, streaming, mask = sparse_inputs(gen)
 
     def fn(q, k, v):
         return tkpy.block_sparse_attn_func(q, k, v, cu, cu, types, streaming, mask, 170, 170, 0.0, is_causal=True) * 2
@@ -104,13 +110,8 @@ def attention_backward_case(gen):
 
 
 def block_sparse_backward_case(gen):
-    q = randn((300, 4, 64), torch.bfloat16, gen)
-    k = randn((300, 2, 64), torch.bfloat16, gen)
-    v = randn((300, 2, 64), torch.bfloat16, gen)
-    cu = torch.tensor([0, 130, 300], dtype=torch.int32)
-    types = torch.tensor([0, -1, 1, 1], dtype=torch.int32)
-    streaming = torch.tensor([0, 0, 1, 1, 0, 0, 0, 0], dtype=torch.int32)
-    sparse_index, block_indices, block_counts = plan(types, torch.rand(2, 2, 2, 2, generator=gen) > 0.5)
+    q, k, v, cu, types, streaming, mask = sparse_inputs(gen)
+    sparse_index, block_indices, block_counts = plan(types, mask)
     args = (cu, cu, types, streaming, sparse_index, 170, 170)
     options = dict(block_indices=block_indices, block_counts=block_counts, is_causal=True)
     out, lse = torch.ops.tkpy.block_sparse_attention_forward(q, k, v, *args, **options)
