@@ -6,6 +6,7 @@
 // it), because ATen dispatches them to kernels vectorised for the host CPU (this file is built
 // without -march); the per-row bookkeeping is plain loops.
 #include "cpu/cpu_ops.h"
+#include "cpu/head_rows.h"
 #include "cpu/online_softmax.h"
 
 #include <ATen/CPUFunctions.h>
@@ -43,28 +44,6 @@ template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
-
-// One head of one sequence of q, k, v or out: row s is at data + s * token_stride elements.
-struct HeadRows {
-    void* data;
-    int64_t token_stride;
-    at::ScalarType dtype;
-
-    // Rows [first, first + count) as a [count, head_dim] view that shares the memory.
-    at::Tensor rows(int first, int count, int head_dim) const {
-        const int64_t element_bytes = int64_t(c10::elementSize(dtype));
-        void* start = static_cast<char*>(data) + first * token_stride * element_bytes;
-        return at::from_blob(start, {count, head_dim}, {token_stride, 1}, at::TensorOptions().dtype(dtype));
-    }
-};
-
-// from_blob takes a mutable pointer; q, k and v views are only ever read.
-HeadRows head_rows(const void* base, int64_t batch_offset, int64_t token_start, int64_t token_stride,
-                   int64_t head_offset, at::ScalarType dtype) {
-    char* const bytes = static_cast<char*>(const_cast<void*>(base));
-    const int64_t offset = batch_offset + token_start * token_stride + head_offset;
-    return HeadRows{bytes + offset * int64_t(c10::elementSize(dtype)), token_stride, dtype};
-}
 
 // The unit of parallel work.
 struct Task {

@@ -10,12 +10,12 @@
 //   dV += Pᵀ dO;  dP = dO Vᵀ;  dS = P ∘ (dP - delta), delta = rowsum(dO ∘ O) - dlse;
 //   soft-capped: dS ∘= 1 - tanh²;  dQ += dS K · scale;  dK += dSᵀ Q · scale.
 #include "cpu/cpu_ops.h"
+#include "cpu/head_rows.h"
 
 #include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 
 #include <cmath>
@@ -36,15 +36,6 @@ constexpr at::ScalarType kCompute = c10::CppTypeToScalarType<T>::value;
 constexpr int kKeyBlock = 128;
 constexpr int kQueryBlock = detail::kBwdQueryBlock;
 
-// [rows, head_dim] of one head of one sequence, as a strided view of a q/k/v-like tensor.
-at::Tensor head_view(const void* base, int64_t batch_offset, int64_t token_start, int64_t token_stride,
-                     int64_t head_offset, int rows, int head_dim, at::ScalarType dtype) {
-    char* bytes = static_cast<char*>(const_cast<void*>(base));
-    const int64_t offset = batch_offset + token_start * token_stride + head_offset;
-    return at::from_blob(bytes + offset * int64_t(c10::elementSize(dtype)), {rows, head_dim}, {token_stride, 1},
-                         at::TensorOptions().dtype(dtype));
-}
-
 // One task: kv head `kv_head` of sequence `batch`.
 struct BackwardTask {
     const AttentionBackwardParams& bp;
@@ -59,8 +50,8 @@ struct BackwardTask {
 
     at::Tensor rows(const void* base, int64_t batch_stride, int64_t token_stride, int64_t head_stride, int head,
                     const detail::Sequence& seq) const {
-        return head_view(base, batch_of(batch_stride), seq.start, token_stride, head * head_stride, seq.len,
-                         p().head_dim, dtype());
+        return head_rows(base, batch_of(batch_stride), seq.start, token_stride, head * head_stride, dtype())
+            .rows(0, seq.len, p().head_dim);
     }
     template <typename T>
     const T* lse_row(const T* base, int head) const {

@@ -93,6 +93,15 @@ void check_cu_seqlens(const char* op, const char* name, const at::Tensor& cu, co
     }
 }
 
+// An attention tensor's batch, token and head strides (elements): [batch, tokens, heads, D], or
+// varlen [tokens, heads, D] with batch stride 0.
+void token_strides(const at::Tensor& t, bool varlen, int64_t& batch, int64_t& token, int64_t& head) {
+    const int first = varlen ? 0 : 1;  // index of the token dim
+    batch = varlen ? 0 : t.stride(0);
+    token = t.stride(first);
+    head = t.stride(first + 1);
+}
+
 struct Prepared {
     attention::AttentionParams params;
     at::Tensor out;
@@ -184,16 +193,10 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
         p.lse_batch_stride = heads_q * q.size(1);
         p.lse_head_stride = q.size(1);
     }
-    const int first = varlen ? 0 : 1;  // index of the token dim
-    const auto strides = [&](const at::Tensor& t, int64_t& batch, int64_t& token, int64_t& head) {
-        batch = varlen ? 0 : t.stride(0);
-        token = t.stride(first);
-        head = t.stride(first + 1);
-    };
-    strides(q, p.q_batch_stride, p.q_token_stride, p.q_head_stride);
-    strides(k, p.k_batch_stride, p.k_token_stride, p.k_head_stride);
-    strides(v, p.v_batch_stride, p.v_token_stride, p.v_head_stride);
-    strides(prep.out, p.o_batch_stride, p.o_token_stride, p.o_head_stride);
+    token_strides(q, varlen, p.q_batch_stride, p.q_token_stride, p.q_head_stride);
+    token_strides(k, varlen, p.k_batch_stride, p.k_token_stride, p.k_head_stride);
+    token_strides(v, varlen, p.v_batch_stride, p.v_token_stride, p.v_head_stride);
+    token_strides(prep.out, varlen, p.o_batch_stride, p.o_token_stride, p.o_head_stride);
     p.q = data_of(q);
     p.k = data_of(k);
     p.v = data_of(v);
@@ -362,12 +365,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const char* op, cons
     bp.fwd = prep.params;
     bp.deterministic = deterministic;
     const bool varlen = bp.fwd.cu_seqlens_q != nullptr;
-    const int first = varlen ? 0 : 1;  // index of the token dim
-    const auto strides = [&](const at::Tensor& t, int64_t& batch, int64_t& token, int64_t& head) {
-        batch = varlen ? 0 : t.stride(0);
-        token = t.stride(first);
-        head = t.stride(first + 1);
-    };
     // Varlen: packed tokens outside every sequence (unchecked cu_seqlens on CUDA) belong to no
     // task, so their gradient is written as 0 here rather than left uninitialised.
     const auto gradient = [&](const at::Tensor& like) {
@@ -376,10 +373,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const char* op, cons
     const at::Tensor dq = gradient(q);
     const at::Tensor dk = gradient(k);
     const at::Tensor dv = gradient(k);
-    strides(dout, bp.do_batch_stride, bp.do_token_stride, bp.do_head_stride);
-    strides(dq, bp.dq_batch_stride, bp.dq_token_stride, bp.dq_head_stride);
-    strides(dk, bp.dk_batch_stride, bp.dk_token_stride, bp.dk_head_stride);
-    strides(dv, bp.dv_batch_stride, bp.dv_token_stride, bp.dv_head_stride);
+    token_strides(dout, varlen, bp.do_batch_stride, bp.do_token_stride, bp.do_head_stride);
+    token_strides(dq, varlen, bp.dq_batch_stride, bp.dq_token_stride, bp.dq_head_stride);
+    token_strides(dk, varlen, bp.dk_batch_stride, bp.dk_token_stride, bp.dk_head_stride);
+    token_strides(dv, varlen, bp.dv_batch_stride, bp.dv_token_stride, bp.dv_head_stride);
     bp.dout = data_of(dout);
     if (dlse.has_value() && dlse->scalar_type() == at::kDouble) {
         bp.dlse_fp64 = data_of<double>(*dlse);
