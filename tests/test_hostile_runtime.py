@@ -413,19 +413,28 @@ def nothing_allocated(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("allocated before refusing")
 
-    for name in ("load_weights", "fill_weights", "AttentionBackend"):
-        monkeypatch.setattr(engine, name, refuse)
+    for module, name in ((loader, "load_weights"), (loader, "fill_weights"), (engine, "AttentionBackend")):
+        monkeypatch.setattr(module, name, refuse)
 
 
-def test_a_kv_cache_larger_than_memory_is_refused_before_allocation(nothing_allocated):
-    with pytest.raises(ArgumentError, match=r"max_batch_size=1099511627776 sequences of max_seq_len=8192 tokens "
-                                            r"need \d+ bytes"):
-        LLM("tiny-random", device="cpu", max_batch_size=2**40, progress=False)
+def test_kv_cache_bytes_beyond_the_devices_memory_are_refused_before_allocation(nothing_allocated):
+    with pytest.raises(ArgumentError, match=r"kv_cache_memory=1152921504606846976 bytes \(1\.07e\+09 GiB\) and "
+                                            r"the model .* need more than the .* of memory cpu has"):
+        LLM("tiny-random", device="cpu", kv_cache_memory=2**60, progress=False)
+
+
+def test_a_kv_cache_smaller_than_one_sequence_is_refused_before_allocation(nothing_allocated):
+    page = 2 * 64 * 64 * 2 * 4 * 2  # k and v, 64 tokens, head_dim 64, fp16, 4 layers, 2 kv heads
+    with pytest.raises(ArgumentError, match=r"holds 64 tokens, fewer than one sequence of max_seq_len=256 "
+                                            r"tokens .*lower max_seq_len"):
+        LLM("tiny-random", device="cpu", dtype=torch.float16, max_seq_len=256, kv_cache_memory=3 * page - 1,
+            progress=False)
 
 
 def test_huge_lserve_rings_are_refused_before_allocation(nothing_allocated):
     lserve = LServeConfig(local=2**30)  # the largest window LServeConfig takes
-    with pytest.raises(ArgumentError, match=r"local=1073741824 tokens need \d+ bytes"):
+    with pytest.raises(ArgumentError, match=r"after \d+ bytes of LServe rings for 8 sequences \(sink=128 \+ "
+                                            r"local=1073741824 tokens\)"):
         LLM("tiny-random", device="cpu", max_seq_len=256, lserve=lserve, progress=False)
 
 
@@ -436,6 +445,10 @@ def test_huge_lserve_rings_are_refused_before_allocation(nothing_allocated):
     ({"max_seq_len": 64.0}, "max_seq_len"),
     ({"device": "nonsense"}, "device"), ({"device": "cuda:99"}, "device"), ({"device": "meta"}, "device"),
     ({"device": "cpu:3"}, "device"), ({"device": 1.5}, "device"), ({"lserve": {"sink": 64}}, "lserve"),
+    ({"kv_cache_memory": 0}, "kv_cache_memory"), ({"kv_cache_memory": -5}, "kv_cache_memory"),
+    ({"kv_cache_memory": 0.0}, "kv_cache_memory"), ({"kv_cache_memory": 1.5}, "kv_cache_memory"),
+    ({"kv_cache_memory": "1GB"}, "kv_cache_memory"), ({"kv_cache_memory": True}, "kv_cache_memory"),
+    ({"kv_cache_memory": math.nan}, "kv_cache_memory"),
 ])
 def test_bad_llm_arguments_name_themselves(nothing_allocated, kwargs, named):
     with pytest.raises(ArgumentError, match=named):
@@ -514,6 +527,18 @@ def test_bad_generate_arguments_are_refused_before_anything_runs(tiny, kwargs, n
     assert len(tiny.generate("hi", max_new_tokens=2)[0].token_ids) <= 2  # still serves
 
 
+@pytest.mark.parametrize(("conversations", "named"), [
+    ([{"role": "user", "content": "caf\udce9"}], "conversation 0 is not valid text"),
+    ([[{"role": "user", "content": "hi"}], [{"role": "pirate", "content": "hi"}]], r"messages\[0\].role"),
+    ([{"role": "user"}], r"messages\[0\].content"), ("hi", "expected a conversation"), ([[]], "non-empty list"),
+])
+def test_bad_chat_arguments_are_refused_before_anything_runs(tiny, conversations, named):
+    free = tiny.paging.pages.num_free
+    with pytest.raises(ArgumentError, match=named):
+        tiny.chat(conversations, max_new_tokens=4)
+    assert tiny.paging.pages.num_free == free
+
+
 def test_sample_refuses_what_generate_refuses(rng):
     logits = torch.randn(2, 50, generator=rng)
     for temperature, top_p in ((1.0, 0.0), (1.0, math.nan), (-1.0, 1.0), (math.inf, 1.0)):
@@ -545,7 +570,7 @@ def test_a_pattern_that_is_not_a_path_is_refused():
 
 def run_cli(capsys, *args) -> tuple[int, str]:
     capsys.readouterr()  # what fixtures printed
-    code = cli.main(list(args))
+    code = cli.generate(list(args))
     captured = capsys.readouterr()
     assert captured.out == ""
     return code, captured.err
@@ -571,6 +596,8 @@ def bad_shard(model: Path) -> Path:
     ["--prompt", "caf\udce9"], ["--top-p", "0"], ["--top-p", "nan"], ["--temperature", "-1"],
     ["--temperature", "inf"], ["--max-new-tokens", "0"], ["--max-seq-len", "0"], ["--lserve-sparsity", "nan"],
     ["--seed", "-1"], ["--lserve-sparsity", "0.5"], ["--lserve-budget", str(2**70)],
+    ["--lserve-streaming-heads", "none", "--lserve-pattern", "x.tsv"], ["--max-batch-size", "0"],
+    ["--kv-cache-memory", "1000"],
 ], ids=repr)
 def test_cli_bad_flags_print_an_error_and_exit_2(capsys, args):
     code, err = run_cli(capsys, "--model", "tiny-random", "--prompt", "hi", *args)
@@ -592,6 +619,11 @@ def test_cli_bad_checkpoint_prints_an_error_and_exits_2(capsys, model, breakage,
     assert code == 2 and last.startswith("error: ") and named in last and "Traceback" not in err, err
 
 
+def test_cli_chat_with_undecodable_text(capsys):
+    code, err = run_cli(capsys, "--model", "tiny-random", "--user", "caf\udce9", "--device", "cpu")
+    assert code == 2 and err.splitlines()[-1].startswith("error: ") and "is not valid text" in err, err
+
+
 def test_cli_missing_folder(capsys, tmp_path):
     code, err = run_cli(capsys, "--model", str(tmp_path / "absent"), "--prompt", "hi")
     assert code == 2 and err.startswith("error: ") and "absent" in err
@@ -605,10 +637,12 @@ def test_cli_non_utf8_pattern(capsys, tmp_path):
     assert code == 2 and err.splitlines()[-1].startswith("error: ") and "not UTF-8" in err
 
 
-@pytest.mark.parametrize("args", [["--dtype", "float32"], ["--max-new-tokens", "abc"], ["--no-such-flag"]], ids=repr)
+@pytest.mark.parametrize("args", [["--dtype", "float32"], ["--max-new-tokens", "abc"], ["--no-such-flag"],
+                                  ["--kv-cache-memory", "infGiB"], ["--kv-cache-memory", "2.5"],
+                                  ["--lserve-streaming-heads", "random"]], ids=repr)
 def test_cli_argparse_refusals_end_in_one_error_line(capsys, args):
     with pytest.raises(SystemExit) as exited:
-        cli.main(["--model", "tiny-random", "--prompt", "hi", *args])
+        cli.generate(["--model", "tiny-random", "--prompt", "hi", *args])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.splitlines()[-1].startswith("error: ") and "Traceback" not in err, err
 

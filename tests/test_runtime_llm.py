@@ -20,9 +20,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 transformers = pytest.importorskip("transformers")
 
 import tkpy  # noqa: E402
+from tkpy import ArgumentError  # noqa: E402
 from tkpy._data import duo_attention_pattern  # noqa: E402
 from tkpy.runtime import LLM, LServeConfig  # noqa: E402
 from tkpy.runtime.request import Request  # noqa: E402
+from helpers import generate_recording_decode_logits  # noqa: E402
 
 VOCAB = 256 + 2
 
@@ -105,19 +107,6 @@ def test_prefill_logits_match_transformers(checkpoints, name):
         expected = model(torch.tensor([ids])).logits[0]
     error = (llm.prefill_logits(ids) - expected).abs().max().item()
     assert error <= tolerance(model, ids), (error, tolerance(model, ids))
-
-
-def generate_recording_decode_logits(llm, ids, new_tokens):
-    """Greedy generation of one prompt, and the logits of its decode steps ``[new_tokens - 1, vocab]``."""
-    recorded = []
-    decode_step = llm.runner.decode_step
-    llm.runner.decode_step = lambda *args, **kwargs: recorded.append(decode_step(*args, **kwargs)) or recorded[-1]
-    try:
-        out = llm.generate(ids, max_new_tokens=new_tokens)[0]
-    finally:
-        del llm.runner.decode_step
-    assert len(out.token_ids) == new_tokens and len(recorded) == new_tokens - 1
-    return out, torch.cat(recorded)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -333,7 +322,7 @@ def test_cli_generate_with_lserve(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "random weights" in proc.stderr  # the progress bar
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("prefill: 11 tokens in ") and "tokens/s); decode: 6 tokens in " in last, last
+    assert last.startswith("prefill: 11 prompt tokens in ") and "tokens/s); decode: 6 tokens in " in last, last
 
 
 @torch.inference_mode()
@@ -376,3 +365,114 @@ def test_cuda_graph_decode_equals_eager(mode, tmp_path):
         torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0, msg=lambda m: f"step {step}: {m}")
     assert set(graphed.runner.graphs.graphs) == ({(3, True), (2, True)} if lserve is None else
                                                  {(3, True), (3, False), (2, True), (2, False)})
+
+
+# ---- the KV cache's size -------------------------------------------------------------------------
+
+TINY_PAGE_BYTES = 2 * 64 * 64 * 2 * 4 * 2  # k and v, 64 tokens, head_dim 64, fp16, 4 layers, 2 kv heads
+
+
+def test_kv_cache_memory_in_bytes_buys_whole_pages():
+    llm = LLM("tiny-random", device="cpu", dtype=torch.float16, max_seq_len=128,
+              kv_cache_memory=11 * TINY_PAGE_BYTES + 5, progress=False)
+    # 10 pages for sequences and the scratch page that padding rows write into.
+    assert (llm.kv_cache_tokens, llm.kv_cache_bytes, llm.max_batch_size) == (640, 11 * TINY_PAGE_BYTES, 8)
+    assert llm.paging.pages.count == 11
+    caches = llm.runner.backend.caches
+    assert sum(t.numel() * t.element_size() for c in caches for t in (c.k, c.v, c.k_ring, c.v_ring)) == 11 * TINY_PAGE_BYTES
+
+
+def test_kv_cache_is_capped_at_what_the_batch_can_use():
+    llm = LLM("tiny-random", device="cpu", dtype=torch.float16, max_seq_len=128, max_batch_size=2,
+              kv_cache_memory=2**30, progress=False)
+    assert llm.kv_cache_tokens == 2 * 128 and llm.kv_cache_bytes == 5 * TINY_PAGE_BYTES
+
+
+def test_default_kv_cache_is_a_share_of_the_free_memory(monkeypatch):
+    from tkpy.runtime import resources
+
+    sizes = {}
+    for free in (2**40, 140_000_000, 125_000_000):  # bytes; a step's activations are ~110 MB here
+        monkeypatch.setattr(resources, "free_memory_bytes", lambda device, free=free: free)
+        llm = LLM("tiny-random", device="cpu", dtype=torch.float16, max_seq_len=1024, progress=False)
+        assert llm.kv_cache_bytes <= resources.DEFAULT_SHARE["cpu"] * free
+        sizes[free] = llm.kv_cache_tokens
+    # Plenty of memory: max_batch_size (8) sequences of max_seq_len; less memory, fewer tokens.
+    assert sizes[2**40] == 8 * 1024 and sizes[2**40] > sizes[140_000_000] > sizes[125_000_000] >= 1024, sizes
+    # No room at all: said with the numbers, not as a cache of 0 bytes.
+    monkeypatch.setattr(resources, "free_memory_bytes", lambda device: 1000)
+    with pytest.raises(ArgumentError, match=r"cpu has 9.31e-07 GiB free, and the model .* and a step's activations "
+                                            r"\(about .* GiB, less with a smaller max_seq_len\) need more"):
+        LLM("tiny-random", device="cpu", dtype=torch.float16, max_seq_len=1024, progress=False)
+
+
+def test_requests_wait_for_pages_and_still_answer_as_alone():
+    """A pool of two full sequences and a batch of four: the other two wait for pages."""
+    prompts = [prompt(100, 20 + i) for i in range(4)]
+    small = LLM("tiny-random", device="cpu", dtype=torch.float16, max_seq_len=128, max_batch_size=4,
+                kv_cache_memory=5 * TINY_PAGE_BYTES, progress=False)
+    seen = []
+    step = small.step
+    small.step = lambda scheduler: (seen.append(len(scheduler.waiting)), step(scheduler))[1]
+    together = small.generate(prompts, max_new_tokens=28)
+    alone = [small.generate(p, max_new_tokens=28)[0] for p in prompts]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert seen[:2] == [4, 2] and small.kv_cache_tokens == 256  # after the first prefill, two wait
+
+
+# ---- the step loop: per-request sampling, abort, prefill admission --------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_fp16():
+    return LLM("tiny-random", device="cpu", dtype=torch.float16, max_seq_len=128, max_batch_size=4, progress=False)
+
+
+def test_each_row_samples_as_its_request_says(tiny_fp16):
+    """Greedy, seeded nucleus and seeded plain sampling in one batch: each as if alone."""
+    llm, prompts = tiny_fp16, [prompt(20 + i, 30 + i) for i in range(3)]
+
+    def requests():
+        return [llm.make_request(prompts[0], 12, llm.sampling()),
+                llm.make_request(prompts[1], 12, llm.sampling(1.0, 0.9, seed=5)),
+                llm.make_request(prompts[2], 12, llm.sampling(0.7, seed=6))]
+    together = llm.run(requests())
+    assert together == [llm.run([r])[0] for r in requests()]
+    assert together[1] != llm.run([llm.make_request(prompts[1], 12, llm.sampling(1.0, 0.9, seed=7))])[0]
+
+
+def test_abort_takes_a_request_out_and_gives_back_its_pages(tiny_fp16):
+    llm = tiny_fp16
+    free = llm.paging.pages.num_free
+    scheduler = llm.new_scheduler()
+    kept, aborted, waiting = (llm.make_request(prompt(70, 40 + i), 20) for i in range(3))
+    scheduler.max_batch_size = 2  # the third waits
+    for request in (kept, aborted, waiting):
+        scheduler.add(request)
+    llm.step(scheduler)  # prefill of two
+    llm.step(scheduler)  # a decode step
+    llm.abort(scheduler, aborted)
+    llm.abort(scheduler, waiting)
+    assert (aborted.finish_reason, waiting.finish_reason, aborted.pages) == ("abort", "abort", [])
+    assert scheduler.running == [kept] and not scheduler.waiting
+    while not scheduler.done:
+        llm.step(scheduler)
+    assert llm.paging.pages.num_free == free
+    assert kept.generated == llm.generate(kept.tokens[:kept.prompt_len], max_new_tokens=20)[0].token_ids
+
+
+def test_a_prefill_step_packs_prompts_up_to_max_prefill_tokens(tiny_fp16):
+    from tkpy.runtime.scheduler import Scheduler
+
+    llm = tiny_fp16
+    scheduler = Scheduler(llm.paging, 4, max_prefill_tokens=50)
+    requests = [llm.make_request(prompt(n, 50 + n), 4) for n in (20, 25, 60, 10)]
+    for request in requests:
+        scheduler.add(request)
+    steps = []
+    while scheduler.waiting:
+        batch, is_prefill = scheduler.schedule()
+        steps.append([requests.index(r) for r in batch])
+    # 20 + 25 fit in 50; 60 alone (the first of a step is always admitted); then 10.
+    assert steps == [[0, 1], [2], [3]]
+    for request in requests:
+        llm.abort(scheduler, request)

@@ -27,7 +27,9 @@ ARCHITECTURES = {
     "MistralForCausalLM": (False, False),
     "Qwen2ForCausalLM": (True, False),
 }
-ROPE_TYPES = ("default", "linear", "llama3")
+# "freq_factors": each inverse frequency divided by its own factor, as a GGUF file writes Llama 3.1's
+# scaling (a rope_freqs tensor).
+ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
 HEAD_DIMS = (64, 128, 256)  # tkpy's attention kernels
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # Generous bounds on a model's sizes, checked before anything is built. Released models sit far
@@ -151,6 +153,10 @@ class ModelConfig:
         if self.rope_type not in ROPE_TYPES:
             raise NotImplementedError(f"ModelConfig: rope_type {_shown(self.rope_type)} is not supported; "
                                       f"supported: {ROPE_TYPES}")
+        factors = dict(self.rope_params).get("freq_factors")
+        if self.rope_type == "freq_factors" and (not isinstance(factors, tuple) or len(factors) != self.head_dim // 2):
+            raise ArgumentError(f"ModelConfig: freq_factors must hold head_dim / 2 = {self.head_dim // 2} factors, "
+                                f"got {_shown(factors)}")
         if len(self.window_left) != self.num_layers or not all(_is_int(w) and w >= -1 for w in self.window_left):
             raise ArgumentError(f"ModelConfig: window_left must hold {self.num_layers} integers >= -1, "
                                 f"got {_shown(self.window_left)}")
@@ -252,6 +258,12 @@ def _rope(fields: _Fields) -> dict:
             raise ArgumentError(f"{scaling.where('high_freq_factor')}={params['high_freq_factor']} must be greater "
                                 f"than {scaling.prefix}low_freq_factor={params['low_freq_factor']}")
         params["original_max_position_embeddings"] = scaling.int("original_max_position_embeddings", 1, MAX_POSITIONS)
+    if rope_type == "freq_factors":
+        factors = scaling.get("freq_factors")
+        if not isinstance(factors, list):
+            raise ArgumentError(f"{scaling.where('freq_factors')} must be a list of numbers, got {_shown(factors)}")
+        params["freq_factors"] = tuple(_check_positive(scaling.where(f"freq_factors[{i}]"), f)
+                                       for i, f in enumerate(factors))
     return {"rope_theta": theta, "rope_type": rope_type, "rope_params": tuple(sorted(params.items()))}
 
 
@@ -300,6 +312,8 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
         return torch.where(medium, smoothed, scaled)
+    if config.rope_type == "freq_factors":
+        return inv_freq / torch.tensor(params["freq_factors"], dtype=torch.float32)
     return inv_freq
 
 

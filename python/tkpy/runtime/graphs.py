@@ -75,10 +75,17 @@ class DecodeGraphs:
                 logits = self.step(*inputs, 0 if recompute else 1)
             self.graphs[batch_size, recompute] = graph, logits
 
+    def _recomputes(self, step: int) -> bool:
+        return self.reuse_interval is None or step % self.reuse_interval == 0
+
+    def captured(self, batch_size: int, step: int) -> bool:
+        """Whether the graph that decode step ``step`` of ``batch_size`` rows replays exists."""
+        return (batch_size, self._recomputes(step)) in self.graphs
+
     def run(self, tokens, cache_seqlens, block_table, ring_table, step: int) -> torch.Tensor:
         """float32 ``[B, vocab]`` logits of one decode step (a view of the graph's output buffer)."""
         batch_size = tokens.shape[0]
-        recompute = self.reuse_interval is None or step % self.reuse_interval == 0
+        recompute = self._recomputes(step)
         # Capture on the model's device even when another one is current (LLM(device="cuda:1")):
         # streams, synchronize and the capture itself follow the current device.
         with torch.cuda.device(self.device):

@@ -1,11 +1,12 @@
-"""Fill a :class:`~tkpy.runtime.model.Transformer` from a Hugging Face checkpoint folder (sharded
-safetensors straight into the parameters), or with seeded random weights (``tiny-random`` and
-benchmarks)."""
+"""Where a model comes from (:func:`open_model`): a Hugging Face checkpoint folder (sharded safetensors
+straight into the parameters), a GGUF file, or seeded random weights (``tiny-random`` and
+benchmarks); with its tokenizer and chat template."""
 
 from __future__ import annotations
 
+from os import PathLike
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -13,13 +14,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm.auto import tqdm
 
 from ..errors import ArgumentError
+from .chat import TINY_CHAT_TEMPLATE, ChatTemplate, folder_chat_template
 from .config import ModelConfig
 from .files import read_json_object, resolve_inside
 from .model import Transformer
 
 __all__ = [
-    "TINY_RANDOM", "Shard", "byte_tokenizer", "checkpoint_layout", "checkpoint_shards", "fill_weights",
-    "load_tokenizer", "load_weights", "random_weights", "tiny_random_config",
+    "TINY_RANDOM", "ModelSource", "Shard", "byte_tokenizer", "checkpoint_layout", "checkpoint_shards", "fill_weights",
+    "load_tokenizer", "load_weights", "open_model", "random_weights", "tiny_random_config",
 ]
 
 TINY_RANDOM = "tiny-random"
@@ -137,7 +139,7 @@ def fill_weights(model: Transformer, tensors: Iterable[tuple[str, str, torch.Ten
             raise ArgumentError(f"{where}: {name}: expected floating-point weights, got {tensor.dtype}")
         target = layout[name]
         if tensor.shape != target.shape:
-            raise ArgumentError(f"{where}: {name}: expected shape {tuple(target.shape)} from config.json, "
+            raise ArgumentError(f"{where}: {name}: expected shape {tuple(target.shape)} from the model's config, "
                                 f"got {tuple(tensor.shape)}")
         target.copy_(tensor)
         loaded[name] = where
@@ -196,3 +198,48 @@ def random_weights(config: ModelConfig, seed: int = 0, device="cpu") -> Iterable
             yield "random", name, torch.ones(shape, device=device)
         else:
             yield "random", name, torch.randn(shape, generator=generator, device=device) * 0.02
+
+
+class ModelSource(NamedTuple):
+    config: ModelConfig
+    tokenizer: Tokenizer
+    chat_template: Optional[ChatTemplate]
+    fill: Callable[[Transformer, bool], None]  # (model on its device, progress bar) -> weights filled in
+
+
+def _fill_random(config: ModelConfig, device) -> Callable[[Transformer, bool], None]:
+    def fill(model: Transformer, progress: bool) -> None:
+        weights = tqdm(random_weights(config, 0, device), desc="random weights", unit="tensor",
+                       total=len(checkpoint_layout(model)), disable=not progress)
+        fill_weights(model, weights, "random weights")
+    return fill
+
+
+def open_model(path: Union[str, PathLike, ModelConfig], device: torch.device) -> ModelSource:
+    """Read what a model is before its weights: from a checkpoint folder, a ``.gguf`` file,
+    ``"tiny-random"`` (when no folder has that name) or a :class:`ModelConfig` (random weights of
+    that shape, drawn on ``device``)."""
+    tiny_chat = ChatTemplate(TINY_CHAT_TEMPLATE, {"bos_token": "<s>", "eos_token": "</s>"}, "tiny-random")
+    if isinstance(path, ModelConfig):
+        return ModelSource(path, byte_tokenizer(), tiny_chat, _fill_random(path, device))
+    location = Path(path)
+    if str(path) == TINY_RANDOM and not location.exists():
+        return ModelSource(tiny_random_config(), byte_tokenizer(), tiny_chat,
+                           _fill_random(tiny_random_config(), "cpu"))
+    if location.is_file() and location.suffix.lower() == ".gguf":
+        from .gguf_file import GGUFCheckpoint
+
+        checkpoint = GGUFCheckpoint(location)
+        config = checkpoint.config()
+        tokenizer, chat = checkpoint.tokenizer()
+
+        def fill_gguf(model: Transformer, progress: bool) -> None:
+            tensors = tqdm(checkpoint.tensors(config), desc="dequantising", unit="tensor",
+                           total=len(checkpoint.weight_names), disable=not progress)
+            fill_weights(model, tensors, str(location))
+        return ModelSource(config, tokenizer, chat, fill_gguf)
+    if not location.is_dir():
+        raise FileNotFoundError(f"LLM: {path} is neither a checkpoint folder nor a .gguf file (nor {TINY_RANDOM!r})")
+    config, tokenizer, chat = ModelConfig.from_folder(location), load_tokenizer(location), folder_chat_template(location)
+    shards = checkpoint_shards(location)
+    return ModelSource(config, tokenizer, chat, lambda model, progress: load_weights(model, location, shards, progress))

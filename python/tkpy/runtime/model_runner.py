@@ -30,6 +30,10 @@ class ModelRunner:
             reuse_interval = None if backend.lserve is None else backend.lserve.reuse_interval
             self.graphs = DecodeGraphs(self.decode_step, max_batch_size, paging.max_pages, scratch_ring, reuse_interval)
 
+    def captures_next(self, batch_size: int) -> bool:
+        """Whether the next decode step of ``batch_size`` requests captures a CUDA graph first."""
+        return self.graphs is not None and not self.graphs.captured(batch_size, self.step)
+
     def batch_changed(self) -> None:
         """A prefill or a finished request: page selections cached for the old rows are stale."""
         self.backend.reset_selection()

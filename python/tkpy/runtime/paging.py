@@ -44,17 +44,18 @@ class PageAllocator:
 
 
 class Paging:
-    """Pages for ``max_batch_size`` requests of up to ``max_seq_len`` tokens each, plus one ring
-    slot per request for the streaming heads.
+    """A pool of ``num_pages`` pages (each ``PAGE_TOKENS`` tokens of every layer's KV) for requests
+    of up to ``max_seq_len`` tokens, and one streaming-ring slot per request of a batch of up to
+    ``max_batch_size``.
 
     A request reserves every page it can need when it is admitted, so a running batch can never
     run out of pages halfway through.
     """
 
-    def __init__(self, max_batch_size: int, max_seq_len: int):
+    def __init__(self, max_batch_size: int, max_seq_len: int, num_pages: int):
         self.max_pages = math.ceil(max_seq_len / PAGE_TOKENS)  # block-table columns
         # +1: page 0 and ring slot 0 are scratch (PageAllocator never hands them out).
-        self.pages = PageAllocator(max_batch_size * self.max_pages + 1, "pages")
+        self.pages = PageAllocator(num_pages + 1, "pages")
         self.slots = PageAllocator(max_batch_size + 1, "ring slots")
 
     @staticmethod
