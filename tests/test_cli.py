@@ -63,3 +63,10 @@ def test_unknown_command_prints_usage_and_fails():
     proc = run("frobnicate")
     assert proc.returncode == 2
     assert "usage: python -m tkpy" in proc.stdout
+
+
+def test_serve_refuses_a_bad_port_or_model_in_one_error_line():
+    for args in (["--port", "70000"], ["--port", "-1"], ["--model", "/nonexistent/folder"]):
+        proc = run("serve", "--model", "tiny-random", "--device", "cpu", *args)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr

@@ -12,6 +12,7 @@ fails is a 500. The real SmolLM2-135M-Instruct (GGUF) answers a chat as :meth:`L
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -38,34 +39,35 @@ TINY_FLAGS = ("--model", "tiny-random", "--device", "cpu", "--dtype", "float16",
 TIMEOUT = 60  # seconds, for any one request
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Served:
-    """A server at ``port``: its process and log when it runs in a subprocess."""
+    """A server at ``port``: its process and log when it runs in a subprocess (then the port is
+    the one it says it took, once :meth:`ready`)."""
 
-    def __init__(self, port: int, model: str = None, proc: subprocess.Popen = None, log=None):
-        self.port, self.url, self.model, self.proc, self.log = port, f"http://127.0.0.1:{port}", model, proc, log
+    def __init__(self, port: int = None, model: str = None, proc: subprocess.Popen = None, log=None):
+        self.model, self.proc, self.log = model, proc, log
+        self.at(port)
+
+    def at(self, port: int) -> None:
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
 
     def output(self) -> str:
         self.log.seek(0)
         return self.log.read()[-4000:]
 
     def ready(self, seconds: float = 180) -> "Served":
-        """Wait for /health (showing the server's output if it ends or takes too long); learn the
-        model's name."""
+        """Wait for the server's "serving ... on http://127.0.0.1:PORT" line and a healthy
+        /health (showing its output if it ends or takes too long); learn the model's name."""
         deadline = time.monotonic() + seconds
         while True:
             assert self.proc.poll() is None, f"the server exited with {self.proc.returncode}:\n{self.output()}"
             assert time.monotonic() < deadline, f"no /health within {seconds} s:\n{self.output()}"
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+            serving = re.search(r"serving \S+ on http://127\.0\.0\.1:(\d+)", self.output())
+            if serving:
+                self.at(int(serving.group(1)))
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                        break
+            time.sleep(0.2)
         self.model = httpx.get(self.url + "/v1/models", timeout=TIMEOUT).json()["data"][0]["id"]
         return self
 
@@ -78,14 +80,13 @@ class Served:
 
 @contextlib.contextmanager
 def serving(log_path, *flags):
-    """``python -m tkpy serve`` started on a free loopback port (:meth:`Served.ready` waits for it),
-    until the block ends: then SIGTERM, which must end it cleanly."""
-    port = free_port()
+    """``python -m tkpy serve`` on a loopback port it picks (port 0; :meth:`Served.ready` waits for
+    it), until the block ends: then SIGTERM, which must end it cleanly."""
     with open(log_path, "w+") as log:
         # One torch thread: the server shares this machine's cores with the tests' own model.
-        proc = subprocess.Popen([sys.executable, "-m", "tkpy", "serve", *flags, "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "tkpy", "serve", *flags, "--port", "0"],
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        served = Served(port, proc=proc, log=log)
+        served = Served(proc=proc, log=log)
         try:
             yield served
         finally:
@@ -156,11 +157,15 @@ def stream_text(chunks, chat: bool):
 def test_models_lists_the_served_model(client):
     models = client.models.list().data
     assert [(m.id, m.object, m.owned_by) for m in models] == [("tiny-random", "model", "tkpy")]
+    assert client.models.retrieve("tiny-random").id == "tiny-random"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-5")
 
 
-@pytest.mark.parametrize("prompt", ["The capital of France is", [1, 2, 3, 4, 5]])
+@pytest.mark.parametrize("prompt", ["The capital of France is", [1, 2, 3, 4, 5], ["A batch of one"]])
 def test_greedy_completion_is_what_generate_gives(client, reference, tiny, prompt):
     out = client.completions.create(model=tiny.model, prompt=prompt, max_tokens=12, temperature=0)
+    prompt = prompt[0] if isinstance(prompt, list) and isinstance(prompt[0], str) else prompt  # a batch of one
     expected = reference.generate(prompt, max_new_tokens=12)[0]
     assert out.object == "text_completion" and out.id.startswith("cmpl-") and out.model == tiny.model
     assert (out.choices[0].text, out.choices[0].finish_reason) == (expected.text, expected.finish_reason)
@@ -430,6 +435,98 @@ def test_requests_beyond_the_queue_bound_get_429(single):
                 served.client().completions.create(model="tiny", prompt="Hi", max_tokens=2)
         wait_for(lambda: idle(served, aborted=1), "the stream aborted")
         assert answers(served.client(), "tiny")
+
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A model that decodes two sequences together."""
+    return LLM("tiny-random", device="cpu", dtype=torch.float16, max_batch_size=2, max_seq_len=MAX_SEQ_LEN,
+               progress=False)
+
+
+@contextlib.contextmanager
+def recording_schedules(monkeypatch):
+    """Every step the server's scheduler plans: (prefill?, batch size, requests running)."""
+    from tkpy.runtime.scheduler import Scheduler
+
+    steps, schedule = [], Scheduler.schedule
+
+    def recorded(self):
+        batch, is_prefill = schedule(self)
+        steps.append((is_prefill, len(batch), len(self.running)))
+        return batch, is_prefill
+    monkeypatch.setattr(Scheduler, "schedule", recorded)
+    yield steps
+
+
+def test_a_request_joins_the_running_batch(pair, monkeypatch):
+    """B arrives while A streams: B's prefill runs with A running, then both decode together, and
+    each answers as alone."""
+    long_body = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "temperature": 0, "stream": True}
+    expected = [pair.generate(p, max_new_tokens=n)[0].text for p, n in (("Hello", 400), ("Bye", 20))]
+    with recording_schedules(monkeypatch) as steps, serving_in_process(pair) as served:
+        with httpx.Client(timeout=TIMEOUT) as http, http.stream("POST", served.url + C, json=long_body) as response:
+            lines = response.iter_lines()
+            first = next(lines)
+            joined = served.client().completions.create(model="tiny", prompt="Bye", max_tokens=20, temperature=0)
+            rest = [line for line in lines if line.startswith("data: {")]
+        wait_for(lambda: idle(served), "both ended")
+    pieces = [json.loads(line[6:])["choices"][0]["text"] for line in [first, *rest]]
+    assert ["".join(pieces), joined.choices[0].text] == expected
+    assert any(prefill and running == 2 and batch == 1 for prefill, batch, running in steps), steps
+    assert any(not prefill and batch == 2 for prefill, batch, running in steps), steps
+
+
+def test_a_joining_request_whose_prefill_fails_leaves_the_running_one_alone(pair, monkeypatch):
+    expected = pair.generate("Hello", max_new_tokens=300)[0].text
+    prefill, calls = pair.runner.prefill, []
+
+    def second_fails(requests):
+        calls.append(len(requests))
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return prefill(requests)
+    monkeypatch.setattr(pair.runner, "prefill", second_fails)
+    with serving_in_process(pair) as served:
+        client = served.client()
+        stream = client.completions.create(model="tiny", prompt="Hello", max_tokens=300, temperature=0, stream=True)
+        pieces = [next(iter(stream)).choices[0].text]
+        with pytest.raises(openai.InternalServerError, match="injected failure"):
+            client.completions.create(model="tiny", prompt="Bye", max_tokens=5, temperature=0)
+        pieces += [chunk.choices[0].text for chunk in stream]
+        assert "".join(pieces) == expected and calls == [1, 1]
+        assert idle(served, aborted=0)
+
+
+def test_a_finished_request_is_counted_before_its_answer_arrives(single):
+    """One request after another, with no room to queue: none is refused, and each answer finds
+    the server idle."""
+    with serving_in_process(single, max_waiting=0) as served, httpx.Client(timeout=TIMEOUT) as http:
+        for i in range(30):
+            response = http.post(served.url + C, json={"model": "tiny", "prompt": f"Hi {i}", "max_tokens": 1})
+            assert response.status_code == 200, response.text
+            health = http.get(served.url + "/health").json()
+            assert health["running"] == 0 and health["kv_pages_free"] == health["kv_pages_total"], health
+
+
+
+def test_an_engine_thread_that_dies_answers_every_request_and_says_so(pair, monkeypatch):
+    sampling = pair.sampling
+
+    def no_seeds(temperature=0.0, top_p=1.0, seed=None, where="LLM"):
+        if seed is not None:  # made on the engine thread, outside any step
+            raise RuntimeError("injected failure")
+        return sampling(temperature, top_p, seed, where)
+    monkeypatch.setattr(pair, "sampling", no_seeds)
+    free = pair.paging.pages.num_free
+    with serving_in_process(pair) as served, httpx.Client(timeout=TIMEOUT) as http:
+        response = http.post(served.url + C, json={"model": "tiny", "prompt": "Hi", "max_tokens": 2, "seed": 3})
+        assert response.status_code == 503 and "engine thread failed" in response.json()["error"]["message"]
+        health = http.get(served.url + "/health")
+        assert health.status_code == 503 and "engine thread failed" in health.json()["status"]
+        assert http.post(served.url + C, json={"model": "tiny", "prompt": "Hi", "max_tokens": 2}).status_code == 503
+    assert pair.paging.pages.num_free == free
 
 
 # ---- a real model ------------------------------------------------------------------------------------

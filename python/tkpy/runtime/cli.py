@@ -152,7 +152,7 @@ def generate(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for text, out in zip(shown, outputs):
-        print() if stream is not None else print(f"{text}{out.text}")
+        print("" if stream is not None else f"{text}{out.text}")  # a streamed text only needs its line ended
         print(f"  [{len(out.token_ids)} tokens, {out.finish_reason}]")
     print(llm.timing.summary())
     return 0

@@ -36,7 +36,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request as HTTPRequest
+from starlette.requests import ClientDisconnect, Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -89,14 +89,15 @@ class _Stream:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
 
-    def push(self, request: Request) -> None:
-        """Engine thread: ``request`` just got a token, and may have ended."""
-        item = (request.tokens[-1], request.finish_reason, request.text)
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    def news(self) -> tuple:
+        """Engine thread: what ``request`` has now (its newest token, and whether it ended), for
+        :meth:`deliver`."""
+        request = self.request
+        return request.tokens[-1], request.finish_reason, request.text
 
-    def fail(self, error: APIError) -> None:
-        """Engine thread: the request ended without its answer."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, error)
+    def deliver(self, item) -> None:
+        """Engine thread: hand :meth:`news`, or the APIError that ended the request, to the loop."""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     @property
     def finish_reason(self) -> Optional[str]:
@@ -160,6 +161,7 @@ class Engine:
         with self._cond:
             if not self._closed:
                 self._closed, self._stop_by = "the server is shutting down", time.monotonic() + grace
+                self.health = {**self.health, "status": self._closed}
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join()
@@ -183,8 +185,9 @@ class Engine:
 
     def _snapshot(self, running: int, waiting: int) -> dict:
         pages = self.llm.paging.pages
-        return {"status": "ok", "running": running, "waiting": waiting, "kv_pages_free": pages.num_free,
-                "kv_pages_total": pages.count - 1, "aborted": self._aborted}  # count holds the scratch page
+        return {"status": self._closed or "ok", "running": running, "waiting": waiting,
+                "kv_pages_free": pages.num_free, "kv_pages_total": pages.count - 1,  # count holds the scratch page
+                "aborted": self._aborted}
 
     def _run(self) -> None:
         scheduler, streams = self.llm.new_scheduler(), {}
@@ -198,8 +201,10 @@ class Engine:
             self._closed = self._closed or error.message
             left, self._submitted = [*streams.values(), *self._submitted], []
         for stream in left:
-            self.llm.abort(scheduler, stream.request)
-            stream.fail(error)
+            try:
+                self.llm.abort(scheduler, stream.request)
+            finally:  # whatever abort did, the client gets its answer
+                stream.deliver(error)
         self.health = self._snapshot(len(scheduler.running), len(scheduler.waiting))
 
     def _serve(self, scheduler, streams: dict[Request, _Stream]) -> None:
@@ -211,43 +216,53 @@ class Engine:
                     return
                 submitted, cancelled = self._submitted, self._cancelled
                 self._submitted, self._cancelled = [], []
-            ended = 0
+            for stream in submitted:  # held first: if what follows raises, _run answers them all
+                streams[stream.request] = stream
             for stream in submitted:
                 if stream.seed is not None:  # a generator on the model's device: made on this thread, as all torch work
                     sampling = stream.request.sampling
                     stream.request.sampling = self.llm.sampling(sampling.temperature, sampling.top_p, stream.seed)
                 scheduler.add(stream.request)
-                streams[stream.request] = stream
+            ended = 0
             for stream in cancelled:
                 if streams.pop(stream.request, None) is not None:  # else it had ended
                     self.llm.abort(scheduler, stream.request)
                     self._aborted += 1
                     ended += 1
+            # Delivered once the count and the health say what ended: a client's next request may follow at once.
+            outbox = []
             if streams:
+                running = set(scheduler.running)
                 try:
                     stepped = self.llm.step(scheduler)
                 except Exception as e:
                     _log.exception("tkpy: a step failed; the requests of its batch get an error")
-                    stepped, ended = [], ended + self._fail_batch(scheduler, streams, e)
+                    stepped, failed = [], self._fail_batch(scheduler, streams, running, e)
+                    outbox += failed
+                    ended += len(failed)
                 for request in stepped:
-                    streams[request].push(request)
+                    stream = streams[request]
+                    outbox.append((stream, stream.news()))
                     if request.finish_reason is not None:
                         del streams[request]
                         ended += 1
             with self._cond:
                 self._in_flight -= ended
             self.health = self._snapshot(len(scheduler.running), len(scheduler.waiting))
+            for stream, item in outbox:
+                stream.deliver(item)
 
-    def _fail_batch(self, scheduler, streams: dict[Request, _Stream], e: Exception) -> int:
-        """After a step raised: end the requests it ran (all but the waiting ones) with a 500,
-        giving back their pages; all of them if it raised before running any, so that none is
-        retried forever. Returns how many."""
+    def _fail_batch(self, scheduler, streams: dict[Request, _Stream], running: set, e: Exception) -> list:
+        """After a step raised: end the requests it ran with a 500, giving back their pages. A failed
+        prefill ran the requests it admitted (those running now and not before), a failed decode all
+        the running ones; if it failed before either, all of them, so that none is retried forever.
+        Returns ``(stream, error)`` to deliver."""
         error = APIError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
-        failed = [r for r in streams if r not in scheduler.waiting] or list(streams)
+        admitted = [r for r in scheduler.running if r not in running]
+        failed = admitted or list(scheduler.running) or list(streams)
         for request in failed:
             self.llm.abort(scheduler, request)
-            streams.pop(request).fail(error)
-        return len(failed)
+        return [(streams.pop(request), error) for request in failed]
 
 
 # ---- reading a request -----------------------------------------------------------------------------
@@ -268,10 +283,13 @@ async def _read_json(request: HTTPRequest) -> dict:
     if not length.isdigit() or int(length) > MAX_BODY_BYTES:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise too_large
+    except ClientDisconnect:  # gone halfway through its body: nobody reads the answer
+        raise APIError(400, "the client disconnected while sending its request") from None
     try:
         value = json.loads(body, parse_constant=_refuse_constant)  # NaN and Infinity are Python's, not JSON
         json.dumps(value, ensure_ascii=False).encode("utf-8")  # a \ud800 escape can write half a character
@@ -336,6 +354,8 @@ def _options(body: dict, unsupported: dict, max_tokens: Optional[int]) -> _Optio
 
 
 def _prompt_tokens(llm: LLM, prompt) -> list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # a batch of one text prompt, as OpenAI's client may send it
     if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt))):
         raise APIError(400, f"'prompt' must be a string or a non-empty list of token ids (one prompt a request), "
@@ -466,12 +486,22 @@ class _API:
         self.llm, self.model_name, self.engine = llm, model_name, Engine(llm, max_waiting)
         self.created = int(time.time())
 
+    def _model(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "tkpy"}
+
     async def models(self, request: HTTPRequest) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "tkpy"}]})
+        return JSONResponse({"object": "list", "data": [self._model()]})
+
+    async def model(self, request: HTTPRequest) -> Response:
+        name = request.path_params["model"]
+        if name != self.model_name:
+            raise APIError(404, f"The model {name!r} does not exist: this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+        return JSONResponse(self._model())
 
     async def health(self, request: HTTPRequest) -> Response:
-        return JSONResponse(self.engine.health)
+        health = self.engine.health
+        return JSONResponse(health, status_code=200 if health["status"] == "ok" else 503)
 
     async def completions(self, request: HTTPRequest) -> Response:
         body = await self._body(request)
@@ -553,6 +583,7 @@ def build_app(llm: LLM, model_name: str, max_waiting: int = MAX_WAITING) -> Star
             await asyncio.to_thread(api.engine.stop)
 
     routes = [Route("/v1/models", api.models, methods=["GET"]),
+              Route("/v1/models/{model:path}", api.model, methods=["GET"]),
               Route("/v1/completions", api.completions, methods=["POST"]),
               Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
               Route("/health", api.health, methods=["GET"])]
