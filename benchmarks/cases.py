@@ -24,6 +24,8 @@ How the figures are counted (DESIGN.md §6):
   bytes (its GB/s is dense-equivalent). Attention backward: 2.5 times the forward's FLOPs (its five
   matmuls to the forward's two), forward + backward 3.5 times.
 - Bandwidth is also read against the copy bandwidth of the device (``Tensor.copy_``, read + write).
+- UltraViCo: attention's FLOPs; its peer is tkpy's plain attention on the same inputs, so the ratio
+  is the decay's cost (``decay_overhead``: UltraViCo's time over plain attention's, minus 1).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
@@ -105,7 +107,8 @@ def all_cases(device: Union[str, torch.device], head_pattern: Optional[Path]) ->
     nothing; ``head_pattern`` is read when an LServe case runs."""
     cuda = torch.device(device).type == "cuda"
     return [*gemm_cases(cuda), *attention_cases(cuda), *attention_backward_cases(cuda),
-            *sparse_prefill_cases(cuda, head_pattern), *decode_cases(cuda), *rope_cases(cuda)]
+            *sparse_prefill_cases(cuda, head_pattern), *decode_cases(cuda), *rope_cases(cuda),
+            *ultravico_cases(cuda)]
 
 
 def require_head_pattern(path: Optional[Path]) -> Path:
@@ -717,3 +720,64 @@ def _complex_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     pairs = torch.view_as_complex(x[..., :rotary].float().reshape(*x.shape[:-1], -1, 2))
     rotated = torch.view_as_real(pairs * table[:, None]).flatten(-2).to(x.dtype)
     return rotated if rotary == x.shape[-1] else torch.cat((rotated, x[..., rotary:]), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# UltraViCo
+# --------------------------------------------------------------------------------------------
+
+PLAIN = "tkpy flash_attn_func (no decay)"
+
+
+class VideoShape(NamedTuple):
+    """Self-attention over ``frames`` latent frames of ``tokens_per_frame`` tokens (+ text)."""
+
+    name: str
+    frames: int
+    heads: int
+    config: tkpy.UltraViCoConfig
+
+    @property
+    def seqlen(self) -> int:
+        return self.frames * self.config.tokens_per_frame + self.config.text_tokens
+
+    def __str__(self) -> str:
+        return f"B1 S{self.seqlen} ({self.frames} frames x {self.config.tokens_per_frame}) H{self.heads} D128"
+
+
+def ultravico_cases(cuda: bool) -> Iterator[Case]:
+    """:func:`tkpy.ultravico_attn_func` against tkpy's plain attention on the same inputs. On the GPU,
+    Wan2.1 at 4x (84 latent frames of 1560 tokens, 12 heads, D 128, the authors' rules: the
+    pipelined kernel) and HunyuanVideo-style rules at 2x (bands and 256 text tokens: the baseline
+    kernel) on 4 heads; on the CPU, both rules at a small shape."""
+    if cuda:
+        shapes = [VideoShape("wan21-4x", 84, 12, tkpy.UltraViCoConfig.wan21()),
+                  VideoShape("hunyuan-2x", 66, 4, tkpy.UltraViCoConfig.hunyuan_video())]
+    else:
+        shapes = [VideoShape("wan-like", 8, 2, tkpy.UltraViCoConfig(tokens_per_frame=48, train_frames=4, alpha=0.9,
+                                                                      first_frame_mask=True)),
+                  VideoShape("hunyuan-like", 8, 2, tkpy.UltraViCoConfig(tokens_per_frame=48, train_frames=2,
+                                                                          alpha=0.9, beta=0.6, band_period=3,
+                                                                          band_width=1, band_count=2,
+                                                                          text_tokens=32))]
+    for shape in shapes:
+        yield Case("ultravico_attn_func", shape.name, str(shape), TFLOPS, PLAIN, partial(_ultravico, shape),
+                   dims={"frames": shape.frames, "heads": shape.heads, "head_dim": 128, "seqlen": shape.seqlen,
+                         **asdict(shape.config)}, attention_kernels=True)
+
+
+def _ultravico(shape: VideoShape, device, gen) -> Run:
+    q, k, v = (_randn(gen, device, BF16, (1, shape.seqlen, shape.heads, 128)) for _ in range(3))
+    call = partial(tkpy.ultravico_attn_func, q, k, v, shape.config)
+    peers = {PLAIN: partial(tkpy.flash_attn_func, q, k, v)}
+    # The first rows (frame 0: the first-frame mask included) of a sequence of seqlen queries.
+    rows = (slice(0, 1), slice(0, CHECK_ROWS))
+    reference_forward = partial(reference.ultravico_attention, total_queries=shape.seqlen, **asdict(shape.config))
+
+    def figures(record: dict) -> dict:
+        plain = record["peers"][PLAIN]
+        return {"decay_overhead": record["tkpy_median_us"] / plain["median_us"] - 1 if "median_us" in plain else None,
+                "target_decay_overhead": 0.10 if device.type == "cuda" else None}
+
+    return _attention_run(FORWARD, call, peers, (q, k, v), rows, slice(0, 1), reference_forward,
+                          4 * shape.heads * shape.seqlen**2 * 128, gen, figures)

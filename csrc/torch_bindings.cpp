@@ -29,6 +29,11 @@ TORCH_LIBRARY(tkpy, m) {
     m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q=None, "
           "Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, float? softmax_scale=None, "
           "int window_left=-1, int window_right=-1, float softcap=0.0, bool deterministic=False) -> (Tensor out, Tensor lse)");
+    // UltraViCo (tkpy.ultravico): the decay's settings in latent frames and tokens, as its config.
+    m.def("ultravico_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q=None, "
+          "Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, float? softmax_scale=None, "
+          "int tokens_per_frame=1, int train_frames=1, float alpha=1.0, float beta=1.0, int band_period=0, "
+          "int band_width=0, int band_count=0, bool first_frame_mask=False, int text_tokens=0) -> (Tensor out, Tensor lse)");
     // The block lists come from tkpy.block_sparse.plan(base_blockmask): built once per layer and
     // step, they let a CUDA graph replay the launch without re-sorting the mask.
     m.def("block_sparse_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
@@ -69,6 +74,7 @@ void register_implementations(torch::Library& m) {
     m.impl("apply_rope_3d_", &tkpy::ops::apply_rope_3d_);
     m.impl("gemm", &tkpy::ops::gemm);
     m.impl("attention_forward", &tkpy::ops::attention_forward);
+    m.impl("ultravico_attention_forward", &tkpy::ops::ultravico_attention_forward);
     m.impl("block_sparse_attention_forward", &tkpy::ops::block_sparse_attention_forward);
     m.impl("attention_backward", &tkpy::ops::attention_backward);
     m.impl("block_sparse_attention_backward", &tkpy::ops::block_sparse_attention_backward);

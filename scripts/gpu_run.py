@@ -58,6 +58,7 @@ TEST_ORDER = [
     "tests/test_gemm.py",
     "tests/test_attention.py",
     "tests/test_block_sparse.py",
+    "tests/test_ultravico.py",
     "tests/test_attention_backward.py",
     "tests/test_attention_gradcheck.py",
     "tests/test_kvcache.py",

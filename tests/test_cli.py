@@ -22,7 +22,7 @@ def test_info_lists_versions_build_and_every_op():
     assert ("architectures sm_90a" in out) == tkpy.cuda_compiled()
     cuda_column = "yes" if tkpy.cuda_compiled() else "no"
     for op in ("apply_rope_", "apply_rope_3d_", "gemm", "attention_forward", "block_sparse_attention_forward",
-               "decode_attention", "kv_append_"):
+               "ultravico_attention_forward", "decode_attention", "kv_append_"):
         line = next(l for l in out.splitlines() if l.startswith(op + " "))
         assert line.split()[1:] == ["yes", cuda_column, "yes"], line
 

@@ -73,6 +73,20 @@ def attention_case(gen):
     return fn, (q, k, v)
 
 
+def ultravico_case(gen):
+    q = randn((2, 70, 4, 64), torch.bfloat16, gen)
+    k = randn((2, 70, 2, 64), torch.bfloat16, gen)
+    v = randn((2, 70, 2, 64), torch.bfloat16, gen)
+    config = tkpy.UltraViCoConfig(tokens_per_frame=6, train_frames=3, alpha=0.5, beta=0.2, band_period=4,
+                                  band_width=1, band_count=2, first_frame_mask=True, text_tokens=5)
+
+    def fn(q, k, v):
+        out, lse, _ = tkpy.ultravico_attn_func(q, k, v, config, return_attn_probs=True)
+        return out * 2, lse
+
+    return fn, (q, k, v)
+
+
 def sparse_inputs(gen):
     """Two packed sequences with dense, streaming and block-sparse heads: q, k, v, cu_seqlens,
     head_mask_type, streaming_info and a block mask."""
@@ -164,6 +178,7 @@ CASES = {
     "gemm": gemm_case,
     "attention_forward": attention_case,
     "attention_backward": attention_backward_case,
+    "ultravico_attention_forward": ultravico_case,
     "block_sparse_attention_forward": block_sparse_case,
     "block_sparse_attention_backward": block_sparse_backward_case,
     "decode_attention": decode_attention_case,

@@ -19,6 +19,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+import tkpy.integrations.diffusers as tkpy_diffusers  # noqa: E402
+from tkpy import UltraViCoConfig, reference  # noqa: E402
 from tkpy.integrations.diffusers import WanAttnProcessor, apply_riflex, use_tkpy_attention  # noqa: E402
 
 from helpers import REL_TOL, rel_err  # noqa: E402
@@ -400,6 +402,77 @@ def test_wan_riflex_changes_exactly_component_k(num_frames, L_test, rng):
         ours = tk(**inputs)[0]
         stock.rope = expected_rope
         assert rel_err(ours, stock(**inputs)[0]) < TOL
+
+
+def _recorded_self_attention(model, x, latents, monkeypatch):
+    """q, k, v that a tkpy Wan processor hands to tkpy.runtime.dit.attention for blocks[0].attn1."""
+    recorded = []
+    original = tkpy_diffusers.attention
+
+    def record(q, k, v, ultravico=None):
+        recorded.append((q, k, v))
+        return original(q, k, v, ultravico)
+
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(tkpy_diffusers, "attention", record)
+        model.blocks[0].attn1(x, None, None, model.rope(latents))
+    return recorded[0]
+
+
+@pytest.mark.parametrize("extrapolation", ["ultravico", "both"])
+def test_wan_ultravico_self_attention_matches_reference(extrapolation, rng, monkeypatch):
+    """Self-attention decays as reference.ultravico_attention on the processor's own q, k, v
+    (whose RoPE test_wan_processor_matches_stock checks), tokens_per_frame from the grid (2·3);
+    cross-attention and, for "ultravico", RoPE stay plain; "both" also takes RIFLEx's RoPE."""
+    stock = _tiny_wan(rng)
+    config = UltraViCoConfig(tokens_per_frame=1, train_frames=2, alpha=0.0, first_frame_mask=True)
+    num_frames = 4 * (3 * FAST_PERIOD - 1) + 1  # L_test = 3·N_k: RIFLEx is active for "both"
+    tk = use_tkpy_attention(copy.deepcopy(stock), num_frames=num_frames, k=1, extrapolation=extrapolation,
+                            ultravico=config)
+    plain = use_tkpy_attention(copy.deepcopy(stock), num_frames=num_frames if extrapolation == "both" else None, k=1)
+    latents, grid = torch.randn(1, 4, 7, 4, 6, generator=rng), (7, 2, 3)
+    x = torch.randn(1, math.prod(grid), 128, generator=rng) * 4
+    q, k, v = _recorded_self_attention(plain, x, latents, monkeypatch)
+    settings = {**config.__dict__, "tokens_per_frame": 6}
+    attn = plain.blocks[0].attn1
+    with torch.no_grad():
+        ref = reference.ultravico_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), **settings)[0]
+        expected = attn.to_out[1](attn.to_out[0](ref.float().flatten(2)))
+        ours = tk.blocks[0].attn1(x, None, None, tk.rope(latents))
+        undecayed = attn(x, None, None, plain.rope(latents))
+        assert rel_err(ours, expected) < TOL
+        assert rel_err(undecayed, expected) > 3 * TOL, "the decay must matter"
+        text = torch.randn(1, 9, 128, generator=rng)
+        assert torch.equal(tk.blocks[0].attn2(x, text), plain.blocks[0].attn2(x, text))
+    assert tk.rope.L_test == (None if extrapolation == "ultravico" else 3 * FAST_PERIOD)
+    inputs = _inputs(rng)
+    with torch.no_grad():
+        assert tk(**inputs)[0].isfinite().all()
+
+
+def test_wan_ultravico_defaults_to_the_wan21_preset(rng):
+    model = use_tkpy_attention(_tiny_wan(rng), extrapolation="ultravico")
+    processor = model.blocks[0].attn1.processor
+    assert processor.ultravico == UltraViCoConfig.wan21()
+
+
+def test_wan_ultravico_refusals(rng):
+    model = _tiny_wan(rng)
+    with pytest.raises(ValueError, match="extrapolation must be one of"):
+        use_tkpy_attention(model, extrapolation="yarn")
+    with pytest.raises(ValueError, match="needs extrapolation='ultravico' or 'both'"):
+        use_tkpy_attention(model, ultravico=UltraViCoConfig.wan21())
+    with pytest.raises(TypeError, match="ultravico must be a tkpy.ultravico.UltraViCoConfig"):
+        use_tkpy_attention(model, extrapolation="ultravico", ultravico={"alpha": 0.9})
+    with pytest.raises(TypeError, match="ultravico must be a tkpy.ultravico.UltraViCoConfig"):
+        WanAttnProcessor({"alpha": 0.9})
+    with pytest.raises(ValueError, match="extrapolation='both' needs num_frames"):
+        use_tkpy_attention(model, extrapolation="both")
+    assert isinstance(model.rope, diffusers.models.transformers.transformer_wan.WanRotaryPosEmbed)  # untouched
+    # Set alone, the processor has diffusers' tables, not the grid UltraViCo needs.
+    model.set_attn_processor(WanAttnProcessor(UltraViCoConfig.wan21()))
+    with torch.no_grad(), pytest.raises(ValueError, match="UltraViCo needs the token grid"):
+        model(**_inputs(rng))
 
 
 def _tiny_hunyuanvideo(rng):

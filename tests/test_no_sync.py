@@ -94,6 +94,19 @@ def varlen_attention(dev, gen):
     return lambda: tkpy.flash_attn_varlen_func(q, k, v, cu, cu, 60, 60, causal=True, return_attn_probs=True)
 
 
+def ultravico_attention(dev, gen):
+    config = tkpy.UltraViCoConfig(tokens_per_frame=6, train_frames=3, beta=0.5, band_period=4, band_width=1,
+                                  band_count=2, first_frame_mask=True, text_tokens=5)
+    q, k, v = (randn((90, h, 64), BF16, gen, dev) for h in (4, 2, 2))
+    cu = torch.tensor([0, 30, 30, 90], dtype=torch.int32, device=dev)
+
+    def call():
+        tkpy.ultravico_attn_func(q[None], k[None], v[None], config, return_attn_probs=True)
+        tkpy.ultravico_attn_varlen_func(q, k, v, cu, cu, 60, 60, config)
+
+    return call
+
+
 def sparse_inputs(dev, gen):
     q, k, v = (randn((300, 4, 64), BF16, gen, dev) for _ in range(3))
     cu = torch.tensor([0, 140, 300], dtype=torch.int32, device=dev)
@@ -206,7 +219,7 @@ def transformers_layer(dev, gen):
     return call
 
 
-CASES = [dense_attention, varlen_attention, block_sparse_attention, streaming_attention, kvcache_decode, lserve_step,
+CASES = [dense_attention, varlen_attention, ultravico_attention, block_sparse_attention, streaming_attention, kvcache_decode, lserve_step,
          rope, matmul, block_sparse_plan, transformers_layer]
 
 

@@ -221,6 +221,7 @@ def test_build_reports_cuda_consistently():
     """A build with CUDA kernels registers a CUDA kernel for every op, and one without has none."""
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     for op in ("tkpy::apply_rope_", "tkpy::apply_rope_3d_", "tkpy::gemm", "tkpy::attention_forward",
-               "tkpy::block_sparse_attention_forward", "tkpy::decode_attention", "tkpy::kv_append_"):
+               "tkpy::block_sparse_attention_forward", "tkpy::ultravico_attention_forward", "tkpy::decode_attention",
+               "tkpy::kv_append_"):
         assert has(op, "CPU")
         assert has(op, "CUDA") == tkpy.cuda_compiled()

@@ -15,6 +15,9 @@ import math
 import pytest
 import torch
 
+import dataclasses
+
+from tkpy import UltraViCoConfig, reference
 from tkpy.riflex import AxisSplit
 from tkpy.runtime.dit import VideoDiTAttention
 
@@ -56,8 +59,9 @@ def _rms(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def _reference_block(block, x, angles, qk_norm, eps=1e-6):
-    """float64 block: projections, RMSNorm, interleaved-pair RoPE from ``angles``, softmax attention."""
+def _reference_block(block, x, angles, qk_norm, eps=1e-6, ultravico=None):
+    """float64 block: projections, RMSNorm, interleaved-pair RoPE from ``angles``, softmax attention
+    (UltraViCo's, from reference.py, given its settings)."""
     p = {name: t.detach().double() for name, t in block.named_parameters()}
     x = x.double()
     if "to_qkv.weight" in p:
@@ -74,6 +78,9 @@ def _reference_block(block, x, angles, qk_norm, eps=1e-6):
     turn = torch.polar(torch.ones_like(angles), angles)[None, :, None]  # [1, S, 1, D/2]
     q, k = (torch.view_as_real(torch.view_as_complex(t.reshape(B, S, H, -1, 2).contiguous()) * turn).flatten(3)
             for t in (q, k))
+    if ultravico is not None:
+        out = reference.ultravico_attention(q, k, v, **ultravico)[0].reshape(B, S, dim)
+        return torch.nn.functional.linear(out, p["to_out.weight"], p.get("to_out.bias"))
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dim // H)
     out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(B, S, dim)
     return torch.nn.functional.linear(out, p["to_out.weight"], p.get("to_out.bias"))
@@ -182,6 +189,28 @@ def test_block_bf16(rng):
     assert rel_err(out, _reference_block(block, x, _angles_3d(grid, dims, theta, head_dim), "rms_per_head")) < 2 * TOL
 
 
+@pytest.mark.parametrize("riflex_mode", ["off", "training_free"])
+def test_block_ultravico_matches_reference(riflex_mode, rng):
+    """UltraViCo's decay in the block, tokens_per_frame from the grid (H·W = 6), with RIFLEx off
+    (as the authors ran it) or on (both)."""
+    grid = (FAST_PERIOD + 3, 2, 3)
+    config = UltraViCoConfig(tokens_per_frame=1, train_frames=4, alpha=0.0, first_frame_mask=True)
+    block = VideoDiTAttention(128, 2, rope=FAST_SPLIT, qk_norm="rms_per_head", riflex_mode=riflex_mode,
+                              ultravico=config)
+    _randomise_norms(block, rng)
+    x = torch.randn(1, math.prod(grid), 128, generator=rng) * 4
+    with torch.no_grad():
+        out = block(x, grid)
+    riflex = (1, grid[0]) if riflex_mode == "training_free" else None
+    angles = _angles_3d(grid, (24, 20, 20), 1e4, 64, riflex)
+    settings = dataclasses.asdict(dataclasses.replace(config, tokens_per_frame=6))
+    ref = _reference_block(block, x, angles, "rms_per_head", ultravico=settings)
+    assert rel_err(out, ref) < TOL
+    assert rel_err(_reference_block(block, x, angles, "rms_per_head"), ref) > 3 * TOL  # the decay matters
+    with pytest.raises(NotImplementedError, match="no backward"):
+        block(x.requires_grad_(), grid)
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -197,6 +226,11 @@ def test_block_bf16(rng):
 def test_block_rejects_bad_configuration(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_block_refuses_an_ultravico_that_is_no_config():
+    with pytest.raises(TypeError, match="ultravico must be a tkpy.ultravico.UltraViCoConfig or None"):
+        VideoDiTAttention(128, 2, ultravico={"alpha": 0.9})
 
 
 def test_block_rejects_bad_input(rng):

@@ -71,6 +71,8 @@ FAMILIES = [
     Family("attention backward, row statistics", r"tkpy::attention::.*bwd_row_stats_kernel<", ("SHFL.BFLY",),
            LOCAL_MEMORY),
     Family("attention backward, dQ conversion", r"tkpy::attention::.*bwd_dq_kernel<", (), LOCAL_MEMORY),
+    # UltraViCo's mean key before the forward: chunk sums (coalesced key rows), then their sum.
+    Family("UltraViCo mean key", r"tkpy::attention::.*key_(chunk_sums|mean_from_chunks)", (), LOCAL_MEMORY),
     # Block-sparse lists cut to their ascending prefix, as the forward walks them.
     Family("attention backward, list prefixes", r"tkpy::attention::.*bwd_ascending_counts_kernel", (), LOCAL_MEMORY),
     # The tile library's self-test kernels (tests/test_tk.py).
@@ -79,6 +81,9 @@ FAMILIES = [
     Family("tk selftest: wgmma", r"tk_selftest::.*wgmma_kernel<", ("HGMMA", "UTMALDG", "SYNCS"), LOCAL_MEMORY,
            selftest=True),
     Family("tk selftest: register ops", r"tk_selftest::.*register_ops_kernel", (), LOCAL_MEMORY, selftest=True),
+    # UltraViCo's score ops: the decay's min (FMNMX) and row_dot's quad reduction (SHFL.BFLY).
+    Family("tk selftest: decay ops", r"tk_selftest::.*decay_ops_kernel", ("FMNMX", "SHFL.BFLY"), LOCAL_MEMORY,
+           selftest=True),
     # The online softmax vocabulary: exp2 through the SFU, and the softcap's reciprocal.
     Family("tk selftest: online softmax", r"tk_selftest::.*online_softmax_kernel", ("MUFU.EX2", "MUFU.RCP"),
            LOCAL_MEMORY, selftest=True),
@@ -231,6 +236,35 @@ def test_attention_kernels_for_every_head_dim_and_dtype(kernel, sass):
     assert found == expected, f"{kernel}: compiled (dtype, head_dim, consumers) {sorted(found)}"
 
 
+def test_ultravico_decay_kernels(sass):
+    """UltraViCo's decay (ScoreRule's 4th field): the baseline kernel at every head dim and dtype,
+    the pipelined one where the window alone decides at D = 64 and 128. The decay runs under P·V
+    (an FMNMX per score a thread holds between the depth-1 and depth-0 waits, beyond the plain
+    kernel's), and lengthens that stretch of the plain pipelined kernel of the same shape by at
+    most 7 instructions per score (an add, an unsigned compare, FFMA and FMNMX per score, the
+    rows' setup, and what ptxas moves across the wait)."""
+    rule = r"AttnLayout<(__nv_bfloat16|__half), (\d+), (\d+), \(tkpy::attention::Kernel\)(\d), " \
+           r"tkpy::attention::ScoreRule\{(\w+), false, false, (\w+)\}"
+    layouts = {}
+    for name, text in sass.items():
+        m = re.search(rule, name)
+        if m and "lcf_kernel" in name:
+            layouts[m[1], int(m[2]), int(m[3]), int(m[4]), m[5] == "true", m[6] == "true"] = text
+    decaying = {key[:4] for key in layouts if key[5]}
+    expected = {(t, d, 2, 1) for t in ("__nv_bfloat16", "__half") for d in (64, 128, 256)}
+    expected |= {(t, 64, 3, 2) for t in ("__nv_bfloat16", "__half")} | {(t, 128, 2, 2) for t in ("__nv_bfloat16", "__half")}
+    assert decaying == expected, sorted(decaying)
+    for dtype, head_dim, consumers, kernel in expected:
+        if kernel != 2:
+            continue
+        plain = work_between_wgmma_waits(layouts[dtype, head_dim, consumers, 2, True, False])[0]
+        decay = work_between_wgmma_waits(layouts[dtype, head_dim, consumers, 2, True, True])[0]
+        scores = PIPELINED_KV_ROWS[head_dim, consumers, False] // 2
+        assert len(decay) - len(plain) <= 7 * scores, (dtype, head_dim, len(decay), len(plain))
+        minima = [sum("FMNMX" in i for i in window) for window in (plain, decay)]
+        assert minima[1] - minima[0] >= scores, (dtype, head_dim, minima)
+
+
 def test_attention_backward_for_every_head_dim_dtype_and_rule(sass):
     """The backward is compiled for both dtypes, every head dim, and dense attention with and
     without a softcap and sparse heads (BwdRule{sparse, capped})."""
@@ -268,15 +302,18 @@ PIPELINED_KV_ROWS = {(64, 3, False): 64, (64, 2, True): 128, (128, 2, False): 12
 def test_pipelined_attention_overlaps_softmax_with_pv(sass):
     """The in-warpgroup overlap in SASS: after issuing S_j+1 = Q·K_j+1ᵀ and O += P_j·V_j, the
     warpgroup waits for S_j+1 only (depth 1) and runs the softmax of S_j+1 before it waits for P·V.
-    ptxas places the depth-0 wait where it expects P·V to be done: without a softcap at least three
-    quarters of the scores' exp2 (MUFU.EX2, one per score the thread holds; all of them at D = 128
+    ptxas places the depth-0 wait where it expects P·V to be done: without a softcap (with or
+    without UltraViCo's decay) at least three quarters of the scores' exp2 (MUFU.EX2, one per score the thread holds; all of them at D = 128
     and 256) have been issued by then; with one (a tanh of two SFU operations per score first) the
     softmax outlasts P·V, and its first exp2 must have been."""
     members = {name: text for name, text in sass.items() if re.search(attention_kernels("pipelined"), name)}
-    assert len(members) == 24, sorted(members)  # 2 dtypes x 3 head dims x (dense, sparse) x softcap
+    # 2 dtypes x (3 head dims x (dense, sparse) x softcap + UltraViCo's decay at D = 64 and 128)
+    assert len(members) == 28, sorted(members)
+    decaying = 0
     for name, text in members.items():
         layout = re.search(r"AttnLayout<[^,]+, (\d+), (\d+), \(tkpy::attention::Kernel\)2, "
-                           r"tkpy::attention::ScoreRule\{true, (\w+), (\w+)\}", name)
+                           r"tkpy::attention::ScoreRule\{true, (\w+), (\w+), (\w+)\}", name)
+        decaying += layout[5] == "true"
         head_dim, consumers, sparse, capped = int(layout[1]), int(layout[2]), layout[3] == "true", layout[4] == "true"
         scores = PIPELINED_KV_ROWS[head_dim, consumers, sparse] // 2
         windows = work_between_wgmma_waits(text)
@@ -285,3 +322,4 @@ def test_pipelined_attention_overlaps_softmax_with_pv(sass):
         needed = 1 if capped else 3 * scores // 4
         assert exp2 >= needed, (f"{name}: {exp2} MUFU.EX2 between the depth-1 and depth-0 wgmma waits, "
                                 f"expected at least {needed} ({len(windows[0])} instructions there)")
+    assert decaying == 4, "UltraViCo's decay on the pipelined kernel: dense heads, both dtypes, D = 64 and 128"

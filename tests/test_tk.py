@@ -309,6 +309,37 @@ def test_online_softmax(cols, softcap, rng):
     torch.testing.assert_close(lse.cpu().double(), expected_lse, rtol=1e-5, atol=1e-5)
 
 
+def test_decay_ops_op_is_registered():
+    """Runs without a GPU: the schema is declared, and a CUDA build registers its CUDA kernel."""
+    assert "factors" in str(selftest.tk_decay_ops.default._schema)
+    if tkpy.cuda_compiled():
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("tkpy_selftest::tk_decay_ops", "CUDA")
+
+
+@pytest.mark.gpu
+@pytest.mark.sanitizer
+@pytest.mark.parametrize("factor", [0.0, 0.35, 1.0])
+def test_decay_ops_and_row_dot(factor, rng):
+    """UltraViCo's warp ops: row_dot of a shared bf16 tile's rows with a vector (the centres), and
+    the decay x > c ? c + f·(x − c) : x everywhere, where (r + c) % 3 == 0, and per element."""
+    x = 3 * randn((16, 64), torch.float32, rng, "cuda")
+    centre = randn((16,), torch.float32, rng, "cuda")
+    factors = torch.rand((16, 64), generator=rng).cuda()
+    q = randn((16, 128), torch.bfloat16, rng, "cuda")
+    vec = randn((128,), torch.float32, rng, "cuda")
+    dot, uniform, where, each = selftest.tk_decay_ops(x, centre, factors, q, vec, factor)
+    torch.testing.assert_close(dot.cpu().double(), q.double().cpu() @ vec.double().cpu(), rtol=1e-5, atol=1e-4)
+    xs, c = x.double().cpu(), centre.double().cpu()[:, None]
+
+    def decayed(f):
+        return torch.where(xs > c, c + f * (xs - c), xs)
+
+    third = (torch.arange(16)[:, None] + torch.arange(64)[None, :]) % 3 == 0
+    torch.testing.assert_close(uniform.cpu().double(), decayed(factor), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(where.cpu().double(), torch.where(third, decayed(factor), xs), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(each.cpu().double(), decayed(factors.double().cpu()), rtol=1e-6, atol=1e-5)
+
+
 VARIANTS = {"ABt": 0, "AB": 1, "AtB": 2, "AtBt": 3, "reg_ABt": 4, "reg_AB": 5}
 
 

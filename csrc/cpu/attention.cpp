@@ -1,10 +1,11 @@
 // CPU attention forward: a tiled online softmax on the same params struct and index math as the
-// CUDA kernel, for dense attention and for LServe's unified sparse prefill (params.sparse). Each
-// task owns one (sequence, query head, query tile) and walks that tile's key-block plan, so a
-// skipped block costs nothing. The products, exp and row reductions of a block run as ATen ops on
-// buffers of the compute type T (fp32; fp64 for fp64 inputs, so that gradcheck can run through
-// it), because ATen dispatches them to kernels vectorised for the host CPU (this file is built
-// without -march); the per-row bookkeeping is plain loops.
+// CUDA kernel, for dense attention (with UltraViCo's decay, params.decay) and for LServe's unified
+// sparse prefill (params.sparse). Each task owns one (sequence, query head, query tile) and walks
+// that tile's key-block plan, so a skipped block costs nothing. The products, exp and row
+// reductions of a block run as ATen ops on buffers of the compute type T (fp32; fp64 for fp64
+// inputs, so that gradcheck can run through it), because ATen dispatches them to kernels
+// vectorised for the host CPU (this file is built without -march); the per-row bookkeeping is
+// plain loops.
 #include "cpu/cpu_ops.h"
 #include "cpu/head_rows.h"
 #include "cpu/online_softmax.h"
@@ -14,6 +15,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/minimum.h>
+#include <ATen/ops/mv.h>
 
 #include <algorithm>
 #include <cmath>
@@ -22,6 +25,7 @@
 
 #include "tkpy/detail/attention_index.h"
 #include "tkpy/detail/block_sparse_index.h"
+#include "tkpy/detail/ultravico_index.h"
 
 namespace tkpy::cpu {
 namespace {
@@ -85,6 +89,7 @@ struct Workspace {
     at::Tensor v;          // [kKeyBlock, D]
     at::Tensor scores;     // [kQueryTile * kKeyBlock]; a block of r x n is viewed densely as [r, n]
     at::Tensor acc;        // [kQueryTile, D]
+    at::Tensor centre;     // [kQueryTile]: UltraViCo's q_i·k̄ of the tile's rows, scaled like the scores
     OnlineSoftmax<T> softmax;
 
     explicit Workspace(int head_dim)
@@ -93,6 +98,7 @@ struct Workspace {
           v(at::empty({kKeyBlock, head_dim}, kType)),
           scores(at::empty({kQueryTile * kKeyBlock}, kType)),
           acc(at::empty({kQueryTile, head_dim}, kType)),
+          centre(at::empty({kQueryTile}, kType)),
           softmax(kQueryTile) {}
 
 private:
@@ -122,6 +128,10 @@ struct TaskKeys {
     bool sparse() const { return p.sparse.head_mask_type != nullptr; }
 
     detail::KeyRanges visible(int i) const {
+        if (p.decay.enabled && detail::decay_window_only(p.decay)) {  // as the pipelined kernel
+            return detail::KeyRanges{detail::decay_visible_video_keys(i, tile.sk, p.decay), detail::Range{0, 0}};
+        }
+        if (p.decay.enabled) return detail::decay_visible_keys(i, tile.sq, tile.sk, p.decay);
         if (!sparse()) {
             return detail::KeyRanges{detail::visible_keys(i, tile.sq, tile.sk, p.window_left, p.window_right),
                                      detail::Range{0, 0}};
@@ -131,6 +141,9 @@ struct TaskKeys {
 
     // True when no element of the keys [k0, k0 + cols) x the tile's rows needs masking.
     bool fully_visible(int k0, int cols) const {
+        if (p.decay.enabled) {
+            return detail::decay_tile_fully_visible(tile.q0, tile.rows, k0, cols, tile.sq, tile.sk, p.decay);
+        }
         if (!sparse()) {
             return detail::block_fully_visible(tile.q0, tile.rows, k0, cols, tile.sq, tile.sk, p.window_left,
                                                p.window_right);
@@ -165,13 +178,49 @@ T score_multiplier(const AttentionParams& p) {
     return p.softcap > 0.f ? softmax_scale_of<T>(p) / softcap_of<T>(p) : softmax_scale_of<T>(p);
 }
 
-// Scores of a block of keys [k0, k0 + cols): scaled, soft-capped, and -inf where the shared index
-// math (so the CUDA kernel's mask) hides a key.
+// UltraViCo's decay of a block's scaled scores [rows, cols] (keys k0..), each row pulled toward its
+// centre where above it: min(s, f·s + (1 − f)·c). As the CUDA kernel: a tile inside the window
+// is left alone and a tile of one factor takes it at once (ATen ops); otherwise each row decays its
+// keys beyond the window by α when that is the whole rule (the pipelined kernel's test), or each
+// pair takes its own factor.
+template <typename T>
+void decay_scores(at::Tensor& scores, const at::Tensor& centre, const TaskKeys& keys, int k0) {
+    const detail::Decay& d = keys.p.decay;
+    const TileShape& tile = keys.tile;
+    const int cols = int(scores.size(1));
+    const float f = detail::decay_tile_factor(tile.q0, tile.rows, k0, cols, tile.sq, tile.sk, d);
+    if (f == 1.f) return;
+    if (f >= 0.f) {
+        scores.copy_(at::minimum(scores, scores.mul(T(f)).add_(centre.unsqueeze(1), T(1) - T(f))));
+        return;
+    }
+    T* const s = scores.data_ptr<T>();
+    const T* const c = centre.data_ptr<T>();
+    const auto pull = [](T x, T factor, T centre_r) { return std::min(x, factor * x + (T(1) - factor) * centre_r); };
+    const bool window_only = detail::decay_window_only(d);
+    for (int r = 0; r < tile.rows; ++r) {
+        const int i = tile.q0 + r;
+        T* row = s + int64_t(r) * cols;
+        for (int col = 0; col < cols; ++col) {
+            const int j = k0 + col;
+            if (window_only) {
+                if (detail::beyond_window(i, j, d)) row[col] = pull(row[col], T(d.alpha), c[r]);
+            } else {
+                const T factor = T(detail::decay_factor(i, j, tile.sq, tile.sk, d));
+                if (factor != T(1)) row[col] = pull(row[col], factor, c[r]);
+            }
+        }
+    }
+}
+
+// Scores of a block of keys [k0, k0 + cols): scaled, soft-capped, decayed (UltraViCo), and -inf
+// where the shared index math (so the CUDA kernel's mask) hides a key.
 template <typename T>
 void compute_scores(at::Tensor& scores, const at::Tensor& q_tile, const at::Tensor& k_block, const TaskKeys& keys,
-                    int k0) {
+                    int k0, const at::Tensor& centre) {
     at::cpu::mm_out(scores, q_tile, k_block.t());
     if (keys.p.softcap > 0.f) scores.tanh_().mul_(softcap_of<T>(keys.p));
+    if (keys.p.decay.enabled) decay_scores<T>(scores, centre, keys, k0);
     const int cols = int(k_block.size(0));
     if (keys.fully_visible(k0, cols)) return;
     T* const s = scores.data_ptr<T>();
@@ -216,6 +265,12 @@ void run_task(const AttentionParams& p, const Task& task, Workspace<T>& ws) {
     at::Tensor acc = ws.acc.narrow(0, 0, tile.rows);
     q_tile.copy_(q.rows(q0, tile.rows, p.head_dim));
     q_tile.mul_(score_multiplier<T>(p));
+    at::Tensor centre = ws.centre.narrow(0, 0, tile.rows);
+    if (p.decay.enabled) {
+        const float* key_mean = p.decay.key_mean + (int64_t(task.batch) * p.heads_kv + kv_head) * p.head_dim;
+        const at::Tensor mean = at::from_blob(const_cast<float*>(key_mean), {p.head_dim}, at::kFloat);
+        at::mv_out(centre, q_tile, mean.to(centre.scalar_type()));
+    }
     acc.zero_();
     ws.softmax.reset(tile.rows);
 
@@ -230,7 +285,7 @@ void run_task(const AttentionParams& p, const Task& task, Workspace<T>& ws) {
         k_block.copy_(k.rows(k0, cols, p.head_dim));
         v_block.copy_(v.rows(k0, cols, p.head_dim));
         at::Tensor scores = ws.scores.narrow(0, 0, int64_t(tile.rows) * cols).view({tile.rows, cols});
-        compute_scores<T>(scores, q_tile, k_block, keys, k0);
+        compute_scores<T>(scores, q_tile, k_block, keys, k0, centre);
         ws.softmax.step(scores, acc);
         at::cpu::addmm_out(acc, acc, scores, v_block);
     }

@@ -446,6 +446,98 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
                q);
 }
 
+namespace {
+
+constexpr const char* kDecayOp = "ultravico_attention_forward";
+
+// UltraViCo's settings, checked and turned into tokens (tkpy/detail/ultravico_index.h): every
+// product the index math forms must fit in int32, the factors must be in [0, 1] (a decay: the
+// kernels compute it as a min), and the band count stays small enough to test tile by tile.
+detail::Decay checked_decay(int64_t tokens_per_frame, int64_t train_frames, double alpha, double beta,
+                            int64_t band_period, int64_t band_width, int64_t band_count, bool first_frame_mask,
+                            int64_t text_tokens) {
+    const char* op = kDecayOp;
+    check_int_range(op, "tokens_per_frame", tokens_per_frame, 1, kMaxIndex);
+    check_int_range(op, "train_frames", train_frames, 1, kMaxIndex / tokens_per_frame);
+    TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, op, ": expected alpha in [0, 1] (a decay), got ", alpha);
+    TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, op, ": expected beta in [0, 1] (a decay), got ", beta);
+    check_int_range(op, "band_count", band_count, 0, 64);
+    check_int_range(op, "text_tokens", text_tokens, 0, kMaxIndex);
+    detail::Decay d{};
+    d.enabled = true;
+    d.frame_tokens = int(tokens_per_frame);
+    d.window_edge = int(train_frames * tokens_per_frame / 2 + 1);
+    d.first_frame_keys = first_frame_mask ? int(train_frames * tokens_per_frame) : -1;
+    d.alpha = float(alpha);
+    d.beta = float(beta);
+    d.text_tokens = int(text_tokens);
+    if (band_count > 0) {
+        check_int_range(op, "band_period", band_period, 1, kMaxIndex);
+        check_int_range(op, "band_width", band_width, 0, kMaxIndex);
+        // The last band ends at (band_period · band_count + band_width) frames.
+        TORCH_CHECK_VALUE(band_period <= (kMaxIndex / tokens_per_frame - band_width) / band_count, op,
+                          ": the bands reach (band_period * band_count + band_width) * tokens_per_frame = (",
+                          band_period, " * ", band_count, " + ", band_width, ") * ", tokens_per_frame,
+                          " tokens, more than int32 indices address");
+        d.band_count = int(band_count);
+        d.band_period = int(band_period * tokens_per_frame);
+        d.band_half_width = int(band_width * tokens_per_frame);
+    }
+    return d;
+}
+
+// k̄ of each (sequence, kv head), fp32 [batch, heads_kv, head_dim]: on the CPU from ATen sums, on
+// CUDA by launch_key_mean on the current stream (no host sync). Nothing on Meta.
+at::Tensor key_mean(const attention::AttentionParams& p, const at::Tensor& k) {
+    at::Tensor mean = at::empty({p.batch, p.heads_kv, p.head_dim}, k.options().dtype(at::kFloat));
+    if (k.is_cpu()) {
+        const bool varlen = p.cu_seqlens_k != nullptr;
+        for (int b = 0; b < p.batch; ++b) {
+            const detail::Sequence seq = detail::sequence(p.cu_seqlens_k, b, p.seqlen_k, p.total_k);
+            const at::Tensor keys = varlen ? k.narrow(0, seq.start, seq.len) : k[b];  // [len, heads_kv, D]
+            if (seq.len == 0) {
+                mean[b].zero_();
+            } else {
+                mean[b].copy_(at::sum(keys, {0}, false, at::kFloat).div_(seq.len));
+            }
+        }
+    } else if (k.is_cuda()) {
+#if defined(TKPY_WITH_CUDA)
+        TORCH_CHECK_VALUE(p.batch <= 65535 && p.heads_kv <= 65535, kDecayOp,
+                          ": on CUDA at most 65535 sequences and 65535 kv heads, got ", p.batch, " and ", p.heads_kv);
+        const c10::cuda::CUDAGuard guard(k.device());
+        const at::Tensor workspace = at::empty({attention::key_mean_workspace(p)}, k.options().dtype(at::kFloat));
+        check_launch(kDecayOp, attention::launch_key_mean(p, data_of<float>(workspace), data_of<float>(mean),
+                                                          c10::cuda::getCurrentCUDAStream()));
+#endif
+    }
+    return mean;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> ultravico_attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    std::optional<double> softmax_scale, int64_t tokens_per_frame, int64_t train_frames, double alpha, double beta,
+    int64_t band_period, int64_t band_width, int64_t band_count, bool first_frame_mask, int64_t text_tokens) {
+    TORCH_CHECK_VALUE(q.scalar_type() != at::kDouble, kDecayOp,
+                      ": expected q in bfloat16 or float16 (float32 on the CPU), got float64");
+    Prepared prep = prepare(kDecayOp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                            -1, -1, 0.0);
+    const detail::Decay decay = checked_decay(tokens_per_frame, train_frames, alpha, beta, band_period, band_width,
+                                              band_count, first_frame_mask, text_tokens);
+    prep.params.decay = decay;
+    if (!cu_seqlens_q.has_value()) {  // varlen sequences are too short for their text where they are
+        TORCH_CHECK_VALUE(text_tokens <= std::min(q.size(1), k.size(1)), kDecayOp, ": expected text_tokens (",
+                          text_tokens, ") at most the sequence lengths (", q.size(1), " queries, ", k.size(1), " keys)");
+    }
+    // Kept alive until the launch is enqueued; the caching allocator orders its reuse on the stream.
+    const at::Tensor mean = key_mean(prep.params, k);
+    prep.params.decay.key_mean = data_of<float>(mean);
+    return run(kDecayOp, prep, q);
+}
+
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type, const at::Tensor& streaming_info,

@@ -33,6 +33,14 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
                                                      std::optional<double> softmax_scale, int64_t window_left,
                                                      int64_t window_right, double softcap, bool deterministic);
 
+// Dense attention with UltraViCo's logit decay (tkpy/detail/ultravico_index.h): no window,
+// softcap or backward; settings in latent frames, as tkpy.ultravico.UltraViCoConfig.
+std::tuple<at::Tensor, at::Tensor> ultravico_attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    std::optional<double> softmax_scale, int64_t tokens_per_frame, int64_t train_frames, double alpha, double beta,
+    int64_t band_period, int64_t band_width, int64_t band_count, bool first_frame_mask, int64_t text_tokens);
+
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, const at::Tensor& head_mask_type, const at::Tensor& streaming_info,

@@ -219,6 +219,35 @@ std::vector<at::Tensor> tk_online_softmax(const at::Tensor& x, const at::Tensor&
     return out;
 }
 
+std::vector<at::Tensor> tk_decay_ops(const at::Tensor& x, const at::Tensor& centre, const at::Tensor& factors,
+                                     const at::Tensor& q, const at::Tensor& vec, double factor) {
+    constexpr const char* op = "tk_decay_ops";
+    check_cuda_input(op, "x", x, at::kFloat, 2);
+    check_cuda_input(op, "centre", centre, at::kFloat, 1);
+    check_cuda_input(op, "factors", factors, at::kFloat, 2);
+    check_cuda_input(op, "q", q, at::kBFloat16, 2);
+    check_cuda_input(op, "vec", vec, at::kFloat, 1);
+    TORCH_CHECK(x.sizes() == at::IntArrayRef({16, 64}) && factors.sizes() == x.sizes() && centre.size(0) == 16 &&
+                    q.sizes() == at::IntArrayRef({16, 128}) && vec.size(0) == 128,
+                op, ": expected x and factors [16, 64], centre [16], q [16, 128] and vec [128]");
+    const c10::cuda::CUDAGuard guard(x.device());
+    std::vector<at::Tensor> out = {at::empty({16}, x.options()), at::empty_like(x), at::empty_like(x),
+                                   at::empty_like(x)};
+    tk_selftest::DecayOpsParams p;
+    p.x = x.data_ptr<float>();
+    p.centre = centre.data_ptr<float>();
+    p.factors = factors.data_ptr<float>();
+    p.q = q.data_ptr();
+    p.vec = vec.data_ptr<float>();
+    p.factor = float(factor);
+    p.dot = out[0].data_ptr<float>();
+    p.uniform = out[1].data_ptr<float>();
+    p.where = out[2].data_ptr<float>();
+    p.each = out[3].data_ptr<float>();
+    check_launch(op, tk_selftest::launch_decay_ops(p, c10::cuda::getCurrentCUDAStream()));
+    return out;
+}
+
 std::vector<at::Tensor> tk_register_ops(const at::Tensor& x) {
     constexpr const char* op = "tk_register_ops";
     check_cuda_input(op, "x", x, at::kFloat, 2);
@@ -348,6 +377,7 @@ TORCH_LIBRARY(tkpy_selftest, m) {
     m.def("tk_tma_roundtrip(Tensor x, Tensor(a!) y, Tensor(b!) z, int swizzle, int row, int col) -> ()");
     m.def("tk_register_ops(Tensor x) -> Tensor[]");
     m.def("tk_online_softmax(Tensor x, Tensor keys, float scale, float softcap) -> Tensor[]");
+    m.def("tk_decay_ops(Tensor x, Tensor centre, Tensor factors, Tensor q, Tensor vec, float factor) -> Tensor[]");
     m.def("tk_wgmma(Tensor a, Tensor b, int variant) -> Tensor");
     m.def("tk_warp_mma(Tensor a, Tensor b, int variant, int b_valid_rows=-1) -> Tensor");
     m.def("tk_stuck_wait(Tensor(a!) reached, bool report) -> ()");
@@ -367,6 +397,7 @@ TORCH_LIBRARY_IMPL(tkpy_selftest, CUDA, m) {
     m.impl("tk_tma_roundtrip", &tkpy::ops::tk_tma_roundtrip);
     m.impl("tk_register_ops", &tkpy::ops::tk_register_ops);
     m.impl("tk_online_softmax", &tkpy::ops::tk_online_softmax);
+    m.impl("tk_decay_ops", &tkpy::ops::tk_decay_ops);
     m.impl("tk_wgmma", &tkpy::ops::tk_wgmma);
     m.impl("tk_warp_mma", &tkpy::ops::tk_warp_mma);
     m.impl("tk_stuck_wait", &tkpy::ops::tk_stuck_wait);

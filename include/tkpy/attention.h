@@ -12,6 +12,7 @@
 
 #include "tkpy/detail/attention_bwd_index.h"
 #include "tkpy/detail/block_sparse_index.h"
+#include "tkpy/detail/ultravico_index.h"
 #include "tkpy/types.h"
 
 #if defined(TKPY_WITH_CUDA)
@@ -108,6 +109,9 @@ struct AttentionParams {
     // types and block lists, in 128-token blocks. head_mask_type == nullptr: plain dense attention
     // with the window above. Otherwise varlen only, and the window fields are unused.
     detail::SparseHeads sparse{};
+    // UltraViCo's logit decay (tkpy/detail/ultravico_index.h), for dense attention without a window
+    // or softcap, bf16/fp16 (fp32 on the CPU). decay.key_mean must hold k̄ (launch_key_mean) first.
+    detail::Decay decay{};
     Kernel kernel = Kernel::automatic;
 };
 
@@ -167,7 +171,19 @@ inline AttentionBackwardWorkspace attention_backward_workspace(const AttentionPa
                                       deterministic ? stats / detail::kBwdQueryBlock : 0, list_rows};
 }
 
+// UltraViCo's k̄: floats of the workspace launch_key_mean needs for `p` (the first of its two
+// passes sums chunks of kKeyMeanChunk keys).
+inline constexpr int kKeyMeanChunk = 512;
+inline int64_t key_mean_workspace(const AttentionParams& p) {
+    return int64_t(p.batch) * p.heads_kv * ((int64_t(p.seqlen_k) + kKeyMeanChunk - 1) / kKeyMeanChunk) * p.head_dim;
+}
+
 #if defined(TKPY_WITH_CUDA)
+// UltraViCo's k̄: key_mean[b, h, :] = the mean of sequence b's keys of kv head h, in fp32 (0 for a
+// sequence without keys), from p's k, sizes and cu_seqlens_k. Two passes in a fixed order (chunk
+// sums into `workspace`, key_mean_workspace(p) floats, then their sum), so it is deterministic.
+cudaError_t launch_key_mean(const AttentionParams& p, float* workspace, float* key_mean, cudaStream_t stream);
+
 // cudaErrorInvalidValue when params.kernel is automatic and TKPY_ATTENTION_KERNEL names no kernel.
 cudaError_t launch_attention_forward(const AttentionParams& params, cudaStream_t stream);
 

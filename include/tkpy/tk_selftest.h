@@ -59,6 +59,23 @@ struct OnlineSoftmaxParams {
     float* lse = nullptr;
 };
 
+// One warp, UltraViCo's score ops (tk/ops/warp/softmax.cuh): dot[r] = q[r] · vec (row_dot, q bf16
+// [16, 128] through a shared tile, vec fp32 [128]); and for x fp32 [16, 64] and centre fp32 [16],
+// the decay x > c ? c + f·(x − c) : x with f = factor everywhere (uniform), where (r + c) % 3 == 0
+// (where; x elsewhere), and f = factors[r][c] (each, factors fp32 [16, 64]).
+struct DecayOpsParams {
+    const float* x = nullptr;
+    const float* centre = nullptr;
+    const float* factors = nullptr;
+    const void* q = nullptr;
+    const float* vec = nullptr;
+    float factor = 1.f;
+    float* dot = nullptr;
+    float* uniform = nullptr;
+    float* where = nullptr;
+    float* each = nullptr;
+};
+
 // One warpgroup: d (fp32 [64, n]) = A * B with A and B in shared memory (TMA-loaded), or A read
 // into registers first. a is [64, k] (or [k, 64] for the A-transposed variants), b is [n, k] for
 // the B-transposed variants and [k, n] otherwise; all row-major.
@@ -132,6 +149,7 @@ struct StuckWaitParams {
 cudaError_t launch_tma_roundtrip(const TmaRoundtripParams& p, cudaStream_t stream);
 cudaError_t launch_register_ops(const RegisterOpsParams& p, cudaStream_t stream);
 cudaError_t launch_online_softmax(const OnlineSoftmaxParams& p, cudaStream_t stream);
+cudaError_t launch_decay_ops(const DecayOpsParams& p, cudaStream_t stream);
 cudaError_t launch_wgmma(const WgmmaParams& p, cudaStream_t stream);
 cudaError_t launch_warp_mma(const WarpMmaParams& p, cudaStream_t stream);
 cudaError_t launch_stuck_wait(const StuckWaitParams& p, cudaStream_t stream);

@@ -1,6 +1,6 @@
-"""tkpy: H100 tile kernels (dense and LServe sparse attention, RIFLEx RoPE) as drop-in torch ops."""
+"""tkpy: H100 tile kernels (dense and LServe sparse attention, RIFLEx RoPE, UltraViCo) as drop-in torch ops."""
 
-from . import _autograd, _ops, lserve, riflex, rope  # noqa: F401  (_autograd registers the backwards)
+from . import _autograd, _ops, lserve, riflex, rope, ultravico  # noqa: F401  (_autograd registers the backwards)
 from ._ops import attention_kernel, cuda_compiled, use_attention_kernel
 from .attention import flash_attn_func, flash_attn_varlen_func
 from .block_sparse import block_sparse_attn_func, block_streaming_attn_func, token_streaming_attn_func
@@ -8,6 +8,7 @@ from .errors import ArgumentError
 from .info import include_dir, library_dir
 from .kvcache import flash_attn_with_kvcache
 from .matmul import gemm
+from .ultravico import UltraViCoConfig, ultravico_attn_func, ultravico_attn_varlen_func
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,10 @@ __all__ = [
     "riflex",
     "rope",
     "token_streaming_attn_func",
+    "ultravico",
+    "ultravico_attn_func",
+    "ultravico_attn_varlen_func",
+    "UltraViCoConfig",
     "use_attention_kernel",
     "__version__",
 ]

@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["REL_TOL", "relative_error", "rope_frequencies", "rope", "rope_3d_table", "rope_3d", "matmul", "attention",
-           "block_sparse_attention", "attention_grads", "page_stats", "page_scores", "select_pages"]
+           "block_sparse_attention", "ultravico_attention", "attention_grads", "page_stats", "page_scores",
+           "select_pages"]
 
 # The one tolerance table of tkpy's tests and benchmarks (DESIGN.md §7): the largest
 # ‖out − reference‖ / ‖reference‖ accepted from an op computing in each dtype (fp32 for the CPU
@@ -163,6 +164,90 @@ def attention(
         out[q0:q1], lse[:, q0:q1] = _attention_one_sequence(
             q[q0:q1], k[k0:k1], v[k0:k1], causal, window_size, softcap, softmax_scale
         )
+    return out, lse
+
+
+def _ultravico_one_sequence(q, k, v, softmax_scale, query_offset, total_queries, tokens_per_frame, train_frames, alpha,
+                            beta, band_period, band_width, band_count, first_frame_mask, text_tokens):
+    """One sequence of :func:`ultravico_attention`: q ``[Sq, Hq, D]`` (queries ``query_offset..`` of
+    ``total_queries``), k/v ``[Sk, Hkv, D]``."""
+    q, k, v = q.double(), k.double(), v.double()
+    seqlen_q, heads_q, head_dim = q.shape
+    seqlen_k, heads_kv = k.shape[0], k.shape[1]
+    group = heads_q // heads_kv
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    key_mean = k.mean(dim=0) if seqlen_k > 0 else torch.zeros(heads_kv, head_dim, dtype=torch.float64)  # [Hkv, D]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    key_mean = key_mean.repeat_interleave(group, dim=0)  # [Hq, D]
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [Hq, Sq, Sk]
+    centre = torch.einsum("qhd,hd->hq", q, key_mean)[:, :, None] * scale  # [Hq, Sq, 1]
+
+    hw = tokens_per_frame
+    i = torch.arange(seqlen_q, device=q.device)[:, None] + query_offset
+    j = torch.arange(seqlen_k, device=q.device)[None, :]
+    total_queries = seqlen_q if total_queries is None else total_queries
+    video_pair = (i < total_queries - text_tokens) & (j < seqlen_k - text_tokens)
+    distance = (i - j).abs()
+    in_band = torch.zeros(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+    for m in range(1, band_count + 1):
+        in_band |= (distance >= (m * band_period - band_width) * hw) & (distance <= (m * band_period + band_width) * hw)
+    beyond = 2 * distance > train_frames * hw
+    factor = torch.where(in_band, beta, torch.where(beyond, alpha, 1.0)).double()
+    factor = torch.where(video_pair, factor, torch.ones_like(factor))
+    decayed = torch.where(scores > centre, centre + factor * (scores - centre), scores)
+
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+    if first_frame_mask:  # frame-0 video queries against video keys of frames >= train_frames
+        visible &= ~(video_pair & (i // hw == 0) & (j // hw >= train_frames))
+    return _masked_attention(q, k, v, visible.expand(heads_q, -1, -1), scores=decayed)
+
+
+def ultravico_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    tokens_per_frame: int,
+    train_frames: int,
+    alpha: float = 0.9,
+    beta: float = 1.0,
+    band_period: int = 0,
+    band_width: int = 0,
+    band_count: int = 0,
+    first_frame_mask: bool = False,
+    text_tokens: int = 0,
+    softmax_scale: Optional[float] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    query_offset: int = 0,
+    total_queries: Optional[int] = None,
+):
+    """UltraViCo's attention (arXiv 2511.20123) in float64, straight from its definition; layouts and
+    results as :func:`attention` (non-causal, no window). Batched, q may hold only some rows of its
+    sequences: queries ``query_offset`` on, of ``total_queries`` (default: q's length).
+
+    Per sequence, tokens are video frame-major (frame = index // tokens_per_frame), then the last
+    ``text_tokens`` are text. s = q_i·k_j·scale, c_i = q_i·k̄·scale with k̄ the mean of the sequence's
+    keys of that kv head. For a pair of video tokens with s > c_i, s becomes c_i + f·(s − c_i) where f
+    is ``beta`` if ``(m·band_period − band_width)·HW <= |i − j| <= (m·band_period + band_width)·HW``
+    for some m in 1..band_count, else ``alpha`` if ``2|i − j| > train_frames·HW``, else 1. With
+    ``first_frame_mask``, a video query of frame 0 does not see video keys of frames >= train_frames.
+    """
+    settings = (tokens_per_frame, train_frames, alpha, beta, band_period, band_width, band_count, first_frame_mask,
+                text_tokens)
+    if cu_seqlens_q is None:
+        results = [_ultravico_one_sequence(q[b], k[b], v[b], softmax_scale, query_offset, total_queries, *settings)
+                   for b in range(q.shape[0])]
+        return torch.stack([o for o, _ in results]), torch.stack([l for _, l in results])
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64, device=q.device)
+    for b in range(len(starts_q) - 1):
+        q0, q1 = starts_q[b], starts_q[b + 1]
+        k0, k1 = starts_k[b], starts_k[b + 1]
+        out[q0:q1], lse[:, q0:q1] = _ultravico_one_sequence(q[q0:q1], k[k0:k1], v[k0:k1], softmax_scale, 0, None,
+                                                            *settings)
     return out, lse
 
 

@@ -4,6 +4,22 @@
 
 namespace tkpy::attention {
 
+// UltraViCo's centre of each of the warp's rows, q_i·k̄ in raw score units, once per task from the
+// consumer's Q tile and the task's mean key (zeros without decay, or without keys to visit).
+template <typename L>
+__device__ inline tk::rv_rows<float, 16> decay_centre(const AttentionParams& p, const Task& t,
+                                                     const typename L::q_tile& q, int iterations) {
+    tk::rv_rows<float, 16> centre;
+    tk::warp::fill(centre, 0.f);
+    if constexpr (L::rule.decay) {
+        constexpr int D = L::q_tile::cols;
+        const int kv_head = t.head / (p.heads_q / p.heads_kv);
+        const float* key_mean = p.decay.key_mean + (int64_t(t.batch) * p.heads_kv + kv_head) * D;
+        if (iterations > 0) tk::warp::row_dot(centre, q, 16 * tk::warpid_in_warpgroup(), key_mean);
+    }
+    return centre;
+}
+
 // Baseline: per key block, S = Q·Kᵀ, wait, softmax, O += P·V, wait. Nothing overlaps inside the
 // warpgroup; the other consumers' wgmma fill the gaps.
 template <typename L>
@@ -22,6 +38,7 @@ __device__ inline void consume_baseline(const typename L::params& prm, typename 
     tk::softmax_state<16> st;
     tk::warp::softmax_init(st, score_scale_log2(p));
     tk::warp::zero(o);
+    const tk::rv_rows<float, 16> centre = decay_centre<L>(p, t, in.q[c], iterations);
     auto& keys = readers[L::kKey];
     auto& values = readers[L::kValue];
     for (int it = 0; it < iterations; ++it) {
@@ -33,7 +50,7 @@ __device__ inline void consume_baseline(const typename L::params& prm, typename 
         tk::warpgroup::mma_async_wait<0>(s);
         keys.release();
 
-        mask_scores<L::rule>(s, p, t, row0, kv_block * L::kv_rows);
+        mask_scores<L::rule>(s, p, t, row0, kv_block * L::kv_rows, centre);
         tk::warp::softmax_update(st, s);
         tk::warp::softmax_rescale(o, st);
         tk::warp::copy(prob, s);
@@ -76,7 +93,8 @@ template <typename L, int N>
 __device__ inline const typename L::stage& scores_in_turn(tk::rt_fl<16, N>& s, tk::softmax_state<16>& st,
                                                           const typename L::q_tile& q,
                                                           tk::pipeline::stage_reader<L>& keys,
-                                                          const AttentionParams& p, const Task& t, int row0, int c) {
+                                                          const AttentionParams& p, const Task& t, int row0, int c,
+                                                          const tk::rv_rows<float, 16>& centre) {
     constexpr int C = L::consumer_warpgroups;
     const typename L::stage& kv = keys.wait();
     const int kv_block = kv.kv_block;
@@ -87,7 +105,7 @@ __device__ inline const typename L::stage& scores_in_turn(tk::rt_fl<16, N>& s, t
     pass_turn<C>(c);
     tk::warpgroup::mma_async_wait<0>(s);
     keys.release();
-    mask_scores<L::rule>(s, p, t, row0, kv_block * L::kv_rows);
+    mask_scores<L::rule>(s, p, t, row0, kv_block * L::kv_rows, centre);
     tk::warp::softmax_update(st, s);
     return kv;
 }
@@ -122,7 +140,8 @@ __device__ inline void consume_pipelined(const typename L::params& prm, typename
         return;
     }
 
-    scores_in_turn<L>(s, st, q, keys, p, t, row0, c);  // block 0: S_0 alone, then its softmax
+    const tk::rv_rows<float, 16> centre = decay_centre<L>(p, t, q, iterations);
+    scores_in_turn<L>(s, st, q, keys, p, t, row0, c, centre);  // block 0: S_0 alone, then its softmax
     tk::warp::copy(prob, s);
 
     for (int it = 1; it < iterations; ++it) {
@@ -140,7 +159,7 @@ __device__ inline void consume_pipelined(const typename L::params& prm, typename
 
         tk::warpgroup::mma_async_wait<1>(s);  // S_it is in, P·V still runs
         keys.release();
-        mask_scores<L::rule>(s, p, t, row0, kv_block * L::kv_rows);
+        mask_scores<L::rule>(s, p, t, row0, kv_block * L::kv_rows, centre);
         tk::warp::softmax_update(st, s);
         tk::warpgroup::pin(s);  // the softmax is computed here, under P·V
 

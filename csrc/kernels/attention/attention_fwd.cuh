@@ -84,17 +84,19 @@ struct attn_registers {
 };
 
 // How a kernel forms a block's scores. Decided per block at run time (`fixed` false): skips the
-// mask for blocks entirely inside it. Or fixed at compile time for a whole launch: the launch's
+// mask for blocks entirely inside it (and UltraViCo's decay for blocks inside the window). Or fixed at compile time for a whole launch: the launch's
 // sparse-ness and softcap are template arguments and every block is masked, so that the code
 // between two wgmma waits is one basic block. ptxas waits for every wgmma in flight at a branch,
 // and when the accumulator in flight flows through more than one copy of the loop body, which
 // would undo the pipelined kernel's overlap.
+// `decay`: UltraViCo's logit decay (dense heads, no softcap), which needs each row's centre.
 struct ScoreRule {
     bool fixed;
     bool sparse;
     bool capped;
+    bool decay;
 };
-inline constexpr ScoreRule kScoresPerBlock{false, false, false};
+inline constexpr ScoreRule kScoresPerBlock{false, false, false, false};
 
 // What a task is and what it needs, computed identically by the producer and the consumers.
 struct Task {
@@ -198,10 +200,47 @@ __device__ inline float score_scale_log2(const AttentionParams& p) {
     return p.softcap > 0.f ? tk::kLog2e : p.softmax_scale * tk::kLog2e;
 }
 
-// A warp's 16 rows of one key block, as the softmax takes them: soft-capped if asked, and -inf
-// where the key is not visible to the row (rows row0.., keys k0..).
+// UltraViCo's decay of a warp's 16 rows of one key block (raw scores; `centre`: each row's q·k̄),
+// then -inf where the first-frame rule or the lengths hide a key. A fixed rule decays each row's
+// keys beyond the window by α in every block, with one range of visible keys per row (the host
+// checked detail::decay_window_only: no text, no bands). Per block, a tile inside the window is
+// left alone, a tile of one factor takes it, and a tile across an edge takes each pair's own.
 template <ScoreRule Rule, int N>
-__device__ inline void mask_scores(tk::rt_fl<16, N>& x, const AttentionParams& p, const Task& t, int row0, int k0) {
+__device__ inline void decay_scores(tk::rt_fl<16, N>& x, const AttentionParams& p, const Task& t, int row0, int k0,
+                                    const tk::rv_rows<float, 16>& centre) {
+    const detail::Decay& d = p.decay;
+    const int len_q = t.seq_q.len, len_k = t.seq_k.len;
+    if constexpr (Rule.fixed) {
+        tk::warp::decay_above_where(x, x, centre, d.alpha,
+                                    [&](int r, int c) { return detail::beyond_window(row0 + r, k0 + c, d); });
+        tk::row_values<detail::Range, 16> visible;
+        tk::warp::make_rows(visible, [&](int r) { return detail::decay_visible_video_keys(row0 + r, len_k, d); });
+        tk::warp::mask(x, x, visible, k0, -INFINITY);
+        return;
+    }
+    const float f = detail::decay_tile_factor(row0, 16, k0, N, len_q, len_k, d);
+    if (f < 0.f) {
+        tk::warp::decay_above_each(x, x, centre, [&](int r, int c) {
+            return detail::decay_factor(row0 + r, k0 + c, len_q, len_k, d);
+        });
+    } else if (f != 1.f) {
+        tk::warp::decay_above(x, x, centre, f);
+    }
+    if (detail::decay_tile_fully_visible(row0, 16, k0, N, len_q, len_k, d)) return;
+    tk::row_values<detail::KeyRanges, 16> keys;
+    tk::warp::make_rows(keys, [&](int r) { return detail::decay_visible_keys(row0 + r, len_q, len_k, d); });
+    tk::warp::mask(x, x, keys, k0, -INFINITY);
+}
+
+// A warp's 16 rows of one key block, as the softmax takes them: soft-capped if asked, decayed
+// (UltraViCo), and -inf where the key is not visible to the row (rows row0.., keys k0..).
+template <ScoreRule Rule, int N>
+__device__ inline void mask_scores(tk::rt_fl<16, N>& x, const AttentionParams& p, const Task& t, int row0, int k0,
+                                   const tk::rv_rows<float, 16>& centre) {
+    if constexpr (Rule.decay) {
+        decay_scores<Rule>(x, p, t, row0, k0, centre);
+        return;
+    }
     tk::row_values<detail::KeyRanges, 16> keys;
     if constexpr (Rule.fixed) {
         if constexpr (Rule.capped) tk::warp::softcap(x, x, p.softmax_scale, p.softcap);
@@ -398,18 +437,30 @@ cudaError_t launch_layout(const AttentionParams& p, cudaStream_t stream) {
 
 // Sparse heads take 128-row tiles (2 consumers); dense attention the kernel's own choice. The
 // pipelined kernel fixes its score rule per launch.
+// UltraViCo's decay: the pipelined kernel with a fixed rule where the window alone decides the
+// factor (no text, no bands), else the baseline kernel, which decides per block. At D = 256 the
+// decay's registers leave ptxas no room to run the softmax under P·V, so the baseline runs it.
 template <typename T, int D, Kernel Which>
 cudaError_t launch_kernel(const AttentionParams& p, cudaStream_t stream) {
     constexpr int dense = attn_tile<D, Which>::dense_consumers;
     const bool sparse = p.sparse.head_mask_type != nullptr;
+    if (p.decay.enabled) {
+        if (sparse || p.softcap > 0.f || p.window_left >= 0 || p.window_right >= 0) return cudaErrorInvalidValue;
+        if constexpr (Which == Kernel::pipelined && D != 256) {
+            if (detail::decay_window_only(p.decay)) {
+                return launch_layout<T, D, dense, Which, ScoreRule{true, false, false, true}>(p, stream);
+            }
+        }
+        return launch_layout<T, D, 2, Kernel::baseline, ScoreRule{false, false, false, true}>(p, stream);
+    }
     if constexpr (Which == Kernel::pipelined) {
         const bool capped = p.softcap > 0.f;
         if (sparse) {
-            return capped ? launch_layout<T, D, 2, Which, ScoreRule{true, true, true}>(p, stream)
-                          : launch_layout<T, D, 2, Which, ScoreRule{true, true, false}>(p, stream);
+            return capped ? launch_layout<T, D, 2, Which, ScoreRule{true, true, true, false}>(p, stream)
+                          : launch_layout<T, D, 2, Which, ScoreRule{true, true, false, false}>(p, stream);
         }
-        return capped ? launch_layout<T, D, dense, Which, ScoreRule{true, false, true}>(p, stream)
-                      : launch_layout<T, D, dense, Which, ScoreRule{true, false, false}>(p, stream);
+        return capped ? launch_layout<T, D, dense, Which, ScoreRule{true, false, true, false}>(p, stream)
+                      : launch_layout<T, D, dense, Which, ScoreRule{true, false, false, false}>(p, stream);
     } else {
         if (sparse || dense == 2) return launch_layout<T, D, 2, Which, kScoresPerBlock>(p, stream);
         return launch_layout<T, D, dense, Which, kScoresPerBlock>(p, stream);

@@ -142,6 +142,28 @@ __global__ void __launch_bounds__(tk::kWarpThreads) online_softmax_kernel(Online
     tk::warp::store(p.lse, lse, 0, 16);
 }
 
+// ---- UltraViCo's score ops: row_dot and the three decays -----------------------------------------
+
+__global__ void __launch_bounds__(tk::kWarpThreads) decay_ops_kernel(DecayOpsParams p) {
+    __shared__ tk::st_bf<16, 128> q;
+    tk::warp::load(q, tk::gl<tk::bf16>{static_cast<tk::bf16*>(const_cast<void*>(p.q)), 16, 128, 128}, 0, 0);
+    __syncwarp();
+    tk::rv_rows<float, 16> dot;
+    tk::warp::row_dot(dot, q, 0, p.vec);
+    tk::warp::store(p.dot, dot, 0, 16);
+
+    tk::rv_rows<float, 16> centre;
+    for (int h = 0; h < 2; ++h) centre.data[0][h] = p.centre[tk::laneid() / 4 + 8 * h];
+    tk::rt_fl<16, 64> x, y;
+    tk::warp::load(x, tk::gl<float>{const_cast<float*>(p.x), 16, 64, 64}, 0, 0);
+    tk::warp::decay_above(y, x, centre, p.factor);
+    tk::warp::store(tk::gl<float>{p.uniform, 16, 64, 64}, y, 0, 0);
+    tk::warp::decay_above_where(y, x, centre, p.factor, [](int r, int c) { return (r + c) % 3 == 0; });
+    tk::warp::store(tk::gl<float>{p.where, 16, 64, 64}, y, 0, 0);
+    tk::warp::decay_above_each(y, x, centre, [&](int r, int c) { return p.factors[r * 64 + c]; });
+    tk::warp::store(tk::gl<float>{p.each, 16, 64, 64}, y, 0, 0);
+}
+
 // ---- wgmma: every operand layout, A from shared memory or registers ----------------------------
 
 template <typename T, int N, int K, WgmmaVariant V>
@@ -258,6 +280,11 @@ cudaError_t launch_register_ops(const RegisterOpsParams& p, cudaStream_t stream)
 cudaError_t launch_online_softmax(const OnlineSoftmaxParams& p, cudaStream_t stream) {
     if (p.cols <= 0 || p.cols % 32 != 0 || p.cols > 256) return cudaErrorInvalidValue;
     online_softmax_kernel<<<1, tk::kWarpThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+}
+
+cudaError_t launch_decay_ops(const DecayOpsParams& p, cudaStream_t stream) {
+    decay_ops_kernel<<<1, tk::kWarpThreads, 0, stream>>>(p);
     return cudaGetLastError();
 }
 

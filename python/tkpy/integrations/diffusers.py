@@ -14,10 +14,12 @@ model's format, dtype and device, and when RIFLEx is inactive the model is left 
 
 :class:`WanAttnProcessor` runs Wan's attention on tkpy, and :func:`use_tkpy_attention` installs it
 together with a RoPE module that hands it per-axis tables (:class:`tkpy.runtime.dit.Rope3D`, with
-RIFLEx for a requested clip length) instead of ``[S, D]`` cos/sin tables. Wan is the model that is
-supported because it is the simplest to match exactly: RoPE covers every token of the
-self-attention (HunyuanVideo and CogVideoX concatenate text tokens into a joint attention, rotate
-only the video part, and HunyuanVideo masks padded text), and there is no attention mask.
+RIFLEx for a requested clip length) instead of ``[S, D]`` cos/sin tables; with
+``extrapolation="ultravico"`` or ``"both"`` the self-attention also decays its logits as UltraViCo
+does (:mod:`tkpy.ultravico`). Wan is the model that is supported because it is the simplest to
+match exactly: RoPE covers every token of the self-attention (HunyuanVideo and CogVideoX
+concatenate text tokens into a joint attention, rotate only the video part, and HunyuanVideo masks
+padded text), and there is no attention mask.
 """
 
 from __future__ import annotations
@@ -34,8 +36,13 @@ from tkpy.riflex import (AxisSplit, axis_split, get_1d_rotary_pos_embed_riflex, 
                          rope_3d_freqs)
 from tkpy.rope import apply_rope, apply_rope_
 from tkpy.runtime.dit import RIFLEX_MODES, Rope3D, attention, check_dtype, check_head_dim
+from tkpy.ultravico import UltraViCoConfig, check_config
 
-__all__ = ["WanAttnProcessor", "apply_riflex", "use_tkpy_attention"]
+__all__ = ["EXTRAPOLATIONS", "WanAttnProcessor", "apply_riflex", "use_tkpy_attention"]
+
+# use_tkpy_attention's ways to generate past the trained length: RIFLEx's RoPE frequency,
+# UltraViCo's logit decay (what its authors ran, with stock RoPE), or both.
+EXTRAPOLATIONS = ("riflex", "ultravico", "both")
 
 _COGVIDEOX_METHOD = "_prepare_rotary_positional_embeddings"
 _SUPPORTED = (
@@ -267,7 +274,15 @@ class WanAttnProcessor:
     ``transformer.set_attn_processor(WanAttnProcessor())`` alone works too. fp32 models get bf16
     attention (see :func:`tkpy.runtime.dit.attention`). Wan image-to-video attention
     (``add_k_proj``) and attention masks are refused.
+
+    With ``ultravico``, self-attention decays its logits as UltraViCo does, with
+    ``tokens_per_frame`` taken from the token grid of the :class:`Rope3D` it receives (so it needs
+    :func:`use_tkpy_attention`'s RoPE); cross-attention is left as it is.
     """
+
+    def __init__(self, ultravico: Optional[UltraViCoConfig] = None):
+        check_config("WanAttnProcessor", ultravico, optional=True)
+        self.ultravico = ultravico
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         from diffusers.models.transformers.transformer_wan import WanAttention
@@ -302,20 +317,41 @@ class WanAttnProcessor:
             sin = sin.reshape(q.shape[1], q.shape[-1])[:, 1::2].float().contiguous()
             training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
             q, k = (apply_rope if training else apply_rope_)(q, k, cos, sin, interleaved=True)
-        out = attention(q, k, v).flatten(2).type_as(q)
+        decay = None
+        if self.ultravico is not None and encoder_hidden_states is None:
+            if not isinstance(rotary_emb, Rope3D):
+                raise ArgumentError(
+                    "tkpy WanAttnProcessor: UltraViCo needs the token grid, which use_tkpy_attention's RoPE passes; "
+                    "install the processor with use_tkpy_attention(transformer, extrapolation='ultravico')"
+                )
+            decay = self.ultravico.for_grid(rotary_emb.grid_thw)
+        out = attention(q, k, v, decay).flatten(2).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 
 
 def use_tkpy_attention(transformer, num_frames: Optional[int] = None, mode: str = "training_free",
-                       k: Optional[int] = None, temporal_compression: int = 4):
+                       k: Optional[int] = None, temporal_compression: int = 4, extrapolation: str = "riflex",
+                       ultravico: Optional[UltraViCoConfig] = None):
     """Run a diffusers ``WanTransformer3DModel``'s attention on tkpy, RoPE included.
 
     Sets :class:`WanAttnProcessor` on every attention module and replaces ``transformer.rope``
-    by a module that gives the processors per-axis RoPE tables. With ``num_frames``, the temporal
-    axis follows RIFLEx for that clip length, exactly as :func:`apply_riflex` (``L_test`` = latent
-    frames of the clip divided, rounding up, by the temporal patch size; ``mode`` and ``k`` as
-    there); without it, RoPE is diffusers'. Returns ``transformer``. Other models are refused with
-    a ValueError.
+    by a module that gives the processors per-axis RoPE tables.
+
+    ``extrapolation`` says how to generate past the trained length:
+
+    - ``"riflex"`` (default): with ``num_frames``, the temporal axis follows RIFLEx for that clip
+      length, exactly as :func:`apply_riflex` (``L_test`` = latent frames of the clip divided,
+      rounding up, by the temporal patch size; ``mode`` and ``k`` as there); without it, RoPE is
+      diffusers'.
+    - ``"ultravico"``: diffusers' RoPE, and the self-attention decays its logits as UltraViCo does
+      (``ultravico``, default :meth:`UltraViCoConfig.wan21`, its ``tokens_per_frame`` taken from each
+      call's token grid). This is what UltraViCo's authors ran. ``num_frames``, ``mode`` and ``k``
+      concern RIFLEx only and are not needed (they are still checked): the decay depends on token
+      distances and the trained length alone.
+    - ``"both"``: RIFLEx's RoPE for ``num_frames`` and UltraViCo's decay.
+
+    Returns ``transformer``. Other models are refused with a ValueError. UltraViCo is for
+    inference: its decay has no backward.
     """
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
@@ -331,10 +367,20 @@ def use_tkpy_attention(transformer, num_frames: Optional[int] = None, mode: str 
         )
     if mode not in RIFLEX_MODES:
         raise ArgumentError(f"use_tkpy_attention: mode must be one of {RIFLEX_MODES}, got {mode!r}")
+    if extrapolation not in EXTRAPOLATIONS:
+        raise ArgumentError(f"use_tkpy_attention: extrapolation must be one of {EXTRAPOLATIONS}, got {extrapolation!r}")
+    check_config("use_tkpy_attention", ultravico, optional=True)
+    if extrapolation == "riflex" and ultravico is not None:
+        raise ArgumentError("use_tkpy_attention: an ultravico config needs extrapolation='ultravico' or 'both'")
+    if extrapolation == "both" and num_frames is None:
+        raise ArgumentError("use_tkpy_attention: extrapolation='both' needs num_frames (RIFLEx's clip length)")
+    if extrapolation != "riflex" and ultravico is None:
+        ultravico = UltraViCoConfig.wan21()
     config = transformer.config
     check_head_dim(config.attention_head_dim, "use_tkpy_attention")
     split = _riflex_split("use_tkpy_attention", "wan", config.attention_head_dim, k)
-    L_test = None if num_frames is None else _rope_frames(num_frames, temporal_compression, config.patch_size[0])
-    transformer.rope = _WanRope(split, config.patch_size, L_test, mode)
-    transformer.set_attn_processor(WanAttnProcessor())
+    riflex = num_frames is not None and extrapolation != "ultravico"
+    L_test = _rope_frames(num_frames, temporal_compression, config.patch_size[0]) if num_frames is not None else None
+    transformer.rope = _WanRope(split, config.patch_size, L_test if riflex else None, mode)
+    transformer.set_attn_processor(WanAttnProcessor(ultravico))
     return transformer

@@ -1,4 +1,5 @@
-"""Video-DiT self-attention on tkpy ops: fused 3D RoPE with RIFLEx, then flash attention.
+"""Video-DiT self-attention on tkpy ops: fused 3D RoPE with RIFLEx, then flash attention, with
+UltraViCo's logit decay if asked (length extrapolation, :mod:`tkpy.ultravico`).
 
 :class:`VideoDiTAttention` is a standalone block: qkv projection, optional q/k RMSNorm, 3D RoPE
 through :func:`tkpy.rope.apply_rope_3d_` (per-axis tables from :mod:`tkpy.riflex`; its differentiable
@@ -19,6 +20,7 @@ from tkpy.attention import flash_attn_func
 from tkpy.errors import ArgumentError
 from tkpy.riflex import AxisSplit, axis_split, rope_3d_freqs
 from tkpy.rope import apply_rope_3d, apply_rope_3d_
+from tkpy.ultravico import UltraViCoConfig, check_config, ultravico_attn_func
 
 __all__ = ["HEAD_DIMS", "RIFLEX_MODES", "Rope3D", "VideoDiTAttention", "attention", "check_dtype", "check_head_dim"]
 
@@ -27,8 +29,10 @@ RIFLEX_MODES = ("training_free", "fine_tuned", "off")
 _QK_NORMS = (None, "rms_per_head", "rms_across_heads")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal ``softmax(q kᵀ / sqrt(D)) v`` through :func:`tkpy.flash_attn_func`.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              ultravico: Optional[UltraViCoConfig] = None) -> torch.Tensor:
+    """Non-causal ``softmax(q kᵀ / sqrt(D)) v`` through :func:`tkpy.flash_attn_func`, or with
+    UltraViCo's decay through :func:`tkpy.ultravico_attn_func` when ``ultravico`` is given.
 
     q ``[B, Sq, H, D]``, k and v ``[B, Sk, H, D]``; returns ``[B, Sq, H, D]`` in q's dtype.
     bf16 and fp16 run as they are. fp32 q, k, v are rounded to bf16 for the attention only, and
@@ -36,9 +40,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     and this keeps fp32 models (and CPU tests) usable at bf16 attention accuracy.
     """
     check_dtype(q, "attention")
+
+    def run(q, k, v):
+        return flash_attn_func(q, k, v) if ultravico is None else ultravico_attn_func(q, k, v, ultravico)
+
     if q.dtype == torch.float32:
-        return flash_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()
-    return flash_attn_func(q, k, v)
+        return run(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()
+    return run(q, k, v)
 
 
 def check_dtype(x: torch.Tensor, who: str) -> None:
@@ -94,6 +102,10 @@ class VideoDiTAttention(nn.Module):
         One ``[3·dim, dim]`` projection, or separate ``to_q``, ``to_k``, ``to_v``.
     riflex_mode : {"training_free", "fine_tuned", "off"}
         See :func:`tkpy.riflex.riflex_frequency_index`.
+    ultravico : UltraViCoConfig, optional
+        UltraViCo's logit decay in the attention (inference only: it has no backward), with
+        ``tokens_per_frame`` taken from each call's grid (H·W); combine with ``riflex_mode="off"``
+        to run it as its authors did, or keep RIFLEx for both.
     """
 
     def __init__(
@@ -106,6 +118,7 @@ class VideoDiTAttention(nn.Module):
         bias: bool = True,
         eps: float = 1e-6,
         riflex_mode: str = "training_free",
+        ultravico: Optional[UltraViCoConfig] = None,
     ):
         super().__init__()
         if num_heads < 1 or dim % num_heads:
@@ -116,6 +129,8 @@ class VideoDiTAttention(nn.Module):
             raise ArgumentError(f"VideoDiTAttention: qk_norm must be one of {_QK_NORMS}, got {qk_norm!r}")
         if riflex_mode not in RIFLEX_MODES:
             raise ArgumentError(f"VideoDiTAttention: riflex_mode must be one of {RIFLEX_MODES}, got {riflex_mode!r}")
+        check_config("VideoDiTAttention", ultravico, optional=True)
+        self.ultravico = ultravico
         self.split = rope if isinstance(rope, AxisSplit) else axis_split(rope, head_dim)
         if self.split.rotary_dim > head_dim:
             raise ArgumentError(
@@ -157,4 +172,5 @@ class VideoDiTAttention(nn.Module):
             q, k = self.norm_q(q), self.norm_k(k)
         freqs = rope_3d_freqs(self.split, grid, L_test=L_test, mode=self.riflex_mode, device=x.device)
         q, k = Rope3D(grid, *freqs).rotate(q, k)
-        return self.to_out(attention(q, k, v).flatten(2))
+        decay = None if self.ultravico is None else self.ultravico.for_grid(grid)
+        return self.to_out(attention(q, k, v, decay).flatten(2))

@@ -65,6 +65,84 @@ __device__ inline void softcap(rt_fl<R, C>& dst, const rt_fl<R, C>& src, float s
     map(dst, src, [pre, cap](float v) { return cap * fast_tanh(v * pre); });
 }
 
+// Each row's dot product with a vector: dst[r] = src[row0 + r] · vec for the rows this lane holds
+// (a register tile's layout), vec a global fp32 vector of src's C values. The 4 lanes of a quad,
+// which hold the same rows, each take a quarter of the columns and add their parts. Once per
+// task, e.g. a query tile's logits against the mean key (UltraViCo's centre).
+template <int R, shared_tile ST>
+__device__ inline void row_dot(rv_rows<float, R>& dst, const ST& src, int row0, const float* vec) {
+    static_assert(ST::cols % 4 == 0 && R <= ST::rows, "row_dot: the rows must be in the tile, the columns split in 4");
+    constexpr int part = ST::cols / 4;
+    const int c0 = part * (laneid() % 4);
+#pragma unroll
+    for (int i = 0; i < R / 16; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = row0 + 16 * i + laneid() / 4 + 8 * h;
+            float acc = 0.f;
+#pragma unroll 8
+            for (int c = c0; c < c0 + part; ++c) acc = fmaf(to_float(*src.ptr(row, c)), __ldg(vec + c), acc);
+            acc += __shfl_xor_sync(0xffffffff, acc, 1);
+            acc += __shfl_xor_sync(0xffffffff, acc, 2);
+            dst.data[i][h] = acc;
+        }
+}
+
+// UltraViCo's logit decay: a score x above its row's centre c is pulled toward it,
+// x > c ? c + f·(x − c) : x, computed as min(x, f·x + (1 − f)·c), which is that for f in [0, 1]
+// (x itself for f = 1). `pull` is the row's (1 − f)·c.
+__device__ inline float decay_above(float x, float f, float pull) { return fminf(x, fmaf(f, x, pull)); }
+
+// Every score of the tile decayed by one factor f.
+template <int R, int C>
+__device__ inline void decay_above(rt_fl<R, C>& dst, const rt_fl<R, C>& src, const rv_rows<float, R>& centre, float f) {
+    rv_rows<float, R> pull;
+    map(pull, centre, [f](float c) { return (1.f - f) * c; });
+    broadcast_rows(dst, src, pull, [f](float x, float p) { return decay_above(x, f, p); });
+}
+
+// Scores decayed by f where where(r, c) holds (tile-relative row and column, e.g. the keys beyond a
+// row's window), kept elsewhere. Row and column are compile-time offsets from the lane's first
+// ones, so a test of their difference costs a few integer operations and no registers.
+template <int R, int C, typename W>
+__device__ inline void decay_above_where(rt_fl<R, C>& dst, const rt_fl<R, C>& src, const rv_rows<float, R>& centre,
+                                         float f, W where) {
+#pragma unroll
+    for (int i = 0; i < dst.height; ++i)
+#pragma unroll
+        for (int j = 0; j < dst.width; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int r = 16 * i + laneid() / 4 + 8 * (k & 1);
+                const int c = 16 * j + 2 * (laneid() % 4) + 8 * (k >> 1);
+                const float pull = (1.f - f) * centre.data[i][k & 1];
+                const float2 v = src.tiles[i][j].data[k];
+                dst.tiles[i][j].data[k] = make_float2(where(r, c) ? decay_above(v.x, f, pull) : v.x,
+                                                      where(r, c + 1) ? decay_above(v.y, f, pull) : v.y);
+            }
+}
+
+// Each score decayed by its own factor, factor(r, c) in [0, 1] at tile-relative row r and column c:
+// for the tiles whose factors differ (a window's or band's edge inside them).
+template <int R, int C, typename F>
+__device__ inline void decay_above_each(rt_fl<R, C>& dst, const rt_fl<R, C>& src, const rv_rows<float, R>& centre,
+                                        F factor) {
+#pragma unroll
+    for (int i = 0; i < dst.height; ++i)
+#pragma unroll
+        for (int j = 0; j < dst.width; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int r = 16 * i + laneid() / 4 + 8 * (k & 1);
+                const int c = 16 * j + 2 * (laneid() % 4) + 8 * (k >> 1);
+                const float centre_r = centre.data[i][k & 1];
+                const float fx = factor(r, c), fy = factor(r, c + 1);
+                const float2 v = src.tiles[i][j].data[k];
+                dst.tiles[i][j].data[k] = make_float2(decay_above(v.x, fx, (1.f - fx) * centre_r),
+                                                      decay_above(v.y, fy, (1.f - fy) * centre_r));
+            }
+}
+
 // Folds one block of raw scores (masked entries -inf) into the state, replacing them by their
 // weights exp2(s · c - max · c) at the new max. st.rescale is set to exp2((old max - new max) · c),
 // the factor the sum was multiplied by and O must be (softmax_rescale).
