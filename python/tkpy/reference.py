@@ -148,22 +148,25 @@ def attention(
     (default ``1/sqrt(D)``), then ``softcap·tanh(s/softcap)`` when softcap > 0. A row that sees no
     key gives out 0 and lse -inf. Both results are float64.
     """
-    if cu_seqlens_q is None:
-        results = [
-            _attention_one_sequence(q[b], k[b], v[b], causal, window_size, softcap, softmax_scale)
-            for b in range(q.shape[0])
-        ]
-        return torch.stack([o for o, _ in results]), torch.stack([l for _, l in results])
+    def one_sequence(q, k, v):
+        return _attention_one_sequence(q, k, v, causal, window_size, softcap, softmax_scale)
 
+    return _each_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, one_sequence)
+
+
+def _each_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, one_sequence):
+    """``one_sequence(q, k, v) -> (out [Sq, Hq, D], lse [Hq, Sq])`` over each batch entry, or over
+    each packed sequence (``cu_seqlens_*``), assembled as :func:`attention` returns them."""
+    if cu_seqlens_q is None:
+        results = [one_sequence(q[b], k[b], v[b]) for b in range(q.shape[0])]
+        return torch.stack([o for o, _ in results]), torch.stack([l for _, l in results])
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64, device=q.device)
     for b in range(len(starts_q) - 1):
         q0, q1 = starts_q[b], starts_q[b + 1]
         k0, k1 = starts_k[b], starts_k[b + 1]
-        out[q0:q1], lse[:, q0:q1] = _attention_one_sequence(
-            q[q0:q1], k[k0:k1], v[k0:k1], causal, window_size, softcap, softmax_scale
-        )
+        out[q0:q1], lse[:, q0:q1] = one_sequence(q[q0:q1], k[k0:k1], v[k0:k1])
     return out, lse
 
 
@@ -236,19 +239,13 @@ def ultravico_attention(
     """
     settings = (tokens_per_frame, train_frames, alpha, beta, band_period, band_width, band_count, first_frame_mask,
                 text_tokens)
-    if cu_seqlens_q is None:
-        results = [_ultravico_one_sequence(q[b], k[b], v[b], softmax_scale, query_offset, total_queries, *settings)
-                   for b in range(q.shape[0])]
-        return torch.stack([o for o, _ in results]), torch.stack([l for _, l in results])
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64, device=q.device)
-    for b in range(len(starts_q) - 1):
-        q0, q1 = starts_q[b], starts_q[b + 1]
-        k0, k1 = starts_k[b], starts_k[b + 1]
-        out[q0:q1], lse[:, q0:q1] = _ultravico_one_sequence(q[q0:q1], k[k0:k1], v[k0:k1], softmax_scale, 0, None,
-                                                            *settings)
-    return out, lse
+    if cu_seqlens_q is not None and (query_offset or total_queries is not None):
+        raise ValueError("ultravico_attention: query_offset and total_queries are for batched inputs")
+
+    def one_sequence(q, k, v):
+        return _ultravico_one_sequence(q, k, v, softmax_scale, query_offset, total_queries, *settings)
+
+    return _each_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, one_sequence)
 
 
 SPARSE_BLOCK = 128  # the token size of Block-Sparse-Attention's mask blocks and streaming blocks

@@ -9,8 +9,8 @@
 //   - text queries and keys are never decayed.
 // The decay is a factor f in [0, 1] per (query, key) pair, applied as s' = min(s, f·s + (1 − f)·c_i),
 // which is c_i + f(s − c_i) above c_i and s below it, and s itself for f = 1. The CPU path and the
-// CUDA kernel both call these functions, so the CPU tests exercise the GPU's rules, tile
-// classification and per-row splits.
+// CUDA kernels both call these functions, so the CPU tests exercise the GPU's rules, its tile
+// classification and the pipelined kernel's window test.
 #pragma once
 
 #include <cstdint>
