@@ -68,10 +68,11 @@ def _factor(who: str, name: str, value) -> float:
     return float(value)
 
 
-def check_config(who: str, config, optional: bool = False) -> None:
-    """A TypeError naming ``who`` unless ``config`` is an UltraViCoConfig (or None when optional)."""
+def check_config(who: str, config, optional: bool = False, name: str = "ultravico") -> None:
+    """A TypeError naming ``who`` and the argument ``name`` unless ``config`` is an UltraViCoConfig
+    (or None when optional)."""
     if not isinstance(config, UltraViCoConfig) and not (optional and config is None):
-        raise TypeError(f"{who}: ultravico must be a tkpy.ultravico.UltraViCoConfig{' or None' if optional else ''}, "
+        raise TypeError(f"{who}: {name} must be a tkpy.ultravico.UltraViCoConfig{' or None' if optional else ''}, "
                         f"got {type(config).__name__}")
 
 
@@ -189,8 +190,7 @@ def num_frames_for_ratio(train_frames: int, ratio) -> int:
 
 
 def _check(who: str, config, tensors) -> None:
-    if not isinstance(config, UltraViCoConfig):
-        raise TypeError(f"{who}: config must be a tkpy.ultravico.UltraViCoConfig, got {type(config).__name__}")
+    check_config(who, config, name="config")
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         raise NotImplementedError(
             f"{who}: UltraViCo's decay has no backward (the method is training-free); call it under "
