@@ -151,6 +151,9 @@ def test_block_riflex_training_free(L_test, rng):
     grid = (7, 3, 2)
     block = VideoDiTAttention(128, 2, rope=FAST_SPLIT, qk_norm="rms_per_head", fused_qkv=False)
     _randomise_norms(block, rng)
+    with torch.no_grad():  # sharper attention, so that RIFLEx's change clears 3 x TOL for every seed
+        block.norm_q.weight.mul_(1.5)
+        block.norm_k.weight.mul_(1.5)
     x = torch.randn(1, math.prod(grid), 128, generator=rng)
     with torch.no_grad():
         out = block(x, grid, L_test=L_test)
