@@ -78,7 +78,7 @@ __device__ inline void row_dot(rv_rows<float, R>& dst, const ST& src, int row0, 
     for (int i = 0; i < R / 16; ++i)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int row = row0 + 16 * i + laneid() / 4 + 8 * h;
+            const int row = row0 + 16 * i + base_row(h);  // h is k & 1
             float acc = 0.f;
 #pragma unroll 8
             for (int c = c0; c < c0 + part; ++c) acc = fmaf(to_float(*src.ptr(row, c)), __ldg(vec + c), acc);
@@ -113,8 +113,8 @@ __device__ inline void decay_above_where(rt_fl<R, C>& dst, const rt_fl<R, C>& sr
         for (int j = 0; j < dst.width; ++j)
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
-                const int r = 16 * i + laneid() / 4 + 8 * (k & 1);
-                const int c = 16 * j + 2 * (laneid() % 4) + 8 * (k >> 1);
+                const int r = 16 * i + base_row(k);
+                const int c = 16 * j + base_col(k);
                 const float pull = (1.f - f) * centre.data[i][k & 1];
                 const float2 v = src.tiles[i][j].data[k];
                 dst.tiles[i][j].data[k] = make_float2(where(r, c) ? decay_above(v.x, f, pull) : v.x,
@@ -133,8 +133,8 @@ __device__ inline void decay_above_each(rt_fl<R, C>& dst, const rt_fl<R, C>& src
         for (int j = 0; j < dst.width; ++j)
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
-                const int r = 16 * i + laneid() / 4 + 8 * (k & 1);
-                const int c = 16 * j + 2 * (laneid() % 4) + 8 * (k >> 1);
+                const int r = 16 * i + base_row(k);
+                const int c = 16 * j + base_col(k);
                 const float centre_r = centre.data[i][k & 1];
                 const float fx = factor(r, c), fy = factor(r, c + 1);
                 const float2 v = src.tiles[i][j].data[k];
